@@ -1,0 +1,88 @@
+"""``wsss``: one subcommand per stage, all reading params.yaml (``-S section.key=value`` overrides).
+
+Bad input ends with one line ``wsss <command>: error: ...`` on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tasks.config import DEFAULT_PARAMS, Params, load_params
+from tasks.errors import WsssError
+
+
+def _import_embedded(params: Params, args: argparse.Namespace) -> None:
+    from tasks.ingest import build_embedded_dataset
+
+    out = Path(args.out or params.embedded.out)
+    build_embedded_dataset(params.embedded, out)
+    print(f"embedded data set written to {out}")
+
+
+def _stage(module: str, **kwargs) -> Callable[[Params, argparse.Namespace], object]:
+    """Imports stage modules lazily so `wsss --help` stays fast."""
+
+    def run(params: Params, args: argparse.Namespace) -> object:
+        import importlib
+
+        return importlib.import_module(f"tasks.{module}").main(params, **kwargs)
+
+    return run
+
+
+def _train_segmenter(params: Params, args: argparse.Namespace) -> object:
+    from tasks.train_segmenter import main
+
+    return main(params, mask_source=args.masks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
+    common.add_argument(
+        "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a parameter, e.g. -S classifier.epochs=5 (repeatable)",
+    )  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    imp = sub.add_parser("import", help="write a data set in the wsss on-disk format")
+    imp_sub = imp.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    emb = imp_sub.add_parser("embedded", parents=[common], help="generate the embedded default data set")
+    emb.add_argument("--out", help="output directory (default: embedded.out)")
+    emb.set_defaults(handler=_import_embedded)
+
+    for name, module, text in (
+        ("ingest", "ingest", "validate the data set and write the canonical manifest"),
+        ("train-classifier", "train_classifier", "train the token-masking ViT classifier"),
+        ("pseudo-masks", "pseudo_masks", "pseudo masks from the class-token attention"),
+        ("evaluate", "evaluate", "score pseudo masks and segmenter (mIoU), write metrics and plots"),
+    ):
+        sub.add_parser(name, parents=[common], help=text).set_defaults(handler=_stage(module))
+    seg = sub.add_parser("train-segmenter", parents=[common], help="train the segmenter on the pseudo masks")
+    seg.add_argument("--masks", choices=("pseudo", "gt"), default="pseudo", help="gt: the upper bound")
+    seg.set_defaults(handler=_train_segmenter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command if args.command != "import" else f"import {args.source}"
+    try:
+        params = load_params(args.params, args.overrides)
+        args.handler(params, args)
+    except WsssError as err:
+        print(f"wsss {command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"wsss {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Stage ``pseudo_masks``: segmentation masks straight from the [CLS]_c self-attention.
+
+Rule (the paper's, with an explicit background, see README):
+1. classes present = the image labels on the training split (the weak supervision); elsewhere the
+   classifier's predictions (probability >= 0.5, at least the top-1);
+2. each present class's [CLS]_c -> patch attention (last block with open heads, open heads averaged)
+   is upsampled bilinearly to the image size and min-max normalised to [0, 1];
+3. classes are painted in increasing probability, so the most confident class wins overlaps, on the
+   pixels where their map is >= ``fg_threshold``;
+4. pixels where every present map is < ``bg_threshold`` are background;
+5. the remaining pixels take the label of the nearest assigned pixel (Euclidean distance transform).
+``fg_threshold``/``bg_threshold`` are params, optionally tuned on a subset of the TRAIN split (never val).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm import tqdm
+
+from models.token_masking_vit import TokenMaskingViT
+from tasks.config import Params, PseudoMaskParams
+from tasks.datasets import Dataset, load_split, normalize, read_mask, write_mask_table
+from tasks.ingest import read_ingested
+from tasks.io import write_json
+from tasks.metrics import ConfusionMatrix
+from tasks.runtime import setup_runtime
+from tasks.train_classifier import MODEL_FILE, load_classifier
+
+UNASSIGNED = 255
+
+
+@torch.no_grad()
+def attention_maps(
+    model: TokenMaskingViT, images: torch.Tensor, device: torch.device, batch_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-attention maps ``[N, C, h, w]`` and class probabilities ``[N, C]`` of uint8 images."""
+    model.eval()
+    maps, probs = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="attention maps", leave=False, mininterval=2.0):
+        m, logits = model.class_attention_maps(normalize(images[i : i + batch_size]).to(device))
+        maps.append(m.float().cpu())
+        probs.append(torch.sigmoid(logits).float().cpu())
+    return torch.cat(maps), torch.cat(probs)
+
+
+def normalized_maps(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Upsamples ``[K, h, w]`` maps bilinearly to ``size`` and min-max normalises each to [0, 1]."""
+    up = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+    lo = up.amin(dim=(1, 2), keepdim=True)
+    hi = up.amax(dim=(1, 2), keepdim=True)
+    return ((up - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+
+
+def present_classes(labels: np.ndarray | None, probs: np.ndarray) -> np.ndarray:
+    """Classes to paint: the labels when known, else predicted ones (p >= 0.5, at least the top-1)."""
+    if labels is not None:
+        return np.flatnonzero(labels > 0)
+    predicted = np.flatnonzero(probs >= 0.5)
+    return predicted if predicted.size else np.array([int(np.argmax(probs))])
+
+
+def merge_maps(
+    norm_maps: np.ndarray, classes: np.ndarray, probs: np.ndarray, fg_threshold: float, bg_threshold: float
+) -> np.ndarray:
+    """Turns normalised maps of the present ``classes`` (``[len(classes), H, W]``) into one mask.
+
+    Returns:
+        uint8 ``[H, W]``: 0 background, k+1 for class k; every pixel assigned.
+    """
+    height, width = norm_maps.shape[1:]
+    mask = np.full((height, width), UNASSIGNED, dtype=np.uint8)
+    if len(classes) == 0:
+        mask[:] = 0
+        return mask
+    for idx in np.argsort(probs[classes], kind="stable"):
+        mask[norm_maps[idx] >= fg_threshold] = classes[idx] + 1
+    mask[(norm_maps.max(axis=0) < bg_threshold) & (mask == UNASSIGNED)] = 0
+    return fill_unassigned(mask)
+
+
+def fill_unassigned(mask: np.ndarray) -> np.ndarray:
+    """Gives every UNASSIGNED pixel the label of its nearest assigned pixel (all background if none is)."""
+    holes = mask == UNASSIGNED
+    if not holes.any():
+        return mask
+    if holes.all():
+        return np.zeros_like(mask)
+    _, (rows, cols) = ndimage.distance_transform_edt(holes, return_indices=True)
+    return mask[rows, cols]
+
+
+def grid_ceiling_mask(gt: np.ndarray, grid: tuple[int, int], num_classes: int) -> np.ndarray:
+    """Ground truth reduced to the token grid (majority label per cell) and blown back up (nearest)."""
+    valid = gt != 255
+    onehot = np.zeros((num_classes + 1, *gt.shape), dtype=np.float32)
+    onehot[gt[valid], *np.nonzero(valid)] = 1.0
+    pooled = F.interpolate(torch.from_numpy(onehot)[None], size=grid, mode="area")[0]
+    coarse = pooled.argmax(dim=0).to(torch.uint8)
+    return F.interpolate(coarse[None, None].float(), size=gt.shape, mode="nearest")[0, 0].to(torch.uint8).numpy()
+
+
+def class_specificity(attention: np.ndarray, gt: np.ndarray, classes: np.ndarray) -> tuple[list[float], list[float]]:
+    """Share of CLS_c's attention on class c's pixels among the image's foreground pixels, per class.
+
+    Args:
+        attention: upsampled (not normalised) attention ``[len(classes), H, W]``.
+        gt: ground-truth mask ``[H, W]``.
+        classes: the classes present in ``gt``.
+
+    Returns:
+        (attention shares, area shares) per class; equal shares mean no class specificity.
+    """
+    foreground = (gt != 0) & (gt != 255)
+    shares, areas = [], []
+    total_fg = foreground.sum()
+    for idx, cls in enumerate(classes):
+        on_class = gt == cls + 1
+        mass = attention[idx][foreground].sum()
+        if mass <= 0 or total_fg == 0:
+            continue
+        shares.append(float(attention[idx][on_class].sum() / mass))
+        areas.append(float(on_class.sum() / total_fg))
+    return shares, areas
+
+
+def _miou(gts: list[np.ndarray], preds: list[np.ndarray], num_classes: int) -> float:
+    cm = ConfusionMatrix(num_classes + 1)
+    for gt, pred in zip(gts, preds, strict=True):
+        cm.update(gt, pred)
+    return float(cm.compute()["miou"])
+
+
+def tune_thresholds(
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int
+) -> tuple[float, float, float]:
+    """Grid search of (fg, bg) thresholds by pseudo-mask mIoU on training images with ground truth.
+
+    Args:
+        samples: ``(normalised maps, classes, probs, gt)`` per image.
+
+    Returns:
+        (fg_threshold, bg_threshold, mIoU at them).
+    """
+    gts = [s[3] for s in samples]
+    best = (0.5, 0.2, -1.0)
+    fg_grid = np.round(np.arange(0.2, 0.81, 0.1), 2)
+    bg_grid = np.round(np.arange(0.05, 0.61, 0.05), 2)
+    for fg, bg in itertools.product(fg_grid, bg_grid):
+        if bg > fg:
+            continue
+        preds = [merge_maps(m, c, p, fg, bg) for m, c, p, _ in samples]
+        score = _miou(gts, preds, num_classes)
+        if score > best[2]:
+            best = (float(fg), float(bg), score)
+    return best
+
+
+def generate_pseudo_masks(
+    model: TokenMaskingViT, dataset: Dataset, params: PseudoMaskParams, device: torch.device
+) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
+    """Pseudo masks (original image size) for every image of ``params.split`` plus statistics.
+
+    The statistics score the masks against the split's ground truth where it exists: mIoU, the token-grid
+    ceiling and the attention class-specificity on multi-class images.
+    """
+    rows = dataset.split(params.split)
+    data = load_split(dataset, params.split, model.grid_size[0] * model.patch_size, with_masks=False)
+    maps, probs = attention_maps(model, data.images, device, params.batch_size)
+    grid = tuple(maps.shape[-2:])
+    has_labels = params.split == "train"
+    gt_paths = rows["mask"].tolist()
+
+    def sample(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels = data.labels[i].numpy() if has_labels else None
+        classes = present_classes(labels, probs[i].numpy())
+        size = data.original_sizes[i]
+        return normalized_maps(maps[i, classes], size), classes, probs[i].numpy()
+
+    fg, bg, tuned_miou = params.fg_threshold, params.bg_threshold, None
+    with_gt = [i for i, path in enumerate(gt_paths) if isinstance(path, str)]
+    if params.tune_thresholds and with_gt:
+        tune_ids = with_gt[: params.tune_images]
+        samples = [(*sample(i), read_mask(dataset.root / gt_paths[i])) for i in tune_ids]
+        fg, bg, tuned_miou = tune_thresholds(samples, dataset.num_classes)
+
+    masks = []
+    pseudo_cm, ceiling_cm = ConfusionMatrix(dataset.num_classes + 1), ConfusionMatrix(dataset.num_classes + 1)
+    shares, areas = [], []
+    for i in tqdm(range(len(data.ids)), desc="pseudo masks", leave=False, mininterval=2.0):
+        norm, classes, p = sample(i)
+        mask = merge_maps(norm, classes, p, fg, bg)
+        masks.append(mask)
+        if isinstance(gt_paths[i], str):
+            gt = read_mask(dataset.root / gt_paths[i])
+            pseudo_cm.update(gt, mask)
+            ceiling_cm.update(gt, grid_ceiling_mask(gt, grid, dataset.num_classes))
+            gt_classes = np.unique(gt[(gt != 0) & (gt != 255)]).astype(int) - 1
+            if len(gt_classes) >= 2:
+                raw = F.interpolate(maps[i, gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False)
+                s, a = class_specificity(raw[0].numpy(), gt, gt_classes)
+                shares += s
+                areas += a
+
+    stats: dict[str, Any] = {
+        "split": params.split,
+        "images": len(masks),
+        "grid": list(grid),
+        "map_layer": model.map_layer(),
+        "fg_threshold": fg,
+        "bg_threshold": bg,
+        "thresholds_tuned": tuned_miou is not None,
+        "tuning_miou": tuned_miou,
+    }
+    if with_gt:
+        pseudo, ceiling = pseudo_cm.compute(), ceiling_cm.compute()
+        stats.update(
+            miou=float(pseudo["miou"]),
+            pixel_accuracy=float(pseudo["pixel_accuracy"]),
+            ceiling_miou=float(ceiling["miou"]),
+            class_specificity=float(np.mean(shares)) if shares else None,
+            area_share=float(np.mean(areas)) if areas else None,
+            multi_class_images_scored=len(shares),
+        )
+    return list(data.ids), masks, stats
+
+
+def main(params: Params) -> dict[str, Any]:
+    """CLI entry: pseudo masks of ``pseudo_masks.split`` from the trained classifier."""
+    device = setup_runtime(params.seed, params.num_threads, params.device)
+    dataset = read_ingested(Path(params.ingest.out))
+    model, _ = load_classifier(Path(params.classifier.out) / MODEL_FILE, device)
+    ids, masks, stats = generate_pseudo_masks(model, dataset, params.pseudo_masks, device)
+    out = Path(params.pseudo_masks.out)
+    write_mask_table(out / f"{params.pseudo_masks.split}.parquet", ids, masks)
+    write_json(out / "stats.json", stats)
+    if "miou" in stats:
+        print(
+            f"pseudo masks ({stats['split']}, {stats['images']} images): mIoU {stats['miou']:.3f}  "
+            f"ceiling {stats['ceiling_miou']:.3f}  class specificity {stats['class_specificity'] or float('nan'):.3f} "
+            f"(area share {stats['area_share'] or float('nan'):.3f})  thresholds fg {stats['fg_threshold']} "
+            f"bg {stats['bg_threshold']}"
+        )
+    return stats

@@ -1,0 +1,252 @@
+"""Stage ``train_classifier``: the token-masking ViT, trained with BCE + lambda * L0 gate penalty."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import models  # noqa: F401  (registers the wsss_vit_* models with timm)
+from models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
+from tasks.config import ClassifierParams, Params
+from tasks.datasets import AugmentedSplit, Dataset, SplitData, load_split, normalize
+from tasks.errors import WsssError
+from tasks.ingest import read_ingested
+from tasks.io import atomic_file, write_json
+from tasks.metrics import f1_scores, mean_average_precision
+from tasks.runtime import setup_runtime
+
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int = 3) -> TokenMaskingViT:
+    """Creates the registered timm model named by ``params.model`` (plus local weights when given)."""
+    if params.model not in timm.list_models("wsss_vit_*"):
+        known = ", ".join(timm.list_models("wsss_vit_*"))
+        raise WsssError(f"classifier.model: unknown model {params.model!r} (known: {known})")
+    model = timm.create_model(params.model, **_model_kwargs(params, num_classes, in_chans))
+    if params.pretrained:
+        try:
+            load_timm_vit_weights(model, params.pretrained)
+        except (FileNotFoundError, ValueError) as err:
+            raise WsssError(f"classifier.pretrained: {err}") from None
+    return model
+
+
+def _model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> dict[str, Any]:
+    return dict(
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=params.img_size,
+        mask_ratio=params.mask_ratio,
+        reg_token=params.reg_token,
+        head=params.head,
+        gates=params.gates,
+        gate_init=params.gate_init,
+    )
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[TokenMaskingViT, dict]:
+    """Rebuilds a trained classifier from ``model.pt``; returns it in eval mode with its saved record."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError(f"{path}: classifier checkpoint not found (run `wsss train-classifier` first)")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=False)
+        model = timm.create_model(record["model_name"], **record["model_kwargs"])
+        model.load_state_dict(record["state_dict"])
+    except (KeyError, RuntimeError, EOFError, ValueError) as err:
+        raise WsssError(f"{path}: not a usable classifier checkpoint ({err})") from None
+    return model.to(device).eval(), record
+
+
+def _param_groups(model: TokenMaskingViT, params: ClassifierParams) -> list[dict]:
+    """Gates get their own lr and no weight decay: at the model lr log_alpha barely moves (NOTES §3)."""
+    gates, no_decay, decay = [], [], []
+    for name, param in model.named_parameters():
+        if name.endswith("log_alpha"):
+            gates.append(param)
+        elif param.ndim <= 1 or name in ("class_tokens", "pos_embed", "reg_token", "head_weight"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": params.weight_decay, "lr": params.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": params.lr},
+    ]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": params.gate_lr, "is_gate": True})
+    return groups
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: TokenMaskingViT, data: SplitData, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """Sigmoid class probabilities ``[N, C]`` for a loaded split (eval mode, no masking)."""
+    model.eval()
+    out = [
+        torch.sigmoid(model(normalize(data.images[i : i + batch_size]).to(device))).cpu()
+        for i in range(0, len(data.ids), batch_size)
+    ]
+    return torch.cat(out)
+
+
+def classification_metrics(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """mAP and F1 at 0.5 of multi-label predictions."""
+    f1 = f1_scores(probs.numpy(), targets.numpy())
+    return {
+        "map": float(mean_average_precision(probs.numpy(), targets.numpy())),
+        "f1_macro": float(f1["macro"]),
+        "f1_micro": float(f1["micro"]),
+    }
+
+
+def gate_report(model: TokenMaskingViT) -> dict[str, Any]:
+    """Closed heads in total and per layer, and the block the attention maps come from."""
+    open_heads = model.open_heads()
+    closed_per_layer = (~open_heads).sum(dim=1).tolist()
+    return {
+        "closed_heads": int(sum(closed_per_layer)),
+        "total_heads": int(open_heads.numel()),
+        "closed_fraction": float((~open_heads).float().mean()),
+        "closed_per_layer": closed_per_layer,
+        "map_layer": model.map_layer(),
+        "log_alpha": [g.log_alpha.detach().cpu().tolist() for g in model.gate_modules()],
+    }
+
+
+def train_classifier(
+    dataset: Dataset, params: ClassifierParams, out: Path, seed: int, device: torch.device
+) -> dict[str, Any]:
+    """Trains the classifier on the train split, scores the val split each epoch, writes ``out/``.
+
+    Writes ``checkpoint.pt`` every epoch, then ``model.pt``, ``history.csv``, ``gates.json`` and
+    ``metrics.json`` (each file atomically). Returns the final metrics.
+    """
+    out = Path(out)
+    train = load_split(dataset, "train", params.img_size, with_masks=False)
+    val = load_split(dataset, "val", params.img_size, with_masks=False)
+    if (train.labels.sum(dim=1) == 0).any():
+        bad = train.ids[int((train.labels.sum(dim=1) == 0).nonzero()[0])]
+        raise WsssError(f"{dataset.root}: train image {bad} has no labels (every training image needs ≥ 1)")
+    torch.manual_seed(seed)
+    model = build_classifier(params, dataset.num_classes, in_chans=train.images.shape[1]).to(device)
+    loader_gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed),
+        batch_size=params.batch_size,
+        shuffle=True,
+        drop_last=len(train.ids) > params.batch_size,
+        generator=loader_gen,
+    )
+    optimizer = torch.optim.AdamW(_param_groups(model, params))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    total_steps = params.epochs * len(loader)
+    warmup_steps = max(1, int(params.warmup_epochs * len(loader)))
+    gate_start_step = int(params.gate_start * total_steps)
+
+    history: list[dict[str, Any]] = []
+    step = 0
+    start = time.perf_counter()
+    for epoch in range(params.epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        sums = {"loss": 0.0, "bce": 0.0, "penalty": 0.0}
+        bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=2.0)
+        for images, labels, _ in bar:
+            model.set_gates_active(step >= gate_start_step)
+            factor = _lr_factor(step, total_steps, warmup_steps)
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                # Gates are trained at a constant lr once pruning starts: the cosine tail would freeze them.
+                group["lr"] = base if group.get("is_gate") else base * factor
+            images, labels = images.to(device), labels.to(device)
+            bce = F.binary_cross_entropy_with_logits(model(images, labels), labels)
+            penalty = model.gate_penalty(params.gate_penalty)
+            loss = bce + params.gate_lambda * penalty
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            sums["loss"] += loss.item()
+            sums["bce"] += bce.item()
+            sums["penalty"] += float(penalty)
+        metrics = classification_metrics(predict_probabilities(model, val, device), val.labels)
+        row = {
+            "epoch": epoch + 1,
+            **{k: v / len(loader) for k, v in sums.items()},
+            "val_map": metrics["map"],
+            "val_f1_macro": metrics["f1_macro"],
+            "closed_heads": model.num_closed_heads(),
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        history.append(row)
+        tqdm.write(
+            f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  val mAP {row['val_map']:.3f}  "
+            f"F1 {row['val_f1_macro']:.3f}  closed heads {row['closed_heads']}/{model.open_heads().numel()}  "
+            f"{row['seconds']:.1f}s"
+        )
+        with atomic_file(out / CHECKPOINT_FILE) as handle:
+            torch.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, handle)
+
+    final = classification_metrics(predict_probabilities(model, val, device), val.labels)
+    gates = gate_report(model)
+    result = {
+        "val_map": final["map"],
+        "val_f1_macro": final["f1_macro"],
+        "val_f1_micro": final["f1_micro"],
+        "closed_heads": gates["closed_heads"],
+        "closed_fraction": gates["closed_fraction"],
+        "closed_per_layer": gates["closed_per_layer"],
+        "map_layer": gates["map_layer"],
+        "train_seconds": time.perf_counter() - start,
+    }
+    record = {
+        "model_name": params.model,
+        "model_kwargs": _model_kwargs(params, dataset.num_classes, train.images.shape[1]),
+        "state_dict": model.state_dict(),
+        "classes": dataset.classes,
+        "params": vars(params),
+    }
+    with atomic_file(out / MODEL_FILE) as handle:
+        torch.save(record, handle)
+    _write_history(out / "history.csv", history)
+    write_json(out / "gates.json", gates)
+    write_json(out / "metrics.json", result)
+    return result
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_file(path, "w") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+
+
+def main(params: Params) -> dict[str, Any]:
+    """CLI entry: reads the ingested data set and trains with the ``classifier`` params section."""
+    device = setup_runtime(params.seed, params.num_threads, params.device)
+    dataset = read_ingested(Path(params.ingest.out))
+    result = train_classifier(dataset, params.classifier, Path(params.classifier.out), params.seed, device)
+    print(
+        f"classifier: val mAP {result['val_map']:.3f}  F1 {result['val_f1_macro']:.3f}  "
+        f"closed heads {result['closed_heads']} ({result['closed_fraction']:.0%}) per layer "
+        f"{result['closed_per_layer']}  maps from block {result['map_layer']}"
+    )
+    return result
+

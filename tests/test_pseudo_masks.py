@@ -1,0 +1,73 @@
+import numpy as np
+import torch
+
+from tasks.pseudo_masks import (
+    UNASSIGNED,
+    class_specificity,
+    fill_unassigned,
+    grid_ceiling_mask,
+    merge_maps,
+    normalized_maps,
+    present_classes,
+)
+
+
+def test_higher_probability_class_wins_overlaps_whatever_the_order():
+    left = np.array([[1.0, 1.0, 0.0]])
+    right = np.array([[0.0, 1.0, 1.0]])
+    maps = np.stack([left, right])
+    classes = np.array([2, 0])  # mask values 3 and 1
+    probs = np.array([0.9, 0.0, 0.4])  # class 0 is more confident than class 2
+    assert merge_maps(maps, classes, probs, 0.5, 0.1).tolist() == [[3, 1, 1]]
+    probs = np.array([0.3, 0.0, 0.4])
+    assert merge_maps(maps, classes, probs, 0.5, 0.1).tolist() == [[3, 3, 1]]
+
+
+def test_background_below_bg_threshold_and_in_between_filled_from_nearest():
+    maps = np.array([[[0.9, 0.3, 0.3, 0.05, 0.05]]])
+    mask = merge_maps(maps, np.array([1]), np.array([0.0, 0.8]), 0.5, 0.1)
+    # 0.3 is between bg and fg: nearest assigned pixel is class 1 (value 2) on the left, bg on the right
+    assert mask.tolist() == [[2, 2, 0, 0, 0]]
+
+
+def test_fill_unassigned_takes_nearest_label():
+    u = UNASSIGNED
+    mask = np.array([[1, u, u, u, 3], [u, u, u, u, u]], dtype=np.uint8)
+    filled = fill_unassigned(mask)
+    assert filled[0].tolist() == [1, 1, filled[0, 2], 3, 3]
+    assert filled[1, 0] == 1 and filled[1, 4] == 3
+    assert fill_unassigned(np.full((2, 2), u, dtype=np.uint8)).tolist() == [[0, 0], [0, 0]]
+
+
+def test_no_present_class_gives_all_background():
+    assert merge_maps(np.zeros((0, 2, 2)), np.array([], dtype=int), np.zeros(3), 0.5, 0.2).sum() == 0
+
+
+def test_present_classes_labels_or_predictions():
+    assert present_classes(np.array([0, 1, 1]), np.array([0.9, 0.1, 0.1])).tolist() == [1, 2]
+    assert present_classes(None, np.array([0.9, 0.1, 0.6])).tolist() == [0, 2]
+    assert present_classes(None, np.array([0.2, 0.4, 0.1])).tolist() == [1]
+
+
+def test_normalized_maps_span_unit_interval_at_image_size():
+    maps = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    out = normalized_maps(maps, (6, 4))
+    assert out.shape == (2, 6, 4)
+    assert np.isclose(out[0].min(), 0) and np.isclose(out[0].max(), 1)
+    assert np.all(out[1] == 0)  # a flat map carries no location
+
+
+def test_grid_ceiling_takes_majority_per_cell():
+    gt = np.zeros((4, 4), dtype=np.uint8)
+    gt[:2, :2] = [[1, 1], [1, 0]]  # top-left cell: mostly class value 1
+    gt[2:, 2:] = [[2, 255], [255, 255]]  # ignore pixels do not vote
+    out = grid_ceiling_mask(gt, (2, 2), num_classes=2)
+    assert out.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]]
+
+
+def test_class_specificity_hand_computed():
+    gt = np.array([[1, 1, 2, 0]], dtype=np.uint8)
+    attention = np.array([[[0.3, 0.3, 0.2, 0.2]], [[0.1, 0.1, 0.6, 0.2]]])
+    shares, areas = class_specificity(attention, gt, np.array([0, 1]))
+    assert np.allclose(shares, [0.6 / 0.8, 0.6 / 0.8])
+    assert np.allclose(areas, [2 / 3, 1 / 3])

@@ -102,6 +102,7 @@ class Segmenter(nn.Module):
             if match is None:
                 raise WsssError(f"{path}: encoder key {key!r} is missing (not a state dict of this encoder?)")
             if match.shape != param.shape:
-                raise WsssError(f"{path}: {key!r} has shape {tuple(match.shape)}, expected {tuple(param.shape)}")
+                shapes = f"{tuple(match.shape)}, expected {tuple(param.shape)}"
+                raise WsssError(f"{path}: encoder key {key!r} has shape {shapes}")
             state[key] = match
         self.encoder.load_state_dict(state)

@@ -45,9 +45,7 @@ class GatedAttention(Attention):
         q, k, v = qkv.unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = self._qkv(x)
         x = F.scaled_dot_product_attention(
@@ -155,7 +153,9 @@ class TokenMaskingViT(nn.Module):
             if 2**levels != patch_size:
                 raise ValueError(f"conv stem needs a power-of-two patch size, got {patch_size}")
             backbone = ConvStem(in_chans, depth=levels, channels=embed_dim // 2, stride=(2,) * levels)
-            self.patch_embed = HybridEmbed(backbone, img_size, 1, in_chans=in_chans, embed_dim=embed_dim, output_fmt="NHWC")
+            self.patch_embed = HybridEmbed(
+                backbone, img_size, 1, in_chans=in_chans, embed_dim=embed_dim, output_fmt="NHWC"
+            )
         else:
             self.patch_embed = PatchEmbed(
                 img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC", strict_img_size=False

@@ -22,6 +22,14 @@ def _import_embedded(params: Params, args: argparse.Namespace) -> None:
     print(f"embedded data set written to {out}")
 
 
+def _ingest(params: Params, args: argparse.Namespace) -> None:
+    from tasks.ingest import ingest
+
+    summary = ingest(Path(params.ingest.source), Path(params.ingest.out))
+    sizes = ", ".join(f"{name} {split['images']}" for name, split in summary["splits"].items())
+    print(f"ingested {params.ingest.source}: {summary['num_classes']} classes, images: {sizes}")
+
+
 def _stage(module: str, **kwargs) -> Callable[[Params, argparse.Namespace], object]:
     """Imports stage modules lazily so `wsss --help` stays fast."""
 
@@ -56,12 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     emb.set_defaults(handler=_import_embedded)
 
     for name, module, text in (
-        ("ingest", "ingest", "validate the data set and write the canonical manifest"),
         ("train-classifier", "train_classifier", "train the token-masking ViT classifier"),
         ("pseudo-masks", "pseudo_masks", "pseudo masks from the class-token attention"),
         ("evaluate", "evaluate", "score pseudo masks and segmenter (mIoU), write metrics and plots"),
     ):
         sub.add_parser(name, parents=[common], help=text).set_defaults(handler=_stage(module))
+    ing = sub.add_parser("ingest", parents=[common], help="validate the data set, write the canonical manifest")
+    ing.set_defaults(handler=_ingest)
     seg = sub.add_parser("train-segmenter", parents=[common], help="train the segmenter on the pseudo masks")
     seg.add_argument("--masks", choices=("pseudo", "gt"), default="pseudo", help="gt: the upper bound")
     seg.set_defaults(handler=_train_segmenter)

@@ -33,9 +33,7 @@ class EmbeddedParams:
     image_size: int = 64
     train_images: int = 4000
     val_images: int = 500
-    classes: list[str] = field(
-        default_factory=lambda: ["bird", "cat", "elephant", "giraffe", "sheep", "zebra"]
-    )
+    classes: list[str] = field(default_factory=lambda: ["bird", "cat", "elephant", "giraffe", "sheep", "zebra"])
     max_objects: int = 3
     min_object_size: int = 26
     max_object_size: int = 44

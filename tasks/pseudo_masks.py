@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from models.token_masking_vit import TokenMaskingViT
 from tasks.config import Params, PseudoMaskParams
-from tasks.datasets import Dataset, load_split, normalize, read_mask, write_mask_table
+from tasks.datasets import DatasetIndex, load_split, normalize, read_mask, write_mask_table
 from tasks.ingest import read_ingested
 from tasks.io import write_json
 from tasks.metrics import ConfusionMatrix
@@ -55,7 +55,10 @@ def normalized_maps(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     up = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
     lo = up.amin(dim=(1, 2), keepdim=True)
     hi = up.amax(dim=(1, 2), keepdim=True)
-    return ((up - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+    span = hi - lo
+    # A flat map (span at float rounding level) says nothing about location: all zeros, not noise.
+    flat = span <= 1e-5 * hi.abs().clamp_min(1e-12)
+    return torch.where(flat, torch.zeros_like(up), (up - lo) / span.clamp_min(1e-12)).numpy()
 
 
 def present_classes(labels: np.ndarray | None, probs: np.ndarray) -> np.ndarray:
@@ -163,7 +166,7 @@ def tune_thresholds(
 
 
 def generate_pseudo_masks(
-    model: TokenMaskingViT, dataset: Dataset, params: PseudoMaskParams, device: torch.device
+    model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
 ) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
     """Pseudo masks (original image size) for every image of ``params.split`` plus statistics.
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import models  # noqa: F401  (registers the wsss_vit_* models with timm)
 from models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
 from tasks.config import ClassifierParams, Params
-from tasks.datasets import AugmentedSplit, Dataset, SplitData, load_split, normalize
+from tasks.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, normalize
 from tasks.errors import WsssError
 from tasks.ingest import read_ingested
 from tasks.io import atomic_file, write_json
@@ -132,7 +132,7 @@ def gate_report(model: TokenMaskingViT) -> dict[str, Any]:
 
 
 def train_classifier(
-    dataset: Dataset, params: ClassifierParams, out: Path, seed: int, device: torch.device
+    dataset: DatasetIndex, params: ClassifierParams, out: Path, seed: int, device: torch.device
 ) -> dict[str, Any]:
     """Trains the classifier on the train split, scores the val split each epoch, writes ``out/``.
 
@@ -148,8 +148,9 @@ def train_classifier(
     torch.manual_seed(seed)
     model = build_classifier(params, dataset.num_classes, in_chans=train.images.shape[1]).to(device)
     loader_gen = torch.Generator().manual_seed(seed)
+    augmented = AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed)
     loader = DataLoader(
-        AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed),
+        augmented,
         batch_size=params.batch_size,
         shuffle=True,
         drop_last=len(train.ids) > params.batch_size,
@@ -166,6 +167,7 @@ def train_classifier(
     start = time.perf_counter()
     for epoch in range(params.epochs):
         model.train()
+        augmented.set_epoch(epoch)
         epoch_start = time.perf_counter()
         sums = {"loss": 0.0, "bce": 0.0, "penalty": 0.0}
         bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=2.0)
@@ -185,7 +187,7 @@ def train_classifier(
             step += 1
             sums["loss"] += loss.item()
             sums["bce"] += bce.item()
-            sums["penalty"] += float(penalty)
+            sums["penalty"] += penalty.item()
         metrics = classification_metrics(predict_probabilities(model, val, device), val.labels)
         row = {
             "epoch": epoch + 1,
@@ -249,4 +251,3 @@ def main(params: Params) -> dict[str, Any]:
         f"{result['closed_per_layer']}  maps from block {result['map_layer']}"
     )
     return result
-

@@ -47,6 +47,12 @@ def _train_segmenter(params: Params, args: argparse.Namespace) -> object:
     return main(params, mask_source=args.masks)
 
 
+def _add_register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss register`` (the pipeline's last DVC stage, see tasks/register.py)."""
+    text = "log the pipeline run to MLflow, register both models, move alias champion if better"
+    sub.add_parser("register", parents=[common], help=text).set_defaults(handler=_stage("register"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -74,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser("train-segmenter", parents=[common], help="train the segmenter on the pseudo masks")
     seg.add_argument("--masks", choices=("pseudo", "gt"), default="pseudo", help="gt: the upper bound")
     seg.set_defaults(handler=_train_segmenter)
+    _add_register(sub, common)
     return parser
 
 

@@ -301,9 +301,7 @@ def _check_files(dataset: DatasetIndex, where: Path) -> None:
             raise WsssError(f"{name}: image file {image_path} not found")
         height, width, _ = _decode(image_path, convert=False)
         if (width, height) != (item.width, item.height):
-            raise WsssError(
-                f"{name}: image {image_path} is {width}x{height}, manifest says {item.width}x{item.height}"
-            )
+            raise WsssError(f"{name}: image {image_path} is {width}x{height}, manifest says {item.width}x{item.height}")
         if not isinstance(item.mask, str):
             continue
         mask_path = dataset.path(item.mask)
@@ -311,15 +309,11 @@ def _check_files(dataset: DatasetIndex, where: Path) -> None:
             raise WsssError(f"{name}: mask file {mask_path} not found")
         mask = read_mask(mask_path)
         if mask.shape != (height, width):
-            raise WsssError(
-                f"{name}: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}"
-            )
+            raise WsssError(f"{name}: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
         present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
         bad = present[~allowed[present]]
         if bad.size:
-            raise WsssError(
-                f"{name}: mask {mask_path} has value {bad[0]}, allowed 0..{dataset.num_classes} and 255"
-            )
+            raise WsssError(f"{name}: mask {mask_path} has value {bad[0]}, allowed 0..{dataset.num_classes} and 255")
 
 
 def validate_dataset(dataset: DatasetIndex, where: Path, check_files: bool = False) -> None:

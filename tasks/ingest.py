@@ -170,9 +170,7 @@ def _check_recipe(params: EmbeddedParams) -> None:
         size = params.min_object_size
         raise WsssError(f"embedded.min_object_size: must be >= {MIN_OBJECT_SIZE}, got {size}")
     if params.max_object_size > params.image_size:
-        raise WsssError(
-            f"embedded.max_object_size: {params.max_object_size} exceeds image_size {params.image_size}"
-        )
+        raise WsssError(f"embedded.max_object_size: {params.max_object_size} exceeds image_size {params.image_size}")
 
 
 def build_embedded_dataset(params: EmbeddedParams, out: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -57,3 +58,11 @@ def write_json(target: str | Path, data: Any) -> None:
     with atomic_file(target, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)
         handle.write("\n")
+
+
+def write_csv(target: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Writes dict rows (floats rounded to 6 digits) as CSV atomically; the first row's keys are the header."""
+    with atomic_file(target, "w") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in rows)

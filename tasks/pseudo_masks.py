@@ -153,8 +153,8 @@ def tune_thresholds(
     """
     gts = [s[3] for s in samples]
     best = (0.5, 0.2, -1.0)
-    fg_grid = np.round(np.arange(0.2, 0.81, 0.1), 2)
-    bg_grid = np.round(np.arange(0.05, 0.61, 0.05), 2)
+    fg_grid = np.round(np.arange(0.1, 0.81, 0.1), 2)
+    bg_grid = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
     for fg, bg in itertools.product(fg_grid, bg_grid):
         if bg > fg:
             continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from tasks.config import ClassifierParams, Params
 from tasks.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, normalize
 from tasks.errors import WsssError
 from tasks.ingest import read_ingested
-from tasks.io import atomic_file, write_json
+from tasks.io import atomic_file, write_csv, write_json
 from tasks.metrics import f1_scores, mean_average_precision
 from tasks.runtime import setup_runtime
 
@@ -227,17 +226,10 @@ def train_classifier(
     }
     with atomic_file(out / MODEL_FILE) as handle:
         torch.save(record, handle)
-    _write_history(out / "history.csv", history)
+    write_csv(out / "history.csv", history)
     write_json(out / "gates.json", gates)
     write_json(out / "metrics.json", result)
     return result
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_file(path, "w") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
 
 
 def main(params: Params) -> dict[str, Any]:

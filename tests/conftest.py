@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.config import (
     ClassifierParams,
@@ -65,3 +70,62 @@ def tiny_params(tmp_path: Path, tiny_dataset: Path) -> Params:
         ),
         evaluate=EvaluateParams(metrics_dir=str(tmp_path / "metrics"), plots_dir=str(tmp_path / "plots")),
     )
+
+
+# --- Pipeline repos (tests/test_dvc.py, tests/test_pipeline.py): a temp copy of this repo that is its own
+# --- git + DVC repo, with the tiny data set as data/embedded and the tiny params in its params.yaml.
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
+PIPELINE_DIRS = ("tasks", "models", "pipelines")
+
+
+def _git(repo: Path, *args: str) -> None:
+    identity = ("-c", "user.name=wsss tests", "-c", "user.email=tests@wsss.invalid", "-c", "commit.gpgsign=false")
+    subprocess.run(["git", *identity, *args], cwd=repo, check=True, capture_output=True)
+
+
+def pipeline_params(tiny: Params) -> dict:
+    """The tiny training settings with the default (repo-relative) paths of params.yaml."""
+    defaults = Params()
+    tree = tiny.to_dict()
+    tree["embedded"]["out"] = defaults.embedded.out
+    for section in ("ingest", "classifier", "pseudo_masks", "segmenter", "evaluate"):
+        for key in ("source", "out", "metrics_dir", "plots_dir"):
+            if key in tree[section]:
+                tree[section][key] = getattr(getattr(defaults, section), key)
+    return tree
+
+
+def make_pipeline_repo(dest: Path, dataset: Path, params: dict) -> Path:
+    """Copies the pipeline definition and code to ``dest``, the data set to data/embedded, writes params,
+    then ``git init`` + ``dvc init`` + ``dvc add data`` + one commit (``dvc exp run`` needs a commit)."""
+    dest.mkdir(parents=True)
+    for name in PIPELINE_FILES:
+        shutil.copy2(REPO_ROOT / name, dest / name)
+    for name in PIPELINE_DIRS:
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(REPO_ROOT / name, dest / name, ignore=ignore)
+    shutil.copytree(dataset, dest / "data" / "embedded")
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = [sys.executable, "-m", "dvc"]
+    _git(dest, "init", "-q", "-b", "main")
+    subprocess.run([*dvc, "init", "-q"], cwd=dest, check=True, capture_output=True)
+    shutil.copy2(REPO_ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    shutil.copytree(REPO_ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")
+    subprocess.run([*dvc, "add", "-q", "data"], cwd=dest, check=True, capture_output=True)
+    _git(dest, "add", "-A")
+    _git(dest, "commit", "-q", "-m", "pipeline test repo")
+    return dest
+
+
+@pytest.fixture
+def pipeline_repo(tmp_path: Path, tiny_dataset: Path, tiny_params: Params, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh pipeline repo on the tiny config; cwd is set to it, `wsss`/`dvc` of this venv come first on
+    PATH and MLflow uses the repo's own sqlite store."""
+    repo = make_pipeline_repo(tmp_path / "repo", tiny_dataset, pipeline_params(tiny_params))
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return repo

@@ -1,0 +1,236 @@
+"""Stage ``train_segmenter``: a FPN segmenter trained on pseudo masks (or GT: the upper bound)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.segmenter import Segmenter
+from tasks.config import Params, SegmenterParams
+from tasks.datasets import (
+    IGNORE_INDEX,
+    AugmentedSplit,
+    DatasetIndex,
+    SplitData,
+    load_split,
+    normalize,
+    read_mask,
+    read_mask_table,
+)
+from tasks.errors import WsssError
+from tasks.ingest import read_ingested
+from tasks.io import atomic_file, write_csv
+from tasks.metrics import ConfusionMatrix
+from tasks.runtime import setup_runtime
+
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.csv"
+MASK_SOURCES = ("pseudo", "gt")
+
+
+def pseudo_mask_path(params: Params) -> Path:
+    """Where the pseudo-mask stage writes the mask table of its split."""
+    return Path(params.pseudo_masks.out) / f"{params.pseudo_masks.split}.parquet"
+
+
+def segmenter_dir(params: Params, mask_source: str) -> Path:
+    """Output folder: ``segmenter.out`` for pseudo masks, ``segmenter.out + "_gt"`` for the GT upper bound."""
+    return Path(params.segmenter.out + ("_gt" if mask_source == "gt" else ""))
+
+
+def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
+    """Rebuilds a trained segmenter from ``model.pt``; returns it in eval mode with its saved record."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError(f"{path}: segmenter model not found (run `wsss train-segmenter` first)")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        model = Segmenter(**record["model_kwargs"])
+        model.load_state_dict(record["state_dict"])
+    except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as err:
+        raise WsssError(f"{path}: not a usable segmenter model ({err})") from None
+    return model.to(device).eval(), record
+
+
+def _resize_masks(data: SplitData, masks: dict[str, np.ndarray], num_classes: int) -> torch.Tensor:
+    """Original-size masks (in ``data.ids`` order) -> uint8 [N, S, S], nearest-exact like ``load_split``."""
+    size = data.images.shape[-1]
+    out = torch.empty((len(data.ids), size, size), dtype=torch.uint8)
+    for i, (image_id, shape) in enumerate(zip(data.ids, data.original_sizes, strict=True)):
+        if image_id not in masks:
+            raise WsssError(f"training mask for id {image_id!r} is missing")
+        mask = np.asarray(masks[image_id])
+        if mask.shape != shape:
+            raise WsssError(f"training mask for id {image_id!r} has shape {mask.shape}, image is {shape}")
+        if ((mask > num_classes) & (mask != IGNORE_INDEX)).any():
+            raise WsssError(f"training mask for id {image_id!r} has a value above {num_classes} (not 255)")
+        mask = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
+        out[i] = F.interpolate(mask, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8)
+    return out
+
+
+@torch.no_grad()
+def predict_images(
+    model: Segmenter, data: SplitData, device: torch.device | str, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Predicts at the loaded size; logits are upsampled to each image's original size before the argmax."""
+    model.eval()
+    predictions = {}
+    for start in range(0, len(data.ids), batch_size):
+        logits = model(normalize(data.images[start : start + batch_size]).to(device))
+        for j, single in enumerate(logits):
+            index = start + j
+            size = data.original_sizes[index]
+            full = F.interpolate(single[None], size=size, mode="bilinear", align_corners=False)[0]
+            predictions[data.ids[index]] = full.argmax(0).to(torch.uint8).cpu().numpy()
+    return predictions
+
+
+def predict_split(
+    model: Segmenter,
+    dataset: DatasetIndex,
+    split: str,
+    img_size: int,
+    device: torch.device | str,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Original-size predicted masks ``{id: HxW uint8}`` for every image of ``split``."""
+    return predict_images(model, load_split(dataset, split, img_size, with_masks=False), device, batch_size)
+
+
+def _ground_truth(dataset: DatasetIndex, split: str) -> dict[str, np.ndarray]:
+    """Original-size GT masks of the rows that have one."""
+    rows = dataset.split(split).dropna(subset=["mask"])
+    return {r.id: read_mask(dataset.path(r.mask)) for r in rows.itertuples(index=False)}
+
+
+def _miou(gt: dict[str, np.ndarray], predictions: dict[str, np.ndarray], num_classes: int) -> float:
+    matrix = ConfusionMatrix(num_classes)
+    for image_id, mask in gt.items():
+        matrix.update(mask, predictions[image_id])
+    return matrix.compute()["miou"]
+
+
+def train_segmenter(
+    dataset: DatasetIndex,
+    masks: dict[str, np.ndarray] | None,
+    params: SegmenterParams,
+    out: Path,
+    seed: int,
+    device: torch.device | str,
+) -> dict[str, Any]:
+    """Trains on the train split, scores val mIoU against GT each epoch, writes ``out/``.
+
+    Args:
+        dataset: the ingested data set.
+        masks: original-size training masks ``{id: HxW}`` (the pseudo masks); None = the train split's GT
+            masks (the fully supervised upper bound).
+        params: the ``segmenter`` params section.
+        out: output folder; gets ``checkpoint.pt`` every epoch, then ``model.pt`` and ``history.csv``.
+        seed: seeds the weights, the loader order and the augmentation.
+        device: "cpu", "cuda" or a torch.device.
+
+    Returns:
+        ``{"val_miou", "epochs", "seconds"}``.
+    """
+    out = Path(out)
+    num_classes = dataset.num_classes + 1
+    train = load_split(dataset, "train", params.img_size, with_masks=masks is None)
+    if masks is not None:
+        train = dataclasses.replace(train, masks=_resize_masks(train, masks, dataset.num_classes))
+    val = load_split(dataset, "val", params.img_size, with_masks=False)
+    val_gt = _ground_truth(dataset, "val")
+
+    torch.manual_seed(seed)
+    model_kwargs = {
+        "encoder_name": params.encoder,
+        "num_classes": num_classes,
+        "decoder_channels": params.decoder_channels,
+        "in_chans": train.images.shape[1],
+    }
+    model = Segmenter(**model_kwargs)
+    if params.pretrained:
+        model.load_encoder_weights(params.pretrained)
+    model.to(device)
+    loader = DataLoader(
+        AugmentedSplit(train, train=True, seed=seed),
+        batch_size=params.batch_size,
+        shuffle=True,
+        drop_last=len(train) > params.batch_size,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=0,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * len(loader))
+
+    history: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for epoch in range(params.epochs):
+        model.train()
+        loader.dataset.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        total_loss = 0.0
+        bar = tqdm(loader, desc=f"segmenter epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=2.0)
+        for images, _, targets in bar:
+            images, targets = images.to(device), targets.to(device)
+            # Sum / valid pixels instead of the mean: a batch that is all "ignore" gives 0, not NaN.
+            valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+            loss = F.cross_entropy(model(images), targets, ignore_index=IGNORE_INDEX, reduction="sum") / valid
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item()
+        row = {
+            "epoch": epoch + 1,
+            "loss": total_loss / len(loader),
+            "val_miou": _miou(val_gt, predict_images(model, val, device, params.batch_size), num_classes),
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        history.append(row)
+        tqdm.write(
+            f"epoch {epoch + 1:>3}  loss {row['loss']:.4f}  val mIoU {row['val_miou']:.3f}  {row['seconds']:.1f}s"
+        )
+        checkpoint = {
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "params": dataclasses.asdict(params),
+        }
+        with atomic_file(out / CHECKPOINT_FILE) as handle:
+            torch.save(checkpoint, handle)
+        write_csv(out / HISTORY_FILE, history)
+
+    record = {
+        "model_kwargs": model_kwargs,
+        "state_dict": model.state_dict(),
+        "classes": dataset.classes,
+        "img_size": params.img_size,
+    }
+    with atomic_file(out / MODEL_FILE) as handle:
+        torch.save(record, handle)
+    seconds = time.perf_counter() - start
+    return {"val_miou": history[-1]["val_miou"], "epochs": params.epochs, "seconds": seconds}
+
+
+def main(params: Params, mask_source: str = "pseudo") -> dict[str, Any]:
+    """CLI entry: trains on the pseudo masks (``mask_source="pseudo"``) or on the train GT (``"gt"``)."""
+    if mask_source not in MASK_SOURCES:
+        raise WsssError(f"mask source {mask_source!r} is not one of {', '.join(MASK_SOURCES)}")
+    device = setup_runtime(params.seed, params.num_threads, params.device)
+    dataset = read_ingested(Path(params.ingest.out))
+    masks = read_mask_table(pseudo_mask_path(params)) if mask_source == "pseudo" else None
+    out = segmenter_dir(params, mask_source)
+    result = train_segmenter(dataset, masks, params.segmenter, out, params.seed, device)
+    print(f"segmenter ({mask_source} masks): val mIoU {result['val_miou']:.3f} in {result['seconds']:.0f}s")
+    return result

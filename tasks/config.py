@@ -54,19 +54,19 @@ class ClassifierParams:
     model: str = "wsss_vit_tiny_patch8"
     img_size: int = 64
     pretrained: str | None = None
-    epochs: int = 20
-    batch_size: int = 64
+    epochs: int = 30
+    batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    crop_scale_min: float = 0.6
+    crop_scale_min: float = 0.8
     mask_ratio: float = 0.5
     reg_token: bool = True
     head: str = "per_class"
     gates: bool = True
     gate_lambda: float = 0.01
     gate_penalty: str = "sum"
-    gate_lr: float = 0.05
+    gate_lr: float = 0.01
     gate_start: float = 0.4
     gate_init: float = 3.0
     out: str = "artifacts/classifier"
@@ -89,10 +89,10 @@ class PseudoMaskParams:
 class SegmenterParams:
     """Segmentation model trained on the pseudo masks."""
 
-    encoder: str = "resnet18"
+    encoder: str = "resnet10t"
     pretrained: str | None = None
     img_size: int = 64
-    epochs: int = 12
+    epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4

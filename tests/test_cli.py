@@ -1,0 +1,88 @@
+"""The `wsss` stages end to end on the tiny config, and their one-line errors on bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tasks.cli import main
+from tasks.config import Params
+
+
+def write_params(params: Params, path: Path) -> str:
+    path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    return str(path)
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_all_stages_end_to_end(tiny_params: Params, tmp_path: Path, capsys):
+    params = write_params(tiny_params, tmp_path / "params.yaml")
+    for stage in ("ingest", "train-classifier", "pseudo-masks", "train-segmenter"):
+        code, out, err = run(capsys, stage, "--params", params)
+        assert code == 0, err
+    assert run(capsys, "train-segmenter", "--masks", "gt", "--params", params)[0] == 0
+    code, out, err = run(capsys, "evaluate", "--params", params)
+    assert code == 0, err
+
+    classifier = json.loads((tmp_path / "classifier" / "metrics.json").read_text())
+    assert 0.0 <= classifier["val_map"] <= 1.0
+    assert len(classifier["closed_per_layer"]) == 4
+    stats = json.loads((tmp_path / "pseudo_masks" / "stats.json").read_text())
+    assert stats["images"] == 48 and 0.0 <= stats["miou"] <= stats["ceiling_miou"] <= 1.0
+    masks = pd.read_parquet(tmp_path / "pseudo_masks" / "train.parquet")
+    assert len(masks) == 48
+    metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    for key in ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["pseudo_mask_miou"] == pytest.approx(stats["miou"])
+    assert (tmp_path / "plots" / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("classifier.mask_ratio=2", "classifier.mask_ratio: 2.0 is outside [0, 1]"),
+        ("classifier.epochs=many", "classifier.epochs: expected int"),
+        ("classifier.dropout=0.1", "unknown parameter classifier.dropout"),
+        ("classifier.model=wsss_vit_huge_patch3", "unknown model 'wsss_vit_huge_patch3'"),
+    ],
+)
+def test_bad_params_fail_with_one_line_and_write_nothing(tiny_params, tmp_path, capsys, override, expected):
+    params = write_params(tiny_params, tmp_path / "params.yaml")
+    assert run(capsys, "ingest", "--params", params)[0] == 0
+    code, _, err = run(capsys, "train-classifier", "--params", params, "-S", override)
+    assert code == 1
+    assert err.count("\n") == 1 and expected in err and err.startswith("wsss train-classifier: error:")
+    assert not (tmp_path / "classifier").exists()
+
+
+def test_missing_checkpoint_is_named(tiny_params, tmp_path, capsys):
+    params = write_params(tiny_params, tmp_path / "params.yaml")
+    assert run(capsys, "ingest", "--params", params)[0] == 0
+    code, _, err = run(capsys, "pseudo-masks", "--params", params)
+    assert code == 1 and str(tmp_path / "classifier" / "model.pt") in err and err.count("\n") == 1
+    assert not (tmp_path / "pseudo_masks").exists()
+
+
+def test_empty_split_is_named_and_ingest_leaves_no_output(tiny_params, tiny_dataset, tmp_path, capsys):
+    root = tmp_path / "no_val"
+    shutil.copytree(tiny_dataset, root)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    manifest[manifest["split"] == "train"].to_parquet(root / "manifest.parquet", index=False)
+    tiny_params.ingest.source = str(root)
+    code, _, err = run(capsys, "ingest", "--params", write_params(tiny_params, tmp_path / "params.yaml"))
+    assert code == 1 and "empty split 'val'" in err and err.count("\n") == 1
+    assert not Path(tiny_params.ingest.out).exists()
+
+
+def test_unreadable_params_file(tmp_path, capsys):
+    code, _, err = run(capsys, "ingest", "--params", str(tmp_path / "nope.yaml"))
+    assert code == 1 and "nope.yaml: cannot read params file" in err

@@ -8,6 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
 .PHONY: setup run stages data test lint format lock clean
+.PHONY: repro prefect-server prefect-worker prefect-deploy mlflow-ui
 
 setup: $(VENV)/.installed
 
@@ -21,7 +22,34 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 data: setup
 	test -f data/embedded/manifest.parquet || $(WSSS) import embedded
 
-run: stages
+# The real thing: local Prefect server (reused if one answers on PREFECT_PORT) + process pool + worker,
+# `prefect deployment run wsss/full --watch`, then the metrics table; stops what it started.
+# Optional: DATASET=data/voc (a data set root), OVERRIDES="classifier.epochs=5 segmenter.epochs=3".
+run: setup
+	scripts/run.sh
+
+# The plain DVC path: rebuilds what changed (no-op rerun in about a second), same stages as `make run`.
+repro: data
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# Prefect UI/API in the foreground (same PREFECT_HOME as `make run`, so past flow runs are there).
+prefect-server: setup
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start --host 127.0.0.1 --port $${PREFECT_PORT:-4200}
+
+# A worker for the `local` pool against that server (for `prefect deployment run wsss/full` by hand).
+prefect-worker: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" WSSS_ROOT=$(CURDIR) PREFECT_HOME=$(CURDIR)/.prefect \
+	PREFECT_API_URL=http://127.0.0.1:$${PREFECT_PORT:-4200}/api $(BIN)/prefect worker start --pool local --type process
+
+# Deploy wsss/full (prefect.yaml) to that server; creates the `local` process pool when missing.
+prefect-deploy: setup
+	export PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:$${PREFECT_PORT:-4200}/api WSSS_ROOT=$(CURDIR); \
+	$(BIN)/prefect work-pool inspect local >/dev/null 2>&1 || $(BIN)/prefect work-pool create local --type process; \
+	$(BIN)/prefect --no-prompt deploy --all
+
+# MLflow UI over the pipeline's store (runs, metrics per epoch, pictures, registry with alias champion).
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $${MLFLOW_PORT:-5000}
 
 # The stages in order on the embedded default data set.
 stages: data

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class ClassifierParams:
     model: str = "wsss_vit_tiny_patch8"
     img_size: int = 64
     pretrained: str | None = None
-    epochs: int = 30
+    epochs: int = 28
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -92,7 +93,7 @@ class SegmenterParams:
     encoder: str = "resnet10t"
     pretrained: str | None = None
     img_size: int = 64
-    epochs: int = 5
+    epochs: int = 4
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -201,7 +202,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def _validate(params: Params) -> None:
-    flat = _flatten(params.to_dict())
+    flat = flatten(params.to_dict())
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
@@ -217,11 +218,12 @@ def _validate(params: Params) -> None:
         raise ConfigError("embedded.min_object_size must not exceed embedded.max_object_size")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -16,18 +16,26 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tasks import tracking
-from tasks.config import Params
+from tasks.config import Params, flatten
 from tasks.errors import WsssError
 from tasks.io import write_json
 
 REGISTRY_FILE = Path("artifacts") / "registry.json"
 REQUIREMENTS = ("torch", "timm", "numpy")
+
+
+class _QuietPickleWarning(logging.Filter):
+    """Pickle is chosen on purpose (the default pt2 export is slow and fixes the batch size)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
 
 
 def _pip_requirements() -> list[str]:
@@ -82,7 +90,7 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
     metrics = _read_json(metrics_file)
     score = metrics.get(tracking.SCORE_KEY)
     score = float(score) if isinstance(score, int | float) else None
-    flat_params = tracking.flatten(params.to_dict())
+    flat_params = flatten(params.to_dict())
 
     client = tracking.get_client(root)
     experiment_id = tracking.ensure_experiment(client, root)
@@ -120,6 +128,7 @@ class _Run:
         from tasks.train_segmenter import load_segmenter
 
         client = self.client
+        logging.getLogger("mlflow.pytorch").addFilter(_QuietPickleWarning())
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME")) as run:
             run_id = run.info.run_id
             mlflow.set_tags(

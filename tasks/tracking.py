@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tasks.config import flatten
+
 EXPERIMENT = "wsss"
 CLASSIFIER_MODEL = "wsss-classifier"
 SEGMENTER_MODEL = "wsss-segmenter"
@@ -67,17 +69,6 @@ def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) ->
         if experiment is None:
             raise
         return experiment.experiment_id
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def metric_key(name: str) -> str:

@@ -86,9 +86,11 @@ def _git(repo: Path, *args: str) -> None:
 
 
 def pipeline_params(tiny: Params) -> dict:
-    """The tiny training settings with the default (repo-relative) paths of params.yaml."""
+    """The tiny training settings with the default (repo-relative) paths of params.yaml, on one thread
+    (two torch threads on two cores that other jobs also use spin-wait: ~10x slower here)."""
     defaults = Params()
     tree = tiny.to_dict()
+    tree["num_threads"] = 1
     tree["embedded"]["out"] = defaults.embedded.out
     for section in ("ingest", "classifier", "pseudo_masks", "segmenter", "evaluate"):
         for key in ("source", "out", "metrics_dir", "plots_dir"):

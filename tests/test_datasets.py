@@ -76,9 +76,7 @@ def test_read_mask_rejects_rgb_png(tmp_path: Path) -> None:
 
 
 def test_read_image_rejects_truncated_and_non_image_files(tmp_path: Path) -> None:
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-        tmp_path / "a.png"
-    )
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     data = (tmp_path / "a.png").read_bytes()
     assert read_image(tmp_path / "a.png").shape == (64, 64, 3)
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
@@ -225,9 +223,7 @@ BAD_SETS: list[tuple[str, Callable[[Path], None], bool, list[str]]] = [
     ),
     (
         "truncated image",
-        lambda r: (r / "images/train_00007.png").write_bytes(
-            (r / "images/train_00007.png").read_bytes()[:200]
-        ),
+        lambda r: (r / "images/train_00007.png").write_bytes((r / "images/train_00007.png").read_bytes()[:200]),
         True,
         ["images/train_00007.png: cannot read image"],
     ),
@@ -307,9 +303,7 @@ def test_load_split_shapes_and_values(tiny_dataset: Path) -> None:
     assert set(data.masks.unique().tolist()) <= {0, 1, 2, 3, 255}
     assert data.original_sizes == [(32, 32)] * 16
     full = load_split(dataset, "val", size=32, with_masks=True)  # native size: pixels untouched
-    np.testing.assert_array_equal(
-        full.images[0].permute(1, 2, 0).numpy(), read_image(tiny_dataset / rows["image"][0])
-    )
+    np.testing.assert_array_equal(full.images[0].permute(1, 2, 0).numpy(), read_image(tiny_dataset / rows["image"][0]))
     np.testing.assert_array_equal(full.masks[0].numpy(), read_mask(tiny_dataset / rows["mask"][0]))
     assert load_split(dataset, "val", size=16, with_masks=False).masks is None
 

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# `make run`: the pipeline as a Prefect deployment on a local server.
+#   1. data: generate the embedded set when missing, check it against data.dvc;
+#   2. Prefect: reuse a server answering on PREFECT_PORT (default 4200) or start one (PREFECT_HOME=.prefect);
+#      create the process work pool `local` if missing; `prefect deploy --all` (prefect.yaml); start a worker;
+#   3. `prefect deployment run wsss/full --watch` (DATASET=..., OVERRIDES="k=v k=v" become its parameters);
+#   4. print the metrics table and where to look; stop what this script started (TERM, then KILL), also on
+#      failure or Ctrl-C.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BIN="$ROOT/${VENV:-.venv}/bin"
+export PATH="$BIN:$PATH"
+export WSSS_ROOT="$ROOT"
+export PREFECT_HOME="${PREFECT_HOME:-$ROOT/.prefect}"
+PORT="${PREFECT_PORT:-4200}"
+export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-2}"
+export MLFLOW_DISABLE_TELEMETRY=true
+GRACE_S="${GRACE_S:-15}"
+LOGS="$PREFECT_HOME/logs"
+mkdir -p "$LOGS"
+
+say() { printf '\n==> %s\n' "$*"; }
+
+STARTED=()  # process-group ids of what this script started, in start order
+stop_group() {  # TERM, then KILL after GRACE_S
+  local pgid=$1 deadline=$((SECONDS + GRACE_S)) nudge=$((SECONDS + 3))
+  kill -TERM -- "-$pgid" 2>/dev/null || return 0
+  while kill -0 -- "-$pgid" 2>/dev/null && ((SECONDS < deadline)); do
+    # A Prefect 3.9 worker turns TERM into one SIGINT to itself and keeps running; a second one stops it.
+    if ((nudge && SECONDS >= nudge)); then
+      kill -INT -- "-$pgid" 2>/dev/null || true
+      nudge=0
+    fi
+    sleep 0.2
+  done
+  if kill -0 -- "-$pgid" 2>/dev/null; then
+    echo "process group $pgid still running ${GRACE_S}s after TERM: KILL"
+    kill -KILL -- "-$pgid" 2>/dev/null || true
+  fi
+}
+stop_started() {  # newest first: the worker talks to the server while it shuts down
+  local i
+  for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do stop_group "${STARTED[i]}"; done
+  STARTED=()
+}
+trap 'rc=$?; stop_started; exit $rc' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+healthy() {
+  python - "$PREFECT_API_URL/health" <<'EOF' >/dev/null 2>&1
+import sys, urllib.request
+urllib.request.urlopen(sys.argv[1], timeout=2).read()
+EOF
+}
+
+# 1. data --------------------------------------------------------------------------------------------
+if [[ ! -f data/embedded/manifest.parquet ]]; then
+  say "data/embedded missing: generating the embedded data set (deterministic, hashes to data.dvc)"
+  wsss import embedded
+fi
+if [[ -f data.dvc ]]; then
+  python scripts/verify_data.py data.dvc || true  # a user's own data under data/ is fine: DVC records it
+fi
+
+# 2. Prefect server, pool, deployment, worker ---------------------------------------------------------
+if healthy; then
+  say "reusing the Prefect server at $PREFECT_API_URL"
+else
+  say "starting a Prefect server on 127.0.0.1:$PORT (log: $LOGS/server.log)"
+  setsid prefect server start --host 127.0.0.1 --port "$PORT" >"$LOGS/server.log" 2>&1 &
+  STARTED+=("$!")
+  disown
+  for _ in $(seq 240); do
+    healthy && break
+    kill -0 "${STARTED[-1]}" 2>/dev/null || { tail -n 30 "$LOGS/server.log"; echo "Prefect server exited"; exit 1; }
+    sleep 0.5
+  done
+  healthy || { tail -n 30 "$LOGS/server.log"; echo "Prefect server did not answer within 120 s"; exit 1; }
+fi
+
+if ! prefect work-pool inspect local >/dev/null 2>&1; then
+  prefect work-pool create local --type process
+fi
+say "deploying (prefect.yaml: deployment wsss/full, working dir $WSSS_ROOT)"
+prefect --no-prompt deploy --all
+
+say "starting a worker on pool 'local' (log: $LOGS/worker.log)"
+setsid prefect worker start --pool local --type process > >(tee "$LOGS/worker.log") 2>&1 &
+STARTED+=("$!")
+disown  # stopped by stop_started; no job-control notices
+
+# 3. the run ------------------------------------------------------------------------------------------
+args=()
+[[ -n "${DATASET:-}" ]] && args+=(-p "dataset=$DATASET")
+if [[ -n "${OVERRIDES:-}" ]]; then
+  # shellcheck disable=SC2086
+  args+=(-p "overrides=$(python -c 'import json, sys; print(json.dumps(sys.argv[1:]))' $OVERRIDES)")
+fi
+say "prefect deployment run wsss/full --watch ${args[*]}"
+start=$SECONDS
+rc=0
+# The worker's output above is the flow run's log; the state events of --watch go to watch.log.
+prefect deployment run wsss/full --watch "${args[@]}" >"$LOGS/watch.log" 2>&1 || rc=$?
+elapsed=$((SECONDS - start))
+tail -n 1 "$LOGS/watch.log"
+
+# 4. results ------------------------------------------------------------------------------------------
+stop_started
+say "flow run finished (exit $rc) in ${elapsed}s"
+python -m pipelines.wsss report || true
+cat <<EOF
+
+Where to look:
+  metrics      .venv/bin/dvc metrics show        (dvc metrics diff, dvc exp show)
+  plots        .venv/bin/dvc plots show          -> dvc_plots/index.html
+  MLflow       make mlflow-ui                    (= mlflow ui --backend-store-uri sqlite:///mlflow.db), http://127.0.0.1:5000
+  flow logs    $LOGS/worker.log   (make prefect-server to browse past runs in the Prefect UI)
+EOF
+exit "$rc"

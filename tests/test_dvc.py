@@ -1,0 +1,90 @@
+"""DVC: the pipeline of dvc.yaml in a real temp git + DVC repo on the tiny config, and data.dvc's hash."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from tasks.config import load_params
+from tasks.ingest import build_embedded_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGES = {
+    "ingest",
+    "train_classifier",
+    "pseudo_masks",
+    "train_segmenter",
+    "train_segmenter_gt",
+    "evaluate",
+    "register",
+}
+
+
+def dvc(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_repro_noop_and_exp_run(pipeline_repo: Path):
+    first = dvc("repro")
+    assert ran(first.stdout) == STAGES
+    lock = yaml.safe_load((pipeline_repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == STAGES
+    metrics = json.loads(dvc("metrics", "show", "--json").stdout)
+    data = metrics[""]["data"]["metrics/metrics.json"]["data"]
+    for key in ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou"):
+        assert 0.0 <= data[key] <= 1.0
+    registry = json.loads((pipeline_repo / "artifacts" / "registry.json").read_text())
+    assert registry["champion"] is True
+    # Outputs stay out of the data.dvc-tracked folder (it still matches data.dvc); the pseudo masks are
+    # one table, not thousands of files.
+    assert [p.name for p in (pipeline_repo / "data").iterdir()] == ["embedded"]
+    assert "up to date" in dvc("status", "data.dvc").stdout
+    assert sorted(p.name for p in (pipeline_repo / "artifacts" / "pseudo_masks").iterdir()) == [
+        "stats.json",
+        "train.parquet",
+    ]
+
+    start = time.perf_counter()
+    again = dvc("repro")
+    seconds = time.perf_counter() - start
+    assert ran(again.stdout) == set(), again.stdout
+    assert seconds < 3.0, f"no-op dvc repro took {seconds:.1f} s"
+
+    plots = dvc("plots", "show", "--json")
+    assert "per_class_iou" in plots.stdout and "grid.png" in plots.stdout
+
+    experiment = dvc("exp", "run", "-S", "classifier.mask_ratio=0.25")
+    assert {"train_classifier", "pseudo_masks", "train_segmenter", "evaluate", "register"} <= ran(experiment.stdout)
+    assert not {"ingest", "train_segmenter_gt"} & ran(experiment.stdout)  # the upper bound does not move
+    assert load_params(pipeline_repo / "params.yaml").classifier.mask_ratio == 0.25
+    shown = json.loads(dvc("exp", "show", "--json").stdout)
+    assert any(exp.get("experiments") for exp in shown), shown
+
+
+def test_regenerated_embedded_set_matches_data_dvc():
+    """On a fresh clone there is no DVC remote: `wsss import embedded` must rebuild exactly what data.dvc records."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db.local import LocalHashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    record = yaml.safe_load((REPO_ROOT / "data.dvc").read_text())["outs"][0]
+    assert record["path"] == "data"
+    params = load_params(REPO_ROOT / "params.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        build_embedded_dataset(params.embedded, data / Path(params.embedded.out).relative_to("data"))
+        fs = LocalFileSystem()
+        _, meta, obj = build(LocalHashFileDB(fs, str(Path(tmp) / "odb")), str(data), fs, "md5", dry_run=True)
+    assert (obj.hash_info.value, meta.nfiles) == (record["md5"], record["nfiles"])

@@ -1,0 +1,136 @@
+"""The Prefect flow end to end on the tiny config: a real (test-harness) Prefect server, a real git + DVC
+repo in tmp, real sqlite MLflow."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from pipelines.wsss import STAGES, wsss
+from tasks import tracking
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """One temporary Prefect server (sqlite) for the module; it needs 12-19 s to start on this machine."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _logs(state) -> str:
+    """Every log line of the flow run (its tasks' included) as stored by the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_flow_runs_the_dvc_stages_registers_and_then_skips(pipeline_repo: Path, prefect_server):
+    state = wsss(dataset="embedded", overrides=["evaluate.grid_images=4"], return_state=True)
+    assert state.is_completed(), _logs(state)
+    result = state.result()
+    assert [r["stage"] for r in result["stages"]] == list(STAGES)
+    assert {r["stage"] for r in result["stages"] if r["status"] == "ran"} == set(STAGES) - {"data.dvc"}
+    for key in ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou"):
+        assert 0.0 <= result["metrics"][key] <= 1.0
+    logs = _logs(state)
+    assert "stage 3/8 train_classifier: ran" in logs and "final metrics" in logs and "segmenter_gt_miou" in logs
+    assert "[train_classifier] epoch   2" in logs  # the stage's own progress lines
+
+    # Same artifacts and dvc.lock as `dvc repro`: DVC sees nothing to do, the override is in params.yaml.
+    assert yaml.safe_load((pipeline_repo / "params.yaml").read_text())["evaluate"]["grid_images"] == 4
+    lock = yaml.safe_load((pipeline_repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES) - {"data.dvc"}
+    assert "Running stage" not in _dvc(pipeline_repo, "repro", "--dry")
+    for path in ("artifacts/classifier/model.pt", "artifacts/segmenter_gt/model.pt", "plots/grid.png"):
+        assert (pipeline_repo / path).is_file()
+
+    # MLflow: one run, both models registered, alias champion on them, and the champion predicts.
+    client = tracking.get_client(pipeline_repo)
+    runs = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    data_md5 = yaml.safe_load((pipeline_repo / "data.dvc").read_text())["outs"][0]["md5"]
+    assert run.data.tags["dvc.data.md5"] == data_md5 and run.data.tags["git.commit"] != "none"
+    assert "dvc.lock.train_classifier" in run.data.tags
+    assert len(client.get_metric_history(run.info.run_id, "classifier/loss")) == 2  # one per epoch
+    assert run.data.metrics["segmenter_miou"] == pytest.approx(result["metrics"]["segmenter_miou"])
+    assert "plots/grid.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    for name in (tracking.CLASSIFIER_MODEL, tracking.SEGMENTER_MODEL):
+        assert str(client.get_model_version_by_alias(name, tracking.CHAMPION).version) == "1"
+    model = mlflow.pytorch.load_model(f"models:/{tracking.SEGMENTER_MODEL}@{tracking.CHAMPION}")
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4, 32, 32)
+
+    # Second run, nothing changed: every stage is skipped and nothing new is registered.
+    again = wsss(dataset="embedded", overrides=["evaluate.grid_images=4"], return_state=True)
+    assert again.is_completed(), _logs(again)
+    assert {r["status"] for r in again.result()["stages"]} == {"skipped"}
+    assert "everything was up to date" in _logs(again)
+    assert len(client.search_model_versions(f"name='{tracking.SEGMENTER_MODEL}'")) == 1
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_flow_on_a_missing_or_malformed_data_set_fails_clearly_and_registers_nothing(
+    pipeline_repo: Path, prefect_server
+):
+    params_before = (pipeline_repo / "params.yaml").read_text()
+
+    missing = wsss(dataset="data/nope", return_state=True)
+    assert missing.is_failed()
+    assert "wsss ingest: error: data/nope: data set root does not exist" in _logs(missing)
+
+    bad = pipeline_repo / "data" / "bad"
+    shutil.copytree(pipeline_repo / "data" / "embedded", bad)
+    (bad / "images" / "train_00003.png").unlink()
+    malformed = wsss(dataset="data/bad", return_state=True)
+    assert malformed.is_failed()
+    logs = _logs(malformed)
+    error = "wsss ingest: error: data/bad/manifest.parquet row 3 (id 'train_00003'): image file"
+    assert error in logs and "not found" in logs
+    assert "stage 3/8" not in logs  # failed fast: nothing after ingest ran
+    assert error in str(malformed.message)
+
+    assert (pipeline_repo / "params.yaml").read_text() == params_before  # no stage ran: restored
+    assert not (pipeline_repo / "artifacts" / "registry.json").exists()
+    if (pipeline_repo / "mlflow.db").exists():
+        client = tracking.get_client(pipeline_repo)
+        assert client.search_registered_models() == []
+    assert not (pipeline_repo / "dvc.lock").exists()  # nothing was built
+
+
+def test_only_transient_stage_failures_are_retried():
+    from prefect.states import Failed
+
+    from pipelines.wsss import StageError, TransientStageError, _failure, _is_transient
+
+    locked = _failure(
+        "train_classifier", 1, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"]
+    )
+    assert isinstance(locked, TransientStageError)
+    bad = _failure(
+        "ingest", 1, ["> wsss ingest", "wsss ingest: error: data/x: data set root does not exist", "ERROR: x"]
+    )
+    assert isinstance(bad, StageError) and str(bad) == "wsss ingest: error: data/x: data set root does not exist"
+    assert _is_transient(None, None, Failed(data=locked)) is True
+    assert _is_transient(None, None, Failed(data=bad)) is False

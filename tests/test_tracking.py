@@ -1,0 +1,115 @@
+"""MLflow registration against a real sqlite store in tmp: the champion alias rule, reuse, a loadable champion."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from models.segmenter import Segmenter
+from tasks import tracking
+from tasks.config import Params
+from tasks.register import register
+from tasks.train_classifier import _model_kwargs, build_classifier
+from tasks.train_segmenter import segmenter_dir
+
+CLASSES = ["bird", "elephant", "giraffe"]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A repo root in tmp whose MLflow store is the default sqlite file there."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    return tmp_path
+
+
+def _history(path: Path, columns: dict[str, list[float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", *columns])
+        for epoch, values in enumerate(zip(*columns.values(), strict=True), start=1):
+            writer.writerow([epoch, *values])
+
+
+def _finished_pipeline(params: Params, miou: float | None, seed: int) -> None:
+    """What the stages leave behind, in their formats, with a chosen segmenter_miou (new weights per seed)."""
+    torch.manual_seed(seed)
+    classifier = build_classifier(params.classifier, len(CLASSES))
+    record = {
+        "model_name": params.classifier.model,
+        "model_kwargs": _model_kwargs(params.classifier, len(CLASSES), 3),
+        "state_dict": classifier.state_dict(),
+        "classes": CLASSES,
+    }
+    out = Path(params.classifier.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(record, out / "model.pt")
+    _history(out / "history.csv", {"loss": [0.7, 0.6], "val_map": [0.5, 0.6]})
+    kwargs = {"encoder_name": "resnet18", "num_classes": len(CLASSES) + 1, "decoder_channels": 8, "in_chans": 3}
+    segmenter = Segmenter(**kwargs)
+    for source in ("pseudo", "gt"):
+        folder = segmenter_dir(params, source)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"model_kwargs": kwargs, "state_dict": segmenter.state_dict(), "classes": CLASSES, "img_size": 32}
+        torch.save(state, folder / "model.pt")
+        _history(folder / "history.csv", {"loss": [1.2], "val_miou": [miou]})
+    metrics = Path(params.evaluate.metrics_dir)
+    metrics.mkdir(parents=True, exist_ok=True)
+    (metrics / "metrics.json").write_text(
+        json.dumps({"pseudo_mask_miou": 0.3, "segmenter_miou": miou, "classifier": {"val_map": 0.6}})
+    )
+    (metrics / "per_class_iou.json").write_text(json.dumps({"bird": {"segmenter": miou, "pseudo_mask": None}}))
+
+
+def test_champion_moves_only_when_the_new_miou_is_better(store: Path, tiny_params: Params):
+    versions = []
+    for seed, miou in enumerate((0.30, 0.20, 0.30, 0.45)):
+        _finished_pipeline(tiny_params, miou, seed)
+        versions.append(register(tiny_params, store, out=store / "registry.json"))
+    assert [v["champion"] for v in versions] == [True, False, False, True]  # first, worse, tie, better
+    assert [v["segmenter_version"] for v in versions] == ["1", "2", "3", "4"]
+    assert json.loads((store / "registry.json").read_text())["segmenter_version"] == "4"
+
+    client = tracking.get_client(store)
+    for name in (tracking.CLASSIFIER_MODEL, tracking.SEGMENTER_MODEL):
+        champion = client.get_model_version_by_alias(name, tracking.CHAMPION)
+        assert str(champion.version) == "4" and champion.run_id == versions[-1]["run_id"]
+    assert client.get_model_version(tracking.SEGMENTER_MODEL, "4").tags[tracking.SCORE_KEY] == "0.45"
+
+    # Same inputs again (e.g. a retried task): the finished run is reused, nothing new is registered.
+    again = register(tiny_params, store, out=None)
+    assert again["reused"] and again["run_id"] == versions[-1]["run_id"]
+    assert len(client.search_model_versions(f"name='{tracking.SEGMENTER_MODEL}'")) == 4
+
+    run = client.get_run(versions[-1]["run_id"])
+    assert run.data.params["classifier.epochs"] == str(tiny_params.classifier.epochs)
+    assert run.data.metrics[tracking.SCORE_KEY] == pytest.approx(0.45)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "classifier/val_map")] == [1, 2]
+    assert {"git.commit", tracking.INPUTS_TAG, "wsss.registered"} <= set(run.data.tags)
+
+    model = mlflow.pytorch.load_model(f"models:/{tracking.SEGMENTER_MODEL}@{tracking.CHAMPION}")
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, len(CLASSES) + 1, 32, 32)
+
+
+def test_a_run_without_a_score_never_becomes_champion(store: Path, tiny_params: Params):
+    _finished_pipeline(tiny_params, None, 0)  # evaluate writes null for an undefined mIoU
+    record = register(tiny_params, store, out=None)
+    assert record["champion"] is False and record["segmenter_miou"] is None
+    client = tracking.get_client(store)
+    assert tracking.champion_score(client) == (None, None)
+
+
+def test_tracking_uri_from_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"

@@ -26,16 +26,20 @@ from models.gates import HardConcreteGate
 __all__ = ["GatedAttention", "TokenMaskingViT", "load_timm_vit_weights"]
 
 GatePenalty = Literal["sum", "layer_mean", "mean"]
+ClassTokens = Literal["joint", "read_only"]
 
 
 class GatedAttention(Attention):
     """timm ``Attention`` whose heads are scaled by Hard Concrete gates before the output projection.
 
     Scaling a head's output equals scaling its attention probabilities, so the fused SDPA kernel is
-    kept for training; :meth:`query_attention` gives explicit attention rows for the maps.
+    kept for training; the gate is folded into ``proj``'s input columns (a ``[D, H*d]`` weight scale, not
+    a ``[B, N, H*d]`` activation pass). :meth:`query_attention` gives explicit attention rows for the maps.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, gates: bool = True, gate_init: float = 3.0, **kwargs) -> None:
+        if kwargs.get("scale_norm") or kwargs.get("gated"):
+            raise ValueError("GatedAttention needs proj to act directly on the heads' outputs (no scale_norm/gated)")
         super().__init__(dim, num_heads=num_heads, **kwargs)
         self.head_gate = HardConcreteGate(num_heads, init=gate_init) if gates else None
 
@@ -45,39 +49,96 @@ class GatedAttention(Attention):
         q, k, v = qkv.unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        B, N, _ = x.shape
-        q, k, v = self._qkv(x)
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        B, _, N, _ = q.shape
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
         )
-        if self.head_gate is not None:
-            x = x * self.head_gate().view(1, -1, 1, 1)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(x)))
+        weight = self.proj.weight
+        if self.head_gate is not None:
+            weight = weight * self.head_gate().repeat_interleave(self.head_dim)
+        return self.proj_drop(F.linear(x, weight, self.proj.bias))
 
-    def query_attention(self, x: torch.Tensor, num_queries: int) -> torch.Tensor:
+    def _pruned_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of a block with every head pruned: the gated block added ``proj(0)``, the bias."""
+        B, N, _ = x.shape
+        if self.proj.bias is None:
+            return x.new_zeros(B, N, self.proj.out_features)
+        return self.proj_drop(self.proj.bias.expand(B, N, -1))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.num_heads == 0:
+            return self._pruned_out(x)
+        return self._attend(*self._qkv(x), attn_mask, is_causal)
+
+    def forward_with_query_attention(
+        self, x: torch.Tensor, num_queries: int, attn_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` and :meth:`query_attention` from one qkv projection."""
+        q, k, v = self._qkv(x)
+        return self._attend(q, k, v, attn_mask, False), self._query_rows(q, k, num_queries, attn_mask, rows)
+
+    def query_attention(
+        self, x: torch.Tensor, num_queries: int, attn_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attention probabilities of the first ``num_queries`` tokens over all keys: ``[B, H, Q, N]``.
 
         Only the query rows that are asked for are computed (the class rows, not the full N x N map).
-        """
-        B, N, _ = x.shape
-        q = self.q_norm(self.qkv_q(x[:, :num_queries]))
-        k = self._qkv(x)[1]
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
-    def qkv_q(self, x: torch.Tensor) -> torch.Tensor:
-        """Query projection alone, ``[B, H, Q, head_dim]``."""
-        B, Q, _ = x.shape
-        w = self.qkv.weight[: self.attn_dim]
-        b = self.qkv.bias[: self.attn_dim] if self.qkv.bias is not None else None
-        return F.linear(x, w, b).reshape(B, Q, self.num_heads, self.head_dim).transpose(1, 2)
+        Args:
+            x: Normalised tokens ``[B, N, D]``.
+            num_queries: Number of leading tokens whose rows are computed.
+            attn_mask: Boolean ``[N, N]`` mask of the forward pass (True: may attend); masked keys get 0.
+            rows: Optional ``[B, K]`` indices into the first ``num_queries`` tokens; only those rows are
+                computed (``[B, H, K, N]``).
+        """
+        q, k, _ = self._qkv(x)
+        return self._query_rows(q, k, num_queries, attn_mask, rows)
+
+    def _query_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        num_queries: int,
+        attn_mask: torch.Tensor | None,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        q, mask = q[:, :, :num_queries], None if attn_mask is None else attn_mask[:num_queries]
+        if rows is not None:
+            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            mask = None if mask is None else mask[rows].unsqueeze(1)  # [B, 1, K, N]
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return logits.softmax(dim=-1)
 
     def open_heads(self) -> torch.Tensor:
         """Boolean ``[H]``: heads whose deterministic gate is open (all when gates are off)."""
         if self.head_gate is None:
             return torch.ones(self.num_heads, dtype=torch.bool, device=self.qkv.weight.device)
         return self.head_gate.open_mask()
+
+    @torch.no_grad()
+    def prune_heads(self) -> None:
+        """Removes the heads whose eval gate is closed from ``qkv`` and ``proj``; drops the gate.
+
+        The remaining heads are all open (gate 1), so the output equals the gated eval output; with no
+        head left the block adds the ``proj`` bias, as the gated block did.
+        """
+        keep = self.open_heads().nonzero().flatten()
+        d = self.head_dim
+        cols = (keep.unsqueeze(1) * d + torch.arange(d, device=keep.device)).flatten()
+        rows = torch.cat([cols + part * self.attn_dim for part in range(3)])
+        self.qkv.weight = nn.Parameter(self.qkv.weight[rows].clone())
+        if self.qkv.bias is not None:
+            self.qkv.bias = nn.Parameter(self.qkv.bias[rows].clone())
+        self.proj.weight = nn.Parameter(self.proj.weight[:, cols].clone())
+        self.qkv.out_features, self.proj.in_features = len(rows), len(cols)
+        self.num_heads, self.attn_dim = len(keep), len(cols)
+        self.head_gate = None
 
 
 def _gated_attention_layer(gates: bool, gate_init: float) -> type[GatedAttention]:
@@ -114,6 +175,10 @@ class TokenMaskingViT(nn.Module):
         gates: Hard Concrete gate per head per block.
         gate_init: Initial ``log_alpha`` of every gate.
         drop_path_rate: Stochastic depth.
+        class_tokens: ``"joint"`` (paper: every token attends to every token) or ``"read_only"``: patch
+            and [REG] tokens do not attend to class tokens and a class token attends to the patches, the
+            [REG] token and itself only, so each class token just reads the image and inference can
+            carry only the classes asked for (cost O(K N) instead of O((N + C)^2)).
     """
 
     def __init__(
@@ -134,8 +199,11 @@ class TokenMaskingViT(nn.Module):
         gates: bool = True,
         gate_init: float = 3.0,
         drop_path_rate: float = 0.0,
+        class_tokens: ClassTokens = "joint",
     ) -> None:
         super().__init__()
+        if class_tokens not in ("joint", "read_only"):
+            raise ValueError(f"class_tokens must be 'joint' or 'read_only', got {class_tokens!r}")
         if head not in ("per_class", "linear"):
             raise ValueError(f"head must be 'per_class' or 'linear', got {head!r}")
         if stem not in ("linear", "conv"):
@@ -146,6 +214,7 @@ class TokenMaskingViT(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.mask_ratio = mask_ratio
         self.head_type = head
+        self.class_token_mode = class_tokens
         self.num_reg_tokens = 1 if reg_token else 0
 
         if stem == "conv":
@@ -219,26 +288,46 @@ class TokenMaskingViT(nn.Module):
         return probs.mean()
 
     def open_heads(self) -> torch.Tensor:
-        """Boolean ``[depth, num_heads]`` of open heads under the deterministic (eval) gates."""
+        """Boolean ``[depth, num_heads]`` of open heads under the deterministic (eval) gates.
+
+        Only for unpruned models: after :meth:`prune_heads` blocks have different head counts.
+        """
         return torch.stack([blk.attn.open_heads() for blk in self.blocks])
 
     def num_closed_heads(self) -> int:
-        return int((~self.open_heads()).sum())
+        return sum(int((~blk.attn.open_heads()).sum()) for blk in self.blocks)
 
     def map_layer(self) -> int:
         """Index of the last block with an open head: maps never come from a fully pruned block."""
-        open_per_layer = self.open_heads().any(dim=1)
-        if not open_per_layer.any():
-            raise RuntimeError("every attention head is closed; no block can provide attention maps")
-        return int(open_per_layer.nonzero().max())
+        for i in reversed(range(len(self.blocks))):
+            if self.blocks[i].attn.open_heads().any():
+                return i
+        raise RuntimeError("every attention head is closed; no block can provide attention maps")
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def prune_heads(self) -> TokenMaskingViT:
+        """Physically removes every closed head (inference/export); outputs equal the gated eval model's."""
+        for blk in self.blocks:
+            blk.attn.prune_heads()
+        return self
+
+    def attn_mask(self, num_class_tokens: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean ``[N, N]`` mask (True: may attend) for ``read_only`` class tokens; None when joint."""
+        if self.class_token_mode == "joint":
+            return None
+        mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device)
+        mask[:, :num_class_tokens] = False
+        idx = torch.arange(num_class_tokens, device=device)
+        mask[idx, idx] = True
+        return mask
+
+    def _embed(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.patch_embed(x)
         B, h, w, D = x.shape
         pos = self.pos_embed
         if (h, w) != self.grid_size:
             pos = resample_abs_pos_embed(pos, [h, w], list(self.grid_size), num_prefix_tokens=0)
-        tokens = [self.class_tokens.expand(B, -1, -1), x.reshape(B, h * w, D) + pos]
+        cls = self.class_tokens.expand(B, -1, -1) if classes is None else self.class_tokens[0][classes]
+        tokens = [cls, x.reshape(B, h * w, D) + pos]
         if self.reg_token is not None:
             tokens.append(self.reg_token.expand(B, -1, -1))
         return torch.cat(tokens, dim=1), (h, w)
@@ -246,7 +335,10 @@ class TokenMaskingViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``[B, in_chans, H, W]`` -> normalised tokens ``[B, C + h*w + R, D]``."""
         x, _ = self._embed(x)
-        return self.norm(self.blocks(x))
+        mask = self.attn_mask(self.num_classes, x.shape[1], x.device)
+        for blk in self.blocks:
+            x = blk(x, attn_mask=mask)
+        return self.norm(x)
 
     def mask_class_tokens(self, class_tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Zeroes each absent class's [CLS] output with probability ``mask_ratio``; label tokens never."""
@@ -266,26 +358,45 @@ class TokenMaskingViT(nn.Module):
         return self.forward_head(self.forward_features(x), labels)
 
     @torch.no_grad()
-    def class_attention_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def class_attention_maps(
+        self, x: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[CLS]_c -> patch attention of the last block with open heads, averaged over its open heads.
 
+        Args:
+            x: Images ``[B, in_chans, H, W]``.
+            classes: Optional class indices, ``[K]`` (shared) or ``[B, K]``: only their attention rows
+                (and, with ``read_only`` class tokens and the per-class head, only their tokens) are computed.
+
         Returns:
-            maps ``[B, C, h, w]`` (unnormalised attention probabilities) and logits ``[B, C]``.
+            maps ``[B, K, h, w]`` (unnormalised attention probabilities) and logits ``[B, K]``; K = C
+            without ``classes``.
         """
+        B = x.shape[0]
+        if classes is not None and classes.dim() == 1:
+            classes = classes.unsqueeze(0).expand(B, -1)
+        # read_only class tokens never influence other tokens, so absent classes can leave the sequence
+        subset = classes is not None and self.class_token_mode == "read_only" and self.head_type == "per_class"
         layer = self.map_layer()
-        x, (h, w) = self._embed(x)
+        x, (h, w) = self._embed(x, classes if subset else None)
+        Q = x.shape[1] - h * w - self.num_reg_tokens
+        mask = self.attn_mask(Q, x.shape[1], x.device)
         for blk in self.blocks[:layer]:
-            x = blk(x)
+            x = blk(x, attn_mask=mask)
         blk = self.blocks[layer]
-        attn = blk.attn.query_attention(blk.norm1(x), self.num_classes)
-        open_heads = blk.attn.open_heads()
-        rows = attn[:, open_heads].mean(dim=1)
-        C = self.num_classes
-        maps = rows[:, :, C : C + h * w].reshape(x.shape[0], C, h, w)
-        x = blk(x)
+        # timm Block.forward, with the class rows taken from the same qkv projection
+        out, attn = blk.attn.forward_with_query_attention(blk.norm1(x), Q, mask, None if subset else classes)
+        x = x + blk.drop_path1(blk.ls1(out))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        rows = attn[:, blk.attn.open_heads()].mean(dim=1)
+        maps = rows[:, :, Q : Q + h * w].reshape(B, -1, h, w)
         for later in self.blocks[layer + 1 :]:
-            x = later(x)
-        return maps, self.forward_head(self.norm(x))
+            x = later(x, attn_mask=mask)
+        x = self.norm(x)
+        if subset:
+            return maps, (x[:, :Q] * self.head_weight[classes]).sum(-1) + self.head_bias[classes]
+        logits = self.forward_head(x)
+        return maps, logits if classes is None else logits.gather(1, classes)
 
 
 def load_timm_vit_weights(model: TokenMaskingViT, path: str | Path) -> list[str]:

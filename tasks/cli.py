@@ -53,6 +53,43 @@ def _add_register(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub.add_parser("register", parents=[common], help=text).set_defaults(handler=_stage("register"))
 
 
+def _bench(params: Params, args: argparse.Namespace) -> None:
+    from benchmarks.bench import run_benchmarks
+
+    record = run_benchmarks(
+        args.size, args.device, args.out, args.warmup, args.repeats, args.bf16, args.compile, args.profile
+    )
+    print(Path(args.out).with_suffix(".md").read_text(), end="")
+    print(f"written to {args.out} (P1 {record['p1_train_step_ratio']}, P4 {record['p4_pruned_head_speedup']})")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss bench`` (benchmarks/bench.py): speed against plain timm; not a pipeline stage."""
+    from benchmarks import SIZE_NAMES
+
+    bench = sub.add_parser("bench", parents=[common], help="P1-P4 speed benchmarks, writes reports/bench.json")
+    bench.add_argument(
+        "--size",
+        choices=SIZE_NAMES,
+        default="cpu",
+        help="cpu: ViT-Ti/16, vit-b: ViT-B/16 (GPU), smoke: tiny, for tests",
+    )
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--out", default="reports/bench.json", help="JSON record; the table goes beside it (.md)")
+    bench.add_argument("--warmup", type=_positive_int, default=2, help="untimed runs per case")
+    bench.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per case (median reported)")
+    bench.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the models")
+    bench.add_argument("--profile", action="store_true", help="torch.profiler tables of the P1 train steps")
+    bench.set_defaults(handler=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -81,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--masks", choices=("pseudo", "gt"), default="pseudo", help="gt: the upper bound")
     seg.set_defaults(handler=_train_segmenter)
     _add_register(sub, common)
+    _add_bench(sub, common)
     return parser
 
 

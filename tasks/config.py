@@ -64,6 +64,7 @@ class ClassifierParams:
     mask_ratio: float = 0.5
     reg_token: bool = True
     head: str = "per_class"
+    class_tokens: str = "joint"
     gates: bool = True
     gate_lambda: float = 0.01
     gate_penalty: str = "sum"
@@ -131,6 +132,7 @@ class Params:
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "classifier.head": ("per_class", "linear"),
+    "classifier.class_tokens": ("joint", "read_only"),
     "classifier.gate_penalty": ("sum", "layer_mean", "mean"),
 }
 _UNIT_INTERVAL = {

@@ -49,6 +49,7 @@ def _model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> 
         mask_ratio=params.mask_ratio,
         reg_token=params.reg_token,
         head=params.head,
+        class_tokens=params.class_tokens,
         gates=params.gates,
         gate_init=params.gate_init,
     )

@@ -8,6 +8,7 @@ mIoU = mean over the classes that occur in the ground truth or the predictions.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,14 @@ class ConfusionMatrix:
     def compute(self) -> dict[str, Any]:
         """Returns ``iou`` (array [K]), ``pixel_accuracy`` and ``miou``."""
         return scores_from_confusion(self.matrix)
+
+
+def mean_iou(pairs: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int) -> float:
+    """mIoU over ``(gt, pred)`` mask pairs, accumulated in one confusion matrix of ``num_classes`` (K)."""
+    matrix = ConfusionMatrix(num_classes)
+    for gt, pred in pairs:
+        matrix.update(gt, pred)
+    return float(matrix.compute()["miou"])
 
 
 def _check_pair(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ from tasks.config import Params, PseudoMaskParams
 from tasks.datasets import DatasetIndex, load_split, normalize, read_mask, write_mask_table
 from tasks.ingest import read_ingested
 from tasks.io import write_json
-from tasks.metrics import ConfusionMatrix
+from tasks.metrics import ConfusionMatrix, mean_iou
 from tasks.runtime import setup_runtime
 from tasks.train_classifier import MODEL_FILE, load_classifier
 
@@ -133,13 +133,6 @@ def class_specificity(attention: np.ndarray, gt: np.ndarray, classes: np.ndarray
     return shares, areas
 
 
-def _miou(gts: list[np.ndarray], preds: list[np.ndarray], num_classes: int) -> float:
-    cm = ConfusionMatrix(num_classes + 1)
-    for gt, pred in zip(gts, preds, strict=True):
-        cm.update(gt, pred)
-    return float(cm.compute()["miou"])
-
-
 def tune_thresholds(
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int
 ) -> tuple[float, float, float]:
@@ -159,7 +152,7 @@ def tune_thresholds(
         if bg > fg:
             continue
         preds = [merge_maps(m, c, p, fg, bg) for m, c, p, _ in samples]
-        score = _miou(gts, preds, num_classes)
+        score = mean_iou(zip(gts, preds, strict=True), num_classes + 1)
         if score > best[2]:
             best = (float(fg), float(bg), score)
     return best

@@ -28,7 +28,7 @@ from tasks.datasets import (
 from tasks.errors import WsssError
 from tasks.ingest import read_ingested
 from tasks.io import atomic_file, write_csv
-from tasks.metrics import ConfusionMatrix
+from tasks.metrics import mean_iou
 from tasks.runtime import setup_runtime
 
 MODEL_FILE = "model.pt"
@@ -113,13 +113,6 @@ def _ground_truth(dataset: DatasetIndex, split: str) -> dict[str, np.ndarray]:
     return {r.id: read_mask(dataset.path(r.mask)) for r in rows.itertuples(index=False)}
 
 
-def _miou(gt: dict[str, np.ndarray], predictions: dict[str, np.ndarray], num_classes: int) -> float:
-    matrix = ConfusionMatrix(num_classes)
-    for image_id, mask in gt.items():
-        matrix.update(mask, predictions[image_id])
-    return matrix.compute()["miou"]
-
-
 def train_segmenter(
     dataset: DatasetIndex,
     masks: dict[str, np.ndarray] | None,
@@ -190,10 +183,11 @@ def train_segmenter(
             optimizer.step()
             scheduler.step()
             total_loss += loss.item()
+        predictions = predict_images(model, val, device, params.batch_size)
         row = {
             "epoch": epoch + 1,
             "loss": total_loss / len(loader),
-            "val_miou": _miou(val_gt, predict_images(model, val, device, params.batch_size), num_classes),
+            "val_miou": mean_iou(((gt, predictions[i]) for i, gt in val_gt.items()), num_classes),
             "seconds": time.perf_counter() - epoch_start,
         }
         history.append(row)

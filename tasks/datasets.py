@@ -4,10 +4,20 @@ A data set root holds::
 
     classes.json       {"classes": ["bird", ...]}: class k (0-based) is mask value k + 1
     manifest.parquet   one row per image, schema MANIFEST_COLUMNS; paths are relative to the root
-    images/...         RGB PNG/JPEG files
+    images/...         PNG/JPEG (read as RGB), or multi-band .tif/.tiff/.npy arrays (any channel count)
     masks/...          palette PNGs (VOC colours): 0 = background, k + 1 = class k, 255 = ignore
+    bands.json         only for .tif/.npy images: per-band scaling {"low": [...], "high": [...]}
 
 Image-level ``labels`` are multi-hot int8 lists of length C; ``mask`` is null for images without one.
+Every image of a data set has the same channel count; the models' ``in_chans`` follows it.
+
+Pixels reach the models as uint8: PNG/JPEG as they are; array images are stretched per band, linearly
+from ``low`` (-> 0) to ``high`` (-> 255) and clipped (``wsss import folder`` stores the train split's 1st
+and 99th percentiles). :func:`normalize` then applies the ImageNet mean/std to 3-channel images and
+``(x / 255 - 0.5) / 0.25`` to any other channel count.
+
+Every check lives here (:func:`validate_dataset`, :func:`check_image`, :func:`check_mask`); the importers
+and ``wsss ingest`` call them, each error is one line naming the file or row and the problem.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tifffile
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -87,12 +98,14 @@ def write_mask_png(path_or_buffer: str | Path | BinaryIO, mask: np.ndarray) -> N
         image.save(path_or_buffer, format="PNG")
 
 
-def read_mask(path: str | Path | BinaryIO, name: str | None = None) -> np.ndarray:
+def read_mask(path: str | Path | BinaryIO, name: str | None = None, convert_rgb: bool = False) -> np.ndarray:
     """Reads the index values of a palette (or greyscale) PNG mask as an HxW uint8 array.
 
     Args:
         path: file path or binary buffer.
         name: how error messages name the source (defaults to ``path``).
+        convert_rgb: turn an RGB(A) mask into indices when every pixel is exactly a VOC palette colour
+            (importers do; ``wsss ingest`` never rewrites a data set, so it refuses RGB masks).
 
     Raises:
         WsssError: unreadable file, or an RGB/other mode whose pixels are colours rather than class ids.
@@ -100,13 +113,31 @@ def read_mask(path: str | Path | BinaryIO, name: str | None = None) -> np.ndarra
     name = name or str(path)
     try:
         with Image.open(path) as image:
-            if image.mode not in ("P", "L"):
-                raise WsssError(f"{name}: mask must be a palette PNG (mode P or L), got mode {image.mode}")
-            return np.array(image, dtype=np.uint8)
+            if image.mode in ("P", "L"):
+                return np.array(image, dtype=np.uint8)
+            if convert_rgb and image.mode in ("RGB", "RGBA"):
+                return _palette_indices(np.array(image.convert("RGB")), name)
+            hint = " (`wsss import folder` converts RGB masks drawn in the VOC palette)" if image.mode == "RGB" else ""
+            raise WsssError(f"{name}: mask must be a palette PNG (mode P or L), got mode {image.mode}{hint}")
     except WsssError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise WsssError(f"{name}: cannot read mask ({one_line(err)})") from None
+
+
+def _palette_indices(rgb: np.ndarray, name: str) -> np.ndarray:
+    """Maps an HxWx3 colour mask to palette indices; every pixel must be exactly a palette colour."""
+    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    colours = np.array(_palette(), dtype=np.int64).reshape(256, 3)
+    palette_codes = (colours[:, 0] << 16) | (colours[:, 1] << 8) | colours[:, 2]
+    order = np.argsort(palette_codes)  # the 256 VOC colours are distinct
+    found = np.clip(np.searchsorted(palette_codes[order], codes), 0, 255)
+    matches = palette_codes[order][found] == codes
+    if not matches.all():
+        y, x = np.argwhere(~matches)[0]
+        colour = tuple(int(v) for v in rgb[y, x])
+        raise WsssError(f"{name}: RGB mask pixel (x={x}, y={y}) has colour {colour}, not a VOC palette colour")
+    return order[found].astype(np.uint8)
 
 
 def decode_mask_png(data: bytes, name: str = "<mask bytes>") -> np.ndarray:
@@ -114,22 +145,107 @@ def decode_mask_png(data: bytes, name: str = "<mask bytes>") -> np.ndarray:
     return read_mask(io.BytesIO(data), name)
 
 
-def _decode(path: str | Path, convert: bool) -> tuple[int, int, np.ndarray | None]:
-    try:
+def _read_array(path: Path) -> np.ndarray:
+    """Decodes an image file fully (truncated files fail here) as HxWxC; see :func:`read_image`."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+    elif suffix in (".tif", ".tiff"):
+        with tifffile.TiffFile(path) as tif:
+            array = tif.series[0].asarray()
+    else:
         with Image.open(path) as image:
-            image.load()  # decode fully so truncated files fail here, not inside a training loop
-            return image.height, image.width, np.array(image.convert("RGB")) if convert else None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise WsssError(f"{path}: cannot read image ({one_line(err)})") from None
+            image.load()
+            array = np.array(image.convert("RGB"))
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.dtype.kind not in "uif":
+        raise ValueError(f"expected an HxW or HxWxC array of numbers, got {array.dtype} {array.shape}")
+    if array.shape[0] < array.shape[-1]:  # channels first (C, H, W): bands are the short axis
+        array = np.moveaxis(array, 0, -1)
+    return array
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Reads an image file as an HxWx3 uint8 RGB array.
+def read_image(path: str | Path, name: str | None = None) -> np.ndarray:
+    """Reads an image file as an HxWxC array.
+
+    PNG/JPEG/... (Pillow) come back as RGB uint8; ``.tif``/``.tiff`` (tifffile) and ``.npy`` arrays keep
+    their dtype and channel count, channels last (a (C, H, W) array with C < W is transposed).
 
     Raises:
-        WsssError: missing, corrupt, truncated or non-image file.
+        WsssError: missing, corrupt, truncated or non-image file (the message starts with ``name``).
     """
-    return _decode(path, convert=True)[2]
+    prefix = f"{name}: " if name else ""
+    try:
+        return _read_array(Path(path))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        raise WsssError(f"{prefix}{path}: cannot read image ({one_line(err)})") from None
+
+
+@dataclass(frozen=True)
+class Bands:
+    """Per-band linear scaling of array images to uint8: ``low`` -> 0, ``high`` -> 255 (clipped)."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.low)
+
+
+BANDS_FILE = "bands.json"
+BAND_PERCENTILES = (1.0, 99.0)
+BAND_SAMPLE_PIXELS = 20_000
+
+
+def compute_bands(images: list[np.ndarray], seed: int = 0) -> Bands:
+    """The 1st/99th percentile of each band over (a random sample of) the pixels of ``images`` (HxWxC)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for image in images:
+        pixels = image.reshape(-1, image.shape[-1])
+        take = min(len(pixels), BAND_SAMPLE_PIXELS)
+        samples.append(pixels[rng.choice(len(pixels), take, replace=False)].astype(np.float64))
+    low, high = np.percentile(np.concatenate(samples), BAND_PERCENTILES, axis=0)
+    high = np.maximum(high, low + 1e-6)  # a constant band maps to 0 instead of dividing by zero
+    return Bands(tuple(low.tolist()), tuple(high.tolist()))
+
+
+def write_bands(path: str | Path, bands: Bands) -> None:
+    """Writes ``bands.json`` atomically."""
+    write_json(path, {"low": list(bands.low), "high": list(bands.high)})
+
+
+def read_bands(path: Path) -> Bands | None:
+    """Reads ``bands.json``; None when the file does not exist (PNG/JPEG data sets have none)."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        bands = Bands(tuple(map(float, data["low"])), tuple(map(float, data["high"])))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise WsssError(f"{path}: cannot read band scaling ({one_line(err)})") from None
+    pairs = zip(bands.low, bands.high, strict=False)
+    if not len(bands) or len(bands.low) != len(bands.high) or any(high <= low for low, high in pairs):
+        raise WsssError(f'{path}: expected {{"low": [...], "high": [...]}}, one pair per band with high > low')
+    return bands
+
+
+def to_uint8(image: np.ndarray, bands: Bands | None) -> np.ndarray:
+    """HxWxC image -> uint8 for the models: stretched per band with ``bands``, else it must be uint8."""
+    if bands is None:
+        if image.dtype != np.uint8:
+            raise WsssError(f"a {image.dtype} image needs per-band scaling ({BANDS_FILE} in the data set)")
+        return image
+    low, high = np.array(bands.low), np.array(bands.high)
+    return np.clip((image - low) / (high - low) * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def display_rgb(image_uint8: np.ndarray) -> np.ndarray:
+    """An HxWx3 view of a uint8 HxWxC image for pictures: the first three bands, or the first band as grey."""
+    if image_uint8.shape[-1] >= 3:
+        return np.ascontiguousarray(image_uint8[..., :3])
+    return np.repeat(image_uint8[..., :1], 3, axis=-1)
 
 
 def write_mask_table(path: str | Path, ids: list[str], masks: list[np.ndarray]) -> None:
@@ -193,6 +309,7 @@ class DatasetIndex:
     root: Path
     classes: list[str]
     manifest: pd.DataFrame
+    bands: Bands | None = None
 
     @property
     def num_classes(self) -> int:
@@ -253,15 +370,22 @@ def _escapes_root(relative: str) -> bool:
     return posix.is_absolute() or ".." in posix.parts or bool(PureWindowsPath(relative).drive)
 
 
-def _check_rows(manifest: pd.DataFrame, num_classes: int, where: Path) -> None:
-    """Checks every manifest row without opening image files."""
+# Splits whose images are trained on with their image-level labels: each image needs at least one.
+LABELLED_SPLITS = ("train",)
+
+
+def check_rows(manifest: pd.DataFrame, num_classes: int, where: str | Path) -> None:
+    """Checks manifest rows without opening files and without the size columns.
+
+    Importers run this on their source rows before copying anything; ``where`` names the source.
+    """
 
     def fail(row: int, problem: str) -> NoReturn:
         raise WsssError(f"{where} row {row} (id {manifest['id'].iloc[row]!r}): {problem}")
 
     if manifest.empty:
         raise WsssError(f"{where}: no rows")
-    for column in ("id", "split", "image", "width", "height", "labels"):
+    for column in ("id", "split", "image", "labels"):
         missing = manifest[column].isna().to_numpy()
         if missing.any():
             fail(int(missing.argmax()), f"{column} is null")
@@ -284,51 +408,132 @@ def _check_rows(manifest: pd.DataFrame, num_classes: int, where: Path) -> None:
     not_binary = ((labels != 0) & (labels != 1)).any(axis=1)
     if not_binary.any():
         fail(int(not_binary.argmax()), "labels must be 0/1")
+    unlabelled = (manifest["split"].isin(LABELLED_SPLITS) & (labels.sum(axis=1) == 0)).to_numpy()
+    if unlabelled.any():
+        row = int(unlabelled.argmax())
+        fail(row, f"no labels, but split {manifest['split'].iloc[row]!r} trains on image labels (needs >= 1)")
+
+
+def _check_sizes(manifest: pd.DataFrame, where: str | Path) -> None:
+    for column in ("width", "height"):
+        missing = manifest[column].isna().to_numpy()
+        if missing.any():
+            row = int(missing.argmax())
+            raise WsssError(f"{where} row {row} (id {manifest['id'].iloc[row]!r}): {column} is null")
     small = ((manifest["width"] < MIN_IMAGE_SIZE) | (manifest["height"] < MIN_IMAGE_SIZE)).to_numpy()
     if small.any():
-        fail(int(small.argmax()), f"image smaller than {MIN_IMAGE_SIZE} px")
+        row = int(small.argmax())
+        size = f"{manifest['width'].iloc[row]}x{manifest['height'].iloc[row]}"
+        problem = f"image is {size}, smaller than {MIN_IMAGE_SIZE} px (one patch of the smallest model)"
+        raise WsssError(f"{where} row {row} (id {manifest['id'].iloc[row]!r}): {problem}")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What :func:`check_image` learnt from decoding a file."""
+
+    height: int
+    width: int
+    channels: int
+    dtype: np.dtype
+
+
+def check_image(path: Path, name: str, channels: int | None = None) -> ImageInfo:
+    """Decodes an image fully; ``name`` (a row, a list line) prefixes every error.
+
+    Args:
+        path: the image file.
+        name: how errors name the row that points at the file.
+        channels: the channel count every image of the data set must have (None: not known yet).
+
+    Raises:
+        WsssError: missing file, undecodable/truncated/non-image file, or another channel count.
+    """
+    if not path.is_file():
+        raise WsssError(f"{name}: image file {path} not found")
+    image = read_image(path, name)
+    info = ImageInfo(image.shape[0], image.shape[1], image.shape[2], image.dtype)
+    if channels is not None and info.channels != channels:
+        raise WsssError(f"{name}: image {path} has {info.channels} channels, earlier images have {channels}")
+    return info
+
+
+def check_mask(
+    path: Path, name: str, image_size: tuple[int, int], num_classes: int, convert_rgb: bool = False
+) -> np.ndarray:
+    """Reads a mask and checks it against its image; returns the HxW uint8 label map.
+
+    Args:
+        path: the mask file.
+        name: how errors name the row that points at the file.
+        image_size: (height, width) of its image.
+        num_classes: C; values must lie in 0..C or be 255.
+        convert_rgb: accept an RGB mask drawn exactly in the VOC palette (see :func:`read_mask`).
+
+    Raises:
+        WsssError: missing/unreadable file, RGB mask, size differing from the image, or a bad value.
+    """
+    if not path.is_file():
+        raise WsssError(f"{name}: mask file {path} not found")
+    mask = read_mask(path, f"{name}: {path}", convert_rgb)
+    height, width = image_size
+    if mask.shape != (height, width):
+        raise WsssError(f"{name}: mask {path} is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
+    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+    bad = present[(present > num_classes) & (present != IGNORE_INDEX)]
+    if bad.size:
+        raise WsssError(f"{name}: mask {path} has value {bad[0]}, allowed 0..{num_classes} and 255")
+    return mask
 
 
 def _check_files(dataset: DatasetIndex, where: Path) -> None:
-    """Opens every image and mask: existence, decodability, sizes and mask values."""
-    allowed = np.zeros(256, dtype=bool)
-    allowed[: dataset.num_classes + 1] = True
-    allowed[IGNORE_INDEX] = True
+    """Opens every image and mask: existence, decodability, sizes, channels, band scaling, mask values."""
+    channels = None
     for row, item in enumerate(dataset.manifest.itertuples(index=False)):
         name = f"{where} row {row} (id {item.id!r})"
         image_path = dataset.path(item.image)
-        if not image_path.is_file():
-            raise WsssError(f"{name}: image file {image_path} not found")
-        height, width, _ = _decode(image_path, convert=False)
-        if (width, height) != (item.width, item.height):
-            raise WsssError(f"{name}: image {image_path} is {width}x{height}, manifest says {item.width}x{item.height}")
-        if not isinstance(item.mask, str):
-            continue
-        mask_path = dataset.path(item.mask)
-        if not mask_path.is_file():
-            raise WsssError(f"{name}: mask file {mask_path} not found")
-        mask = read_mask(mask_path)
-        if mask.shape != (height, width):
-            raise WsssError(f"{name}: mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
-        present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-        bad = present[~allowed[present]]
-        if bad.size:
-            raise WsssError(f"{name}: mask {mask_path} has value {bad[0]}, allowed 0..{dataset.num_classes} and 255")
+        info = check_image(image_path, name, channels)
+        channels = info.channels
+        if (info.width, info.height) != (item.width, item.height):
+            size = f"{info.width}x{info.height}"
+            raise WsssError(f"{name}: image {image_path} is {size}, manifest says {item.width}x{item.height}")
+        if dataset.bands is None and info.dtype != np.uint8:
+            raise WsssError(f"{name}: image {image_path} is {info.dtype}, which needs per-band scaling ({BANDS_FILE})")
+        if dataset.bands is not None and len(dataset.bands) != info.channels:
+            scaled = len(dataset.bands)
+            raise WsssError(f"{name}: image {image_path} has {info.channels} channels, {BANDS_FILE} scales {scaled}")
+        if isinstance(item.mask, str):
+            check_mask(dataset.path(item.mask), name, (info.height, info.width), dataset.num_classes)
 
 
-def validate_dataset(dataset: DatasetIndex, where: Path, check_files: bool = False) -> None:
-    """Checks manifest rows (and, with ``check_files``, the files they name); ``where`` names the manifest."""
-    _check_rows(dataset.manifest, dataset.num_classes, where)
+def validate_dataset(
+    dataset: DatasetIndex, where: str | Path, check_files: bool = False, splits: tuple[str, ...] = ()
+) -> None:
+    """Checks manifest rows (and, with ``check_files``, the files they name); ``where`` names the manifest.
+
+    Args:
+        dataset: the data set to check.
+        where: how errors name the manifest.
+        check_files: also open every image and mask.
+        splits: splits that must have rows (``wsss ingest`` and the importers require train and val).
+    """
+    check_rows(dataset.manifest, dataset.num_classes, where)
+    _check_sizes(dataset.manifest, where)
+    present = set(dataset.manifest["split"])
+    for split in splits:
+        if split not in present:
+            raise WsssError(f"{where}: empty split {split!r} (splits: {', '.join(sorted(present))})")
     if check_files:
-        _check_files(dataset, where)
+        _check_files(dataset, Path(where))
 
 
-def read_dataset(root: str | Path, check_files: bool = False) -> DatasetIndex:
+def read_dataset(root: str | Path, check_files: bool = False, splits: tuple[str, ...] = ()) -> DatasetIndex:
     """Reads and validates a data set root (the one entry point for importers and ``wsss ingest``).
 
     Args:
         root: data set root directory.
         check_files: also open every image and mask (sizes, decodability, mask values).
+        splits: splits that must have rows.
 
     Raises:
         WsssError: the first problem found, naming the file or manifest row.
@@ -338,8 +543,8 @@ def read_dataset(root: str | Path, check_files: bool = False) -> DatasetIndex:
         raise WsssError(f"{root}: data set root does not exist")
     classes = read_classes(root / "classes.json")
     manifest_path = root / "manifest.parquet"
-    dataset = DatasetIndex(root, classes, read_manifest(manifest_path))
-    validate_dataset(dataset, manifest_path, check_files)
+    dataset = DatasetIndex(root, classes, read_manifest(manifest_path), read_bands(root / BANDS_FILE))
+    validate_dataset(dataset, manifest_path, check_files, splits)
     return dataset
 
 
@@ -348,7 +553,7 @@ class SplitData:
     """One split in memory, resized to ``size`` x ``size``."""
 
     ids: list[str]
-    images: torch.Tensor  # uint8 [N, 3, S, S]
+    images: torch.Tensor  # uint8 [N, channels, S, S]
     labels: torch.Tensor  # float32 [N, C]
     masks: torch.Tensor | None  # uint8 [N, S, S]; 255 = ignore
     original_sizes: list[tuple[int, int]]  # (H, W) before resizing
@@ -384,7 +589,7 @@ def load_split(dataset: DatasetIndex, split: str, size: int, with_masks: bool) -
         raise WsssError(f"{dataset.root}: split {split!r} has no masks")
     images, masks, sizes = [], [], []
     for item in rows.itertuples(index=False):
-        image = torch.from_numpy(read_image(dataset.path(item.image))).permute(2, 0, 1)
+        image = torch.from_numpy(to_uint8(read_image(dataset.path(item.image)), dataset.bands)).permute(2, 0, 1)
         sizes.append((image.shape[1], image.shape[2]))
         images.append(_resize(image, size, is_mask=False))
         if with_masks:
@@ -404,10 +609,15 @@ def load_split(dataset: DatasetIndex, split: str, size: int, with_masks: bool) -
 
 _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1) * 255
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255
+# Other channel counts: the bands are stretched to 0..255 (see the module docstring), so about uniform.
+_BAND_MEAN, _BAND_STD = 0.5 * 255, 0.25 * 255
 
 
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std normalisation of [..., 3, H, W] images in 0..255 (for pretrained timm weights)."""
+    """Normalises [..., C, H, W] images in 0..255: ImageNet mean/std when C = 3 (pretrained timm weights),
+    ``(x / 255 - 0.5) / 0.25`` for any other channel count."""
+    if images_uint8.shape[-3] != 3:
+        return (images_uint8.float() - _BAND_MEAN) / _BAND_STD
     return (images_uint8.float() - _MEAN.to(images_uint8.device)) / _STD.to(images_uint8.device)
 
 

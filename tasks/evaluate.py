@@ -17,11 +17,13 @@ from tasks.config import Params
 from tasks.datasets import (
     IGNORE_INDEX,
     DatasetIndex,
+    display_rgb,
     load_split,
     palette,
     read_image,
     read_mask,
     read_mask_table,
+    to_uint8,
 )
 from tasks.errors import WsssError
 from tasks.ingest import read_ingested
@@ -161,7 +163,7 @@ def _grid_image(
     rows = dataset.split(split).head(num_images)
     columns: dict[str, list[np.ndarray]] = {"image": [], "ground truth": [], "pseudo mask": []}
     for row in rows.itertuples(index=False):
-        image = read_image(dataset.path(row.image))
+        image = display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands))
         gt = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
         if isinstance(row.mask, str):
             gt = read_mask(dataset.path(row.mask))
@@ -170,7 +172,7 @@ def _grid_image(
         columns["pseudo mask"].append(_colorize(pseudo[row.id]))
     if segmenter is not None:
         model, record = segmenter
-        subset = DatasetIndex(dataset.root, dataset.classes, rows)
+        subset = DatasetIndex(dataset.root, dataset.classes, rows, dataset.bands)
         data = load_split(subset, split, record["img_size"], with_masks=False)
         predictions = predict_images(model, data, device, batch_size=num_images)
         columns["segmenter"] = [_colorize(predictions[i]) for i in rows["id"]]

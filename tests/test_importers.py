@@ -213,7 +213,7 @@ def make_bands_folder(root: Path, bands: int = 13) -> Path:
     return root / "manifest.csv"
 
 
-def test_folder_import_of_multiband_images_trains_with_their_channels(
+def test_folder_import_of_multiband_images_runs_the_stages_and_predict(
     tmp_path: Path, tiny_params: Params, capsys
 ) -> None:
     manifest = make_bands_folder(tmp_path / "s2")
@@ -232,11 +232,18 @@ def test_folder_import_of_multiband_images_trains_with_their_channels(
     tiny_params.classifier.epochs = 1
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params.to_dict(), sort_keys=False))
-    for stage in ("ingest", "train-classifier"):
+    for stage in ("ingest", "train-classifier", "pseudo-masks", "train-segmenter", "evaluate"):
         code, _, err = run_cli(capsys, stage, "--params", params)
-        assert code == 0, err
-    record = torch.load(Path(tiny_params.classifier.out) / "model.pt", weights_only=False)
-    assert record["model_kwargs"]["in_chans"] == 13
+        assert code == 0, f"{stage}: {err}"
+    for model in (tiny_params.classifier.out, tiny_params.segmenter.out):
+        record = torch.load(Path(model) / "model.pt", weights_only=False)
+        assert record["model_kwargs"]["in_chans"] == 13
+    tile = tmp_path / "s2" / "tiles" / "t1.tif"
+    predictions = tmp_path / "predictions"
+    argv = ["predict", tile, "--model", tiny_params.segmenter.out, "--bands", out / "bands.json", "--out", predictions]
+    code, _, err = run_cli(capsys, *argv, "--overlay")
+    assert code == 0, err
+    assert read_mask(predictions / "t1.png").shape == (40, 48)
 
 
 # --- bad inputs: one line, exit code 1, no output -------------------------------------------------------

@@ -13,22 +13,27 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
 from tasks.datasets import (
     AugmentedSplit,
     SplitData,
+    compute_bands,
     decode_mask_png,
     encode_mask_png,
     load_split,
     normalize,
     palette,
+    read_bands,
     read_dataset,
     read_image,
     read_manifest,
     read_mask,
     read_mask_table,
+    to_uint8,
+    write_bands,
     write_manifest,
     write_mask_png,
     write_mask_table,
@@ -84,6 +89,40 @@ def test_read_image_rejects_truncated_and_non_image_files(tmp_path: Path) -> Non
     for name in ("truncated.png", "text.png", "missing.png"):
         with pytest.raises(WsssError, match=rf"{name}: cannot read image"):
             read_image(tmp_path / name)
+
+
+def test_array_images_come_back_channels_last_and_scale_per_band(tmp_path: Path) -> None:
+    cube = np.random.default_rng(0).integers(100, 5000, (20, 24, 13)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "first.tif", np.moveaxis(cube, -1, 0))  # (C, H, W) on disk
+    np.save(tmp_path / "last.npy", cube)
+    for name in ("first.tif", "last.npy"):
+        np.testing.assert_array_equal(read_image(tmp_path / name), cube)
+    bands = compute_bands([cube])
+    assert len(bands) == 13 and all(lo < hi for lo, hi in zip(bands.low, bands.high, strict=True))
+    scaled = to_uint8(cube, bands)
+    assert scaled.dtype == np.uint8 and scaled.min() == 0 and scaled.max() == 255
+    with pytest.raises(WsssError, match="a uint16 image needs per-band scaling"):
+        to_uint8(cube, None)
+    assert torch.allclose(normalize(torch.full((13, 2, 2), 255, dtype=torch.uint8)), torch.full((13, 2, 2), 2.0))
+    write_bands(tmp_path / "bands.json", bands)
+    assert read_bands(tmp_path / "bands.json") == bands and read_bands(tmp_path / "none.json") is None
+    (tmp_path / "bad.json").write_text('{"low": [1, 2], "high": [0, 3]}')
+    with pytest.raises(WsssError, match="bad.json: expected .* high > low"):
+        read_bands(tmp_path / "bad.json")
+
+
+def test_rgb_mask_in_the_voc_palette_converts_only_when_asked(tmp_path: Path) -> None:
+    mask = np.array([[0, 1, 2], [15, 255, 20]], dtype=np.uint8)
+    colours = np.asarray(palette(), dtype=np.uint8).reshape(256, 3)
+    Image.fromarray(colours[mask]).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "rgb.png", convert_rgb=True), mask)
+    with pytest.raises(WsssError, match="got mode RGB .*wsss import folder"):
+        read_mask(tmp_path / "rgb.png")
+    off = colours[mask].copy()
+    off[1, 2] = (1, 2, 3)
+    Image.fromarray(off).save(tmp_path / "off.png")
+    with pytest.raises(WsssError, match=r"off.png: RGB mask pixel \(x=2, y=1\) has colour \(1, 2, 3\)"):
+        read_mask(tmp_path / "off.png", convert_rgb=True)
 
 
 def test_mask_table_round_trip(tmp_path: Path) -> None:
@@ -190,6 +229,12 @@ BAD_SETS: list[tuple[str, Callable[[Path], None], bool, list[str]]] = [
         lambda r: edit_rows(r, _set_cell("labels", 3, np.array([1, 2, 0], dtype=np.int8))),
         False,
         ["row 3 (id 'train_00003'): labels must be 0/1"],
+    ),
+    (
+        "unlabelled training image",
+        lambda r: edit_rows(r, _set_cell("labels", 3, np.zeros(3, dtype=np.int8))),
+        False,
+        ["row 3 (id 'train_00003'): no labels, but split 'train' trains on image labels"],
     ),
     (
         "absolute path",

@@ -210,7 +210,9 @@ def import_voc(root: Path, out: Path, aug: Path | None = None) -> dict[str, Any]
         return builder.finish(lists)
 
 
-def _coco_mask(annotations: list[dict], height: int, width: int, category_index: dict[int, int], name: str):
+def _coco_mask(
+    annotations: list[dict], height: int, width: int, category_index: dict[int, int], name: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Renders one image's instance annotations: class k+1 per instance, crowd regions 255 underneath.
 
     Instances are painted largest first so small objects stay visible where they overlap.

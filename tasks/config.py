@@ -112,6 +112,13 @@ class EvaluateParams:
 
 
 @dataclass
+class TrainerParams:
+    """How the training stages run: ``nproc > 1`` launches them under torchrun (DDP, one process per GPU)."""
+
+    nproc: int = 1
+
+
+@dataclass
 class Params:
     """All parameters; one dataclass section per stage."""
 
@@ -124,6 +131,7 @@ class Params:
     pseudo_masks: PseudoMaskParams = field(default_factory=PseudoMaskParams)
     segmenter: SegmenterParams = field(default_factory=SegmenterParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    trainer: TrainerParams = field(default_factory=TrainerParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,6 +167,7 @@ _POSITIVE = {
     "segmenter.batch_size",
     "segmenter.lr",
     "segmenter.decoder_channels",
+    "trainer.nproc",
 }
 
 

@@ -227,6 +227,12 @@ def _validate(params: Params) -> None:
         raise ConfigError("pseudo_masks.bg_threshold must not exceed pseudo_masks.fg_threshold")
     if params.embedded.min_object_size > params.embedded.max_object_size:
         raise ConfigError("embedded.min_object_size must not exceed embedded.max_object_size")
+    for section in ("classifier", "segmenter"):  # batch_size is the global batch, split evenly over processes
+        batch_size = getattr(params, section).batch_size
+        if batch_size % params.trainer.nproc:
+            raise ConfigError(
+                f"{section}.batch_size {batch_size} is not divisible by trainer.nproc {params.trainer.nproc}"
+            )
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -193,7 +193,7 @@ def train_classifier(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, first_epoch, seconds_before = state["history"], state["epoch"], state["train_seconds"]
-    network = data_parallel(model, device, world, find_unused=model.gated)
+    network = data_parallel(model, device, world, find_unused=bool(model.gate_modules()))
 
     start = time.perf_counter()
     for epoch in range(first_epoch, params.epochs):

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tasks import train_classifier, train_segmenter
-from tasks.config import Params
+from tasks.config import ConfigError, Params, load_params
 from tasks.ingest import ingest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +95,9 @@ def test_two_process_segmenter_matches_one_process(cpu_params: Params, tmp_path:
     params = dataclasses.replace(cpu_params, segmenter=dataclasses.replace(cpu_params.segmenter, out=str(parallel)))
     _run_two_processes(params, tmp_path, "train-segmenter", "--masks", "gt")
     _assert_same_training(single, Path(str(parallel) + "_gt"), cpu_params.segmenter.lr, steps=6)
+
+
+def test_global_batch_must_split_evenly_over_processes():
+    with pytest.raises(ConfigError, match="segmenter.batch_size 30 is not divisible by trainer.nproc 4"):
+        load_params(None, ["trainer.nproc=4", "classifier.batch_size=32", "segmenter.batch_size=30"])
+    assert load_params(None, ["trainer.nproc=4"]).trainer.nproc == 4

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,11 +57,15 @@ def _assert_same_training(single: Path, parallel: Path, lr: float, steps: int) -
     assert float(diffs.max()) < 2 * lr * steps
 
 
-def _run_two_processes(params: Params, tmp_path: Path, *argv: str) -> str:
+def _two_process_command(params: Params, tmp_path: Path, *argv: str) -> tuple[list[str], dict[str, str]]:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "tasks.cli", *argv, "--params", str(path), "-S", "trainer.nproc=2"]
+    return [sys.executable, "-m", "tasks.cli", *argv, "--params", str(path), "-S", "trainer.nproc=2"], env
+
+
+def _run_two_processes(params: Params, tmp_path: Path, *argv: str) -> str:
+    command, env = _two_process_command(params, tmp_path, *argv)
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data parallel: 2 processes (gloo), cpu" in result.stdout
@@ -101,3 +107,43 @@ def test_global_batch_must_split_evenly_over_processes():
     with pytest.raises(ConfigError, match="segmenter.batch_size 30 is not divisible by trainer.nproc 4"):
         load_params(None, ["trainer.nproc=4", "classifier.batch_size=32", "segmenter.batch_size=30"])
     assert load_params(None, ["trainer.nproc=4"]).trainer.nproc == 4
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), parents first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    tree = [pid]
+    for parent in tree:
+        tree.extend(child for child, of in parents.items() if of == parent)
+    return tree
+
+
+@pytest.mark.skipif(os.environ.get("WSSS_SLOW") != "1", reason="slow (two torchrun starts): set WSSS_SLOW=1")
+def test_killed_two_process_run_resumes(cpu_params: Params, tmp_path: Path):
+    # kill -9 torchrun and its workers once epoch 1 is checkpointed, rerun: the result of one
+    # uninterrupted process.
+    params = dataclasses.replace(cpu_params, classifier=dataclasses.replace(cpu_params.classifier, epochs=6))
+    single = Path(params.classifier.out)
+    train_classifier.main(params)
+    parallel = tmp_path / "classifier_ddp"
+    params.classifier = dataclasses.replace(params.classifier, out=str(parallel))
+    command, env = _two_process_command(params, tmp_path, "train-classifier")
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and not (parallel / "history.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for pid in _process_tree(process.pid):  # torchrun starts each worker in a session of its own
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (parallel / "model.pt").exists()
+    epoch = torch.load(parallel / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= epoch < 6
+
+    stdout = _run_two_processes(params, tmp_path, "train-classifier")
+    assert f"resuming after epoch {epoch}" in stdout
+    _assert_same_training(single, parallel, params.classifier.lr, steps=18)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
+from timm.layers import BatchNormAct2d
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from tasks import train_classifier, train_segmenter
 from tasks.config import ConfigError, Params, load_params
+from tasks.distributed import CrossRankBatchNorm, World, shard_loader
+from tasks.errors import WsssError
 from tasks.ingest import ingest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +154,59 @@ def test_killed_two_process_run_resumes(cpu_params: Params, tmp_path: Path):
     stdout = _run_two_processes(params, tmp_path, "train-classifier")
     assert f"resuming after epoch {epoch}" in stdout
     _assert_same_training(single, parallel, params.classifier.lr, steps=18)
+
+
+def test_ranks_share_each_global_batch_in_local_rows_order():
+    dataset = TensorDataset(torch.arange(50))
+    single = shard_loader(dataset, 8, seed=3, world=World())
+    ranks = [shard_loader(dataset, 8, seed=3, world=World(rank, 2)) for rank in range(2)]
+    for loader in (single, *ranks):
+        loader.sampler.set_epoch(5)
+    assert len(single) == len(ranks[0]) == 6  # 50 // 8, the tail is dropped
+    for (batch,), *shares in zip(single, *ranks, strict=True):
+        for rank, (share,) in enumerate(shares):
+            assert share.tolist() == World(rank, 2).local_rows(batch).tolist()
+    with pytest.raises(WsssError, match="not divisible"):
+        shard_loader(dataset, 9, seed=0, world=World(0, 2))
+    with pytest.raises(WsssError, match="need more than batch_size 64"):
+        shard_loader(dataset, 64, seed=0, world=World(0, 2))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_cross_rank_batch_norm_equals_batch_norm_on_one_rank(tmp_path: Path, momentum: float | None):
+    # One gloo rank: the all-reduced statistics are the local ones, so forward, input and parameter
+    # gradients and the running statistics must equal torch's BatchNorm (timm's BatchNormAct2d here).
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        reference = BatchNormAct2d(5, momentum=momentum, act_layer=nn.ReLU)
+        with torch.no_grad():
+            reference.weight.uniform_(0.5, 1.5), reference.bias.uniform_(-0.5, 0.5)
+        converted = CrossRankBatchNorm(BatchNormAct2d(5, momentum=momentum, act_layer=nn.ReLU))
+        converted.load_state_dict(reference.state_dict())
+        for step in range(3):
+            x = (torch.randn(4, 5, 6, 6) * 3 + step).requires_grad_()
+            x_copy = x.detach().clone().requires_grad_()
+            out, expected = converted(x_copy), reference(x)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            (expected * torch.arange(out.numel()).view_as(out)).sum().backward()
+            (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+            torch.testing.assert_close(x_copy.grad, x.grad, rtol=1e-4, atol=1e-4)
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(converted.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(converted.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-3)
+        converted.eval(), reference.eval()
+        x = torch.randn(2, 5, 6, 6)
+        torch.testing.assert_close(converted(x), reference(x), rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(os.environ.get("WSSS_SLOW") != "1", reason="slow (a torchrun start): set WSSS_SLOW=1")
+def test_worker_error_ends_the_launching_command(cpu_params: Params, tmp_path: Path):
+    params = dataclasses.replace(cpu_params, classifier=dataclasses.replace(cpu_params.classifier, batch_size=64))
+    command, env = _two_process_command(params, tmp_path, "train-classifier")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "wsss train-classifier: error: 48 training images: need more than batch_size 64" in result.stderr
+    assert re.search(r"wsss train-classifier: error: torchrun worker rank \d failed with exit code 1", result.stderr)
+    assert not Path(params.classifier.out, "model.pt").exists()

@@ -340,22 +340,35 @@ class TokenMaskingViT(nn.Module):
             x = blk(x, attn_mask=mask)
         return self.norm(x)
 
-    def mask_class_tokens(self, class_tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Zeroes each absent class's [CLS] output with probability ``mask_ratio``; label tokens never."""
-        drop = (torch.rand(labels.shape, device=labels.device) < self.mask_ratio) & (labels <= 0)
+    def mask_class_tokens(
+        self, class_tokens: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Zeroes each absent class's [CLS] output with probability ``mask_ratio``; label tokens never.
+
+        ``noise``: optional uniform draws ``[B, C]`` deciding the masking (default: fresh ``torch.rand``).
+        Data-parallel training passes each rank its rows of one global draw, so the masking of an image
+        does not depend on how the batch is split across processes.
+        """
+        if noise is None:
+            noise = torch.rand(labels.shape, device=labels.device)
+        drop = (noise < self.mask_ratio) & (labels <= 0)
         return class_tokens * (~drop).unsqueeze(-1).to(class_tokens.dtype)
 
-    def forward_head(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_head(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Tokens -> class logits ``[B, C]``; masking applies in training when labels are given."""
         cls = x[:, : self.num_classes]
         if self.training and labels is not None and self.mask_ratio > 0:
-            cls = self.mask_class_tokens(cls, labels)
+            cls = self.mask_class_tokens(cls, labels, mask_noise)
         if self.head_type == "per_class":
             return (cls * self.head_weight).sum(-1) + self.head_bias
         return self.head(cls.flatten(1))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x), labels)
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x), labels, mask_noise)
 
     @torch.no_grad()
     def class_attention_maps(

@@ -112,6 +112,13 @@ class EvaluateParams:
 
 
 @dataclass
+class TrainerParams:
+    """How the training stages run: ``nproc > 1`` launches them under torchrun (DDP, one process per GPU)."""
+
+    nproc: int = 1
+
+
+@dataclass
 class Params:
     """All parameters; one dataclass section per stage."""
 
@@ -124,6 +131,7 @@ class Params:
     pseudo_masks: PseudoMaskParams = field(default_factory=PseudoMaskParams)
     segmenter: SegmenterParams = field(default_factory=SegmenterParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    trainer: TrainerParams = field(default_factory=TrainerParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,6 +167,7 @@ _POSITIVE = {
     "segmenter.batch_size",
     "segmenter.lr",
     "segmenter.decoder_channels",
+    "trainer.nproc",
 }
 
 
@@ -218,6 +227,12 @@ def _validate(params: Params) -> None:
         raise ConfigError("pseudo_masks.bg_threshold must not exceed pseudo_masks.fg_threshold")
     if params.embedded.min_object_size > params.embedded.max_object_size:
         raise ConfigError("embedded.min_object_size must not exceed embedded.max_object_size")
+    for section in ("classifier", "segmenter"):  # batch_size is the global batch, split evenly over processes
+        batch_size = getattr(params, section).batch_size
+        if batch_size % params.trainer.nproc:
+            raise ConfigError(
+                f"{section}.batch_size {batch_size} is not divisible by trainer.nproc {params.trainer.nproc}"
+            )
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

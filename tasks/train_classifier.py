@@ -10,18 +10,27 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import models  # noqa: F401  (registers the wsss_vit_* models with timm)
 from models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
+from tasks.checkpoint import fingerprint, load_resumable, save_checkpoint, tensor_digest
 from tasks.config import ClassifierParams, Params
 from tasks.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, normalize
+from tasks.distributed import (
+    World,
+    data_parallel,
+    global_batch_norm,
+    launch,
+    needs_launch,
+    process_group,
+    seed_step,
+    shard_loader,
+)
 from tasks.errors import WsssError
 from tasks.ingest import read_ingested
 from tasks.io import atomic_file, write_csv, write_json
 from tasks.metrics import f1_scores, mean_average_precision
-from tasks.runtime import setup_runtime
 
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -132,66 +141,101 @@ def gate_report(model: TokenMaskingViT) -> dict[str, Any]:
 
 
 def train_classifier(
-    dataset: DatasetIndex, params: ClassifierParams, out: Path, seed: int, device: torch.device
+    dataset: DatasetIndex,
+    params: ClassifierParams,
+    out: Path,
+    seed: int,
+    device: torch.device,
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Trains the classifier on the train split, scores the val split each epoch, writes ``out/``.
 
-    Writes ``checkpoint.pt`` every epoch, then ``model.pt``, ``history.csv``, ``gates.json`` and
-    ``metrics.json`` (each file atomically). Returns the final metrics.
+    Writes ``checkpoint.pt`` and ``history.csv`` every epoch, then ``model.pt``, ``gates.json`` and
+    ``metrics.json`` (each file atomically). Continues from ``checkpoint.pt`` when it holds an unfinished
+    run with the same params and data (tasks/checkpoint.py). With several ranks (``world``), every rank
+    trains on its share of each global batch and rank 0 alone evaluates and writes. Returns the final
+    metrics (on every rank).
     """
+    world = world or World()
     out = Path(out)
     train = load_split(dataset, "train", params.img_size, with_masks=False)
     val = load_split(dataset, "val", params.img_size, with_masks=False)
     if (train.labels.sum(dim=1) == 0).any():
         bad = train.ids[int((train.labels.sum(dim=1) == 0).nonzero()[0])]
         raise WsssError(f"{dataset.root}: train image {bad} has no labels (every training image needs ≥ 1)")
-    torch.manual_seed(seed)
-    model = build_classifier(params, dataset.num_classes, in_chans=train.images.shape[1]).to(device)
-    loader_gen = torch.Generator().manual_seed(seed)
-    augmented = AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed)
-    loader = DataLoader(
-        augmented,
-        batch_size=params.batch_size,
-        shuffle=True,
-        drop_last=len(train.ids) > params.batch_size,
-        generator=loader_gen,
+    in_chans = train.images.shape[1]
+    run_id = fingerprint(
+        params={k: v for k, v in vars(params).items() if k != "out"},
+        seed=seed,
+        classes=dataset.classes,
+        train_ids=train.ids,
+        train_labels=tensor_digest(train.labels),
+        in_chans=in_chans,
     )
+    torch.manual_seed(seed)
+    model = build_classifier(params, dataset.num_classes, in_chans=in_chans)
+    if world.distributed:
+        model = global_batch_norm(model, device)
+    model.to(device)
+    augmented = AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed)
+    loader = shard_loader(augmented, params.batch_size, seed, world)
     optimizer = torch.optim.AdamW(_param_groups(model, params))
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    total_steps = params.epochs * len(loader)
-    warmup_steps = max(1, int(params.warmup_epochs * len(loader)))
+    steps_per_epoch = len(loader)
+    total_steps = params.epochs * steps_per_epoch
+    warmup_steps = max(1, int(params.warmup_epochs * steps_per_epoch))
     gate_start_step = int(params.gate_start * total_steps)
 
     history: list[dict[str, Any]] = []
-    step = 0
+    first_epoch, seconds_before = 0, 0.0
+    state = load_resumable(out / CHECKPOINT_FILE, run_id, announce=world.is_main)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, first_epoch, seconds_before = state["history"], state["epoch"], state["train_seconds"]
+    network = data_parallel(model, device, world, find_unused=bool(model.gate_modules()))
+
     start = time.perf_counter()
-    for epoch in range(params.epochs):
+    for epoch in range(first_epoch, params.epochs):
         model.train()
         augmented.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
-        sums = {"loss": 0.0, "bce": 0.0, "penalty": 0.0}
-        bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=2.0)
-        for images, labels, _ in bar:
+        sums = torch.zeros(3, device=device)  # loss, bce, penalty of this rank's share
+        bar = tqdm(
+            loader,
+            desc=f"classifier epoch {epoch + 1}/{params.epochs}",
+            leave=False,
+            mininterval=2.0,
+            disable=not world.is_main,
+        )
+        for batch_index, (images, labels, _) in enumerate(bar):
+            step = epoch * steps_per_epoch + batch_index
+            # Masking and gate samples come from (seed, step): equal on every rank and after a resume.
+            seed_step(seed, step)
+            mask_noise = world.local_rows(torch.rand(len(labels) * world.size, labels.shape[1]))
             model.set_gates_active(step >= gate_start_step)
             factor = _lr_factor(step, total_steps, warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 # Gates are trained at a constant lr once pruning starts: the cosine tail would freeze them.
                 group["lr"] = base if group.get("is_gate") else base * factor
             images, labels = images.to(device), labels.to(device)
-            bce = F.binary_cross_entropy_with_logits(model(images, labels), labels)
+            logits = network(images, labels, mask_noise=mask_noise.to(device))
+            bce = F.binary_cross_entropy_with_logits(logits, labels)
             penalty = model.gate_penalty(params.gate_penalty)
             loss = bce + params.gate_lambda * penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
-            sums["loss"] += loss.item()
-            sums["bce"] += bce.item()
-            sums["penalty"] += penalty.item()
+            sums += torch.stack([loss.detach(), bce.detach(), penalty.detach()])
+        # Each rank's mean is over an equal share of the global batch: the global mean is their mean.
+        means = (world.sum(sums) / (world.size * steps_per_epoch)).tolist()
+        if not world.is_main:
+            continue
         metrics = classification_metrics(predict_probabilities(model, val, device), val.labels)
         row = {
             "epoch": epoch + 1,
-            **{k: v / len(loader) for k, v in sums.items()},
+            **dict(zip(("loss", "bce", "penalty"), means, strict=True)),
             "val_map": metrics["map"],
             "val_f1_macro": metrics["f1_macro"],
             "closed_heads": model.num_closed_heads(),
@@ -203,24 +247,43 @@ def train_classifier(
             f"F1 {row['val_f1_macro']:.3f}  closed heads {row['closed_heads']}/{model.open_heads().numel()}  "
             f"{row['seconds']:.1f}s"
         )
-        with atomic_file(out / CHECKPOINT_FILE) as handle:
-            torch.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, handle)
+        state = {
+            "fingerprint": run_id,
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "history": history,
+            "train_seconds": seconds_before + time.perf_counter() - start,
+        }
+        save_checkpoint(out / CHECKPOINT_FILE, state)
+        write_csv(out / "history.csv", history)
 
+    result = None
+    if world.is_main:
+        result = _write_outputs(model, dataset, params, out, val, device, history, in_chans)
+        result["train_seconds"] = seconds_before + time.perf_counter() - start
+        write_json(out / "metrics.json", result)
+        # Marks the run finished: a later run with these params retrains rather than resuming it.
+        save_checkpoint(out / CHECKPOINT_FILE, {**state, "finished": True})
+    return world.broadcast(result)
+
+
+def _write_outputs(
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: ClassifierParams,
+    out: Path,
+    val: SplitData,
+    device: torch.device,
+    history: list[dict[str, Any]],
+    in_chans: int,
+) -> dict[str, Any]:
+    """Writes ``model.pt``, ``history.csv`` and ``gates.json``; returns the final metrics."""
     final = classification_metrics(predict_probabilities(model, val, device), val.labels)
     gates = gate_report(model)
-    result = {
-        "val_map": final["map"],
-        "val_f1_macro": final["f1_macro"],
-        "val_f1_micro": final["f1_micro"],
-        "closed_heads": gates["closed_heads"],
-        "closed_fraction": gates["closed_fraction"],
-        "closed_per_layer": gates["closed_per_layer"],
-        "map_layer": gates["map_layer"],
-        "train_seconds": time.perf_counter() - start,
-    }
     record = {
         "model_name": params.model,
-        "model_kwargs": _model_kwargs(params, dataset.num_classes, train.images.shape[1]),
+        "model_kwargs": _model_kwargs(params, dataset.num_classes, in_chans),
         "state_dict": model.state_dict(),
         "classes": dataset.classes,
         "params": vars(params),
@@ -229,18 +292,33 @@ def train_classifier(
         torch.save(record, handle)
     write_csv(out / "history.csv", history)
     write_json(out / "gates.json", gates)
-    write_json(out / "metrics.json", result)
-    return result
+    return {
+        "val_map": final["map"],
+        "val_f1_macro": final["f1_macro"],
+        "val_f1_micro": final["f1_micro"],
+        "closed_heads": gates["closed_heads"],
+        "closed_fraction": gates["closed_fraction"],
+        "closed_per_layer": gates["closed_per_layer"],
+        "map_layer": gates["map_layer"],
+    }
 
 
-def main(params: Params) -> dict[str, Any]:
-    """CLI entry: reads the ingested data set and trains with the ``classifier`` params section."""
-    device = setup_runtime(params.seed, params.num_threads, params.device)
-    dataset = read_ingested(Path(params.ingest.out))
-    result = train_classifier(dataset, params.classifier, Path(params.classifier.out), params.seed, device)
-    print(
-        f"classifier: val mAP {result['val_map']:.3f}  F1 {result['val_f1_macro']:.3f}  "
-        f"closed heads {result['closed_heads']} ({result['closed_fraction']:.0%}) per layer "
-        f"{result['closed_per_layer']}  maps from block {result['map_layer']}"
-    )
+def main(params: Params) -> dict[str, Any] | None:
+    """CLI entry: reads the ingested data set and trains with the ``classifier`` params section.
+
+    With ``trainer.nproc > 1`` outside torchrun it re-launches itself under torchrun and returns None
+    (rank 0 of the workers prints the result).
+    """
+    if needs_launch(params.trainer.nproc):
+        launch(["train-classifier"], params)
+        return None
+    with process_group(params) as (device, world):
+        dataset = read_ingested(Path(params.ingest.out))
+        result = train_classifier(dataset, params.classifier, Path(params.classifier.out), params.seed, device, world)
+    if world.is_main:
+        print(
+            f"classifier: val mAP {result['val_map']:.3f}  F1 {result['val_f1_macro']:.3f}  "
+            f"closed heads {result['closed_heads']} ({result['closed_fraction']:.0%}) per layer "
+            f"{result['closed_per_layer']}  maps from block {result['map_layer']}"
+        )
     return result

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.segmenter import Segmenter
+from tasks.checkpoint import fingerprint, load_resumable, save_checkpoint, tensor_digest
 from tasks.config import Params, SegmenterParams
 from tasks.datasets import (
     IGNORE_INDEX,
@@ -25,11 +25,20 @@ from tasks.datasets import (
     read_mask,
     read_mask_table,
 )
+from tasks.distributed import (
+    World,
+    data_parallel,
+    global_batch_norm,
+    launch,
+    needs_launch,
+    process_group,
+    seed_step,
+    shard_loader,
+)
 from tasks.errors import WsssError
 from tasks.ingest import read_ingested
 from tasks.io import atomic_file, write_csv
 from tasks.metrics import mean_iou
-from tasks.runtime import setup_runtime
 
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -120,21 +129,29 @@ def train_segmenter(
     out: Path,
     seed: int,
     device: torch.device | str,
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Trains on the train split, scores val mIoU against GT each epoch, writes ``out/``.
+
+    Continues from ``checkpoint.pt`` when it holds an unfinished run with the same params and training
+    masks (tasks/checkpoint.py). With several ranks every rank trains on its share of each global batch
+    (BatchNorm over the global batch) and rank 0 alone evaluates and writes.
 
     Args:
         dataset: the ingested data set.
         masks: original-size training masks ``{id: HxW}`` (the pseudo masks); None = the train split's GT
             masks (the fully supervised upper bound).
         params: the ``segmenter`` params section.
-        out: output folder; gets ``checkpoint.pt`` every epoch, then ``model.pt`` and ``history.csv``.
+        out: output folder; gets ``checkpoint.pt`` and ``history.csv`` every epoch, then ``model.pt``.
         seed: seeds the weights, the loader order and the augmentation.
         device: "cpu", "cuda" or a torch.device.
+        world: this process's rank among the training processes (default: the only one).
 
     Returns:
-        ``{"val_miou", "epochs", "seconds"}``.
+        ``{"val_miou", "epochs", "seconds"}`` (on every rank).
     """
+    world = world or World()
+    device = torch.device(device)
     out = Path(out)
     num_classes = dataset.num_classes + 1
     train = load_split(dataset, "train", params.img_size, with_masks=masks is None)
@@ -143,50 +160,75 @@ def train_segmenter(
     val = load_split(dataset, "val", params.img_size, with_masks=False)
     val_gt = _ground_truth(dataset, "val")
 
-    torch.manual_seed(seed)
     model_kwargs = {
         "encoder_name": params.encoder,
         "num_classes": num_classes,
         "decoder_channels": params.decoder_channels,
         "in_chans": train.images.shape[1],
     }
+    run_id = fingerprint(
+        params={k: v for k, v in dataclasses.asdict(params).items() if k != "out"},
+        seed=seed,
+        model_kwargs=model_kwargs,
+        train_ids=train.ids,
+        train_masks=tensor_digest(train.masks),
+    )
+    torch.manual_seed(seed)
     model = Segmenter(**model_kwargs)
     if params.pretrained:
         model.load_encoder_weights(params.pretrained)
+    if world.distributed:
+        model = global_batch_norm(model, device)
     model.to(device)
-    loader = DataLoader(
-        AugmentedSplit(train, train=True, seed=seed),
-        batch_size=params.batch_size,
-        shuffle=True,
-        drop_last=len(train) > params.batch_size,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=0,
-    )
+    augmented = AugmentedSplit(train, train=True, seed=seed)
+    loader = shard_loader(augmented, params.batch_size, seed, world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * len(loader))
 
     history: list[dict[str, Any]] = []
+    first_epoch, seconds_before = 0, 0.0
+    state = load_resumable(out / CHECKPOINT_FILE, run_id, announce=world.is_main)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, first_epoch, seconds_before = state["history"], state["epoch"], state["train_seconds"]
+    network = data_parallel(model, device, world)
+
     start = time.perf_counter()
-    for epoch in range(params.epochs):
+    for epoch in range(first_epoch, params.epochs):
         model.train()
-        loader.dataset.set_epoch(epoch)
+        augmented.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
-        total_loss = 0.0
-        bar = tqdm(loader, desc=f"segmenter epoch {epoch + 1}/{params.epochs}", leave=False, mininterval=2.0)
-        for images, _, targets in bar:
+        total_loss = torch.zeros((), device=device)
+        bar = tqdm(
+            loader,
+            desc=f"segmenter epoch {epoch + 1}/{params.epochs}",
+            leave=False,
+            mininterval=2.0,
+            disable=not world.is_main,
+        )
+        for batch_index, (images, _, targets) in enumerate(bar):
+            seed_step(seed, epoch * len(loader) + batch_index)  # any random layer draws alike on all ranks
             images, targets = images.to(device), targets.to(device)
-            # Sum / valid pixels instead of the mean: a batch that is all "ignore" gives 0, not NaN.
-            valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
-            loss = F.cross_entropy(model(images), targets, ignore_index=IGNORE_INDEX, reduction="sum") / valid
+            # Sum / valid pixels of the global batch instead of the mean: a batch that is all "ignore"
+            # gives 0, not NaN, and ranks with more ignored pixels do not weigh more.
+            valid = world.sum((targets != IGNORE_INDEX).sum()).clamp(min=1)
+            loss = F.cross_entropy(network(images), targets, ignore_index=IGNORE_INDEX, reduction="sum") / valid
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over ranks; this rank's share of the global loss is summed instead.
+            (loss * world.size).backward()
             optimizer.step()
             scheduler.step()
-            total_loss += loss.item()
+            total_loss += loss.detach()
+        mean_loss = float(world.sum(total_loss)) / len(loader)
+        if not world.is_main:
+            continue
         predictions = predict_images(model, val, device, params.batch_size)
         row = {
             "epoch": epoch + 1,
-            "loss": total_loss / len(loader),
+            "loss": mean_loss,
             "val_miou": mean_iou(((gt, predictions[i]) for i, gt in val_gt.items()), num_classes),
             "seconds": time.perf_counter() - epoch_start,
         }
@@ -194,37 +236,53 @@ def train_segmenter(
         tqdm.write(
             f"epoch {epoch + 1:>3}  loss {row['loss']:.4f}  val mIoU {row['val_miou']:.3f}  {row['seconds']:.1f}s"
         )
-        checkpoint = {
+        state = {
+            "fingerprint": run_id,
             "epoch": epoch + 1,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "params": dataclasses.asdict(params),
+            "history": history,
+            "train_seconds": seconds_before + time.perf_counter() - start,
         }
-        with atomic_file(out / CHECKPOINT_FILE) as handle:
-            torch.save(checkpoint, handle)
+        save_checkpoint(out / CHECKPOINT_FILE, state)
         write_csv(out / HISTORY_FILE, history)
 
-    record = {
-        "model_kwargs": model_kwargs,
-        "state_dict": model.state_dict(),
-        "classes": dataset.classes,
-        "img_size": params.img_size,
-    }
-    with atomic_file(out / MODEL_FILE) as handle:
-        torch.save(record, handle)
-    seconds = time.perf_counter() - start
-    return {"val_miou": history[-1]["val_miou"], "epochs": params.epochs, "seconds": seconds}
+    result = None
+    if world.is_main:
+        record = {
+            "model_kwargs": model_kwargs,
+            "state_dict": model.state_dict(),
+            "classes": dataset.classes,
+            "img_size": params.img_size,
+        }
+        with atomic_file(out / MODEL_FILE) as handle:
+            torch.save(record, handle)
+        write_csv(out / HISTORY_FILE, history)
+        # Marks the run finished: a later run with these params retrains rather than resuming it.
+        save_checkpoint(out / CHECKPOINT_FILE, {**state, "finished": True})
+        seconds = seconds_before + time.perf_counter() - start
+        result = {"val_miou": history[-1]["val_miou"], "epochs": params.epochs, "seconds": seconds}
+    return world.broadcast(result)
 
 
-def main(params: Params, mask_source: str = "pseudo") -> dict[str, Any]:
-    """CLI entry: trains on the pseudo masks (``mask_source="pseudo"``) or on the train GT (``"gt"``)."""
+def main(params: Params, mask_source: str = "pseudo") -> dict[str, Any] | None:
+    """CLI entry: trains on the pseudo masks (``mask_source="pseudo"``) or on the train GT (``"gt"``).
+
+    With ``trainer.nproc > 1`` outside torchrun it re-launches itself under torchrun and returns None
+    (rank 0 of the workers prints the result).
+    """
     if mask_source not in MASK_SOURCES:
         raise WsssError(f"mask source {mask_source!r} is not one of {', '.join(MASK_SOURCES)}")
-    device = setup_runtime(params.seed, params.num_threads, params.device)
-    dataset = read_ingested(Path(params.ingest.out))
-    masks = read_mask_table(pseudo_mask_path(params)) if mask_source == "pseudo" else None
-    out = segmenter_dir(params, mask_source)
-    result = train_segmenter(dataset, masks, params.segmenter, out, params.seed, device)
-    print(f"segmenter ({mask_source} masks): val mIoU {result['val_miou']:.3f} in {result['seconds']:.0f}s")
+    if needs_launch(params.trainer.nproc):
+        launch(["train-segmenter", "--masks", mask_source], params)
+        return None
+    with process_group(params) as (device, world):
+        dataset = read_ingested(Path(params.ingest.out))
+        masks = read_mask_table(pseudo_mask_path(params)) if mask_source == "pseudo" else None
+        out = segmenter_dir(params, mask_source)
+        result = train_segmenter(dataset, masks, params.segmenter, out, params.seed, device, world)
+    if world.is_main:
+        print(f"segmenter ({mask_source} masks): val mIoU {result['val_miou']:.3f} in {result['seconds']:.0f}s")
     return result

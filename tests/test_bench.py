@@ -1,7 +1,12 @@
+import copy
 import json
 
-from benchmarks.bench import TARGETS
+import numpy as np
+import torch
+
+from benchmarks.bench import TARGETS, fast_pseudo_masks, naive_pseudo_masks, recorded_attention_maps
 from tasks.cli import main
+from tests.test_token_masking_vit import close_heads, tiny_model
 
 
 def test_bench_smoke_writes_json_and_table(tmp_path, capsys):
@@ -13,7 +18,23 @@ def test_bench_smoke_writes_json_and_table(tmp_path, capsys):
     assert set(TARGETS) <= set(record)
     assert all(record[key] > 0 for key in TARGETS)
     assert record["p4_params_pruned"] < record["p4_params_gated"]
+    assert record["p2_mask_agreement"] >= 0.999
     assert {"median_s", "min_s", "peak_mem_mib"} <= set(record["timings"]["p1_timm_train"])
     table = (tmp_path / "bench.md").read_text()
     assert all(f"`{key}`" in table for key in TARGETS)
     assert "p1_train_step_ratio" in capsys.readouterr().out
+
+
+def test_p2_paths_give_the_same_maps_and_masks():
+    model = tiny_model().eval()
+    close_heads(model, 3, [0, 2])
+    images = torch.randn(3, 3, 32, 32)
+    maps, logits = model.class_attention_maps(images)
+    recorded_maps, recorded_logits = recorded_attention_maps(model, images)
+    assert torch.allclose(recorded_maps, maps, atol=1e-6)
+    assert torch.allclose(recorded_logits, logits, atol=1e-5)
+    present = torch.tensor([[0, 2], [1, 0], [2, 1]])
+    pruned = copy.deepcopy(model).prune_heads()
+    fast, naive = fast_pseudo_masks(pruned, images, present), naive_pseudo_masks(model, images, present)
+    assert all(np.array_equal(a, b) for a, b in zip(fast, naive, strict=True))
+    assert {int(v) for mask in fast for v in np.unique(mask)} > {0}

@@ -105,7 +105,7 @@ def _s3(params: Params, args: argparse.Namespace) -> None:
         )
     elif args.action == "check":
         storage.check_store(store)
-        print(f"{store.where}: reachable, credentials accepted, bucket present")
+        print(f"{store.where}: reachable, credentials accepted; {storage.summarize(store)}")
     else:
         print(storage.dvc_transfer(store, args.action, jobs=args.jobs, targets=args.targets))
 

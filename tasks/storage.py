@@ -201,6 +201,24 @@ def check_store(store: S3Store, create_bucket: bool = False) -> bool:
     return True
 
 
+def summarize(store: S3Store) -> str:
+    """Objects and bytes under the DVC and the MLflow prefix, e.g. ``dvc: 812 objects, 41.3 MB; ...``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    paginator = s3_client(store).get_paginator("list_objects_v2")
+    parts = []
+    for part in ("dvc", "mlflow"):
+        count = size = 0
+        try:
+            for page in paginator.paginate(Bucket=store.bucket, Prefix=f"{store.prefix}/{part}/"):
+                for item in page.get("Contents", []):
+                    count, size = count + 1, size + item["Size"]
+        except (BotoCoreError, ClientError) as err:
+            raise StorageError(explain(err, store)) from None
+        parts.append(f"{part}: {count} objects, {size / 1e6:.1f} MB")
+    return "; ".join(parts)
+
+
 def _dvc(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, check=False

@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import Params
+from tasks.errors import WsssError
 from tasks.pseudo_masks import MaskRule, ShardResult
 
 FLOW_NAME = "pseudo-masks-sharded"
@@ -116,5 +117,14 @@ def task_runner(params: Params):
 
 
 def run_sharded(params: Params) -> dict[str, Any]:
-    """Runs the flow with the Dask task runner of ``params``; see :func:`sharded_pseudo_masks`."""
-    return sharded_pseudo_masks.with_options(task_runner=task_runner(params))(params)
+    """Runs the flow with the Dask task runner of ``params``; see :func:`sharded_pseudo_masks`.
+
+    Raises:
+        WsssError: the scheduler at ``dask.scheduler`` cannot be reached.
+    """
+    try:
+        return sharded_pseudo_masks.with_options(task_runner=task_runner(params))(params)
+    except OSError as err:
+        if not params.dask.scheduler:
+            raise
+        raise WsssError(f"dask.scheduler {params.dask.scheduler}: {err}") from None

@@ -18,6 +18,7 @@ needs the wsss package installed and the repo's files at the same paths (a share
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,12 @@ def run_sharded(params: Params) -> dict[str, Any]:
     Raises:
         WsssError: the scheduler at ``dask.scheduler`` cannot be reached.
     """
+    runner = task_runner(params)
+    # distributed (imported by now: its import sets the level) logs every worker and client (dis)connection
+    # at INFO: noise in the stage's log.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     try:
-        return sharded_pseudo_masks.with_options(task_runner=task_runner(params))(params)
+        return sharded_pseudo_masks.with_options(task_runner=runner)(params)
     except OSError as err:
         if not params.dask.scheduler:
             raise

@@ -27,7 +27,9 @@ def test_shard_edges_fall_on_whole_batches_and_cover_the_split():
     assert shard_ranges(5, 3, 128) == [(0, 5)]
 
 
-def test_sharded_masks_equal_the_serial_ones_bit_for_bit(tiny_params: Params, tmp_path: Path, prefect_server):
+def test_sharded_masks_equal_the_serial_ones_bit_for_bit_on_local_and_given_clusters(
+    tiny_params: Params, tmp_path: Path, prefect_server
+):
     from pipelines.pseudo_masks import run_sharded, torch_threads
     from tasks import pseudo_masks, train_classifier
     from tasks.ingest import ingest
@@ -53,3 +55,16 @@ def test_sharded_masks_equal_the_serial_ones_bit_for_bit(tiny_params: Params, tm
     assert serial_stats["images"] == 48 and serial_stats["thresholds_tuned"]
     for name in ("train.parquet", "stats.json"):
         assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes(), name
+
+    # A cluster the user already runs, reached through dask.scheduler.
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+        remote = dataclasses.replace(
+            sharded,
+            pseudo_masks=dataclasses.replace(settings, out=str(tmp_path / "remote")),
+            dask=DaskParams(shards=2, workers=2, scheduler=cluster.scheduler_address),
+        )
+        run_sharded(remote)
+    for name in ("train.parquet", "stats.json"):
+        assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes(), name

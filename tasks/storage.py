@@ -184,8 +184,8 @@ def check_store(store: S3Store, create_bucket: bool = False) -> bool:
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = s3_client(store)
     try:
+        client = s3_client(store)  # an unknown AWS_PROFILE fails here already
         client.list_objects_v2(Bucket=store.bucket, MaxKeys=1)
         return False
     except ClientError as err:
@@ -205,12 +205,12 @@ def summarize(store: S3Store) -> str:
     """Objects and bytes under the DVC and the MLflow prefix, e.g. ``dvc: 812 objects, 41.3 MB; ...``."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    paginator = s3_client(store).get_paginator("list_objects_v2")
     parts = []
     for part in ("dvc", "mlflow"):
         count = size = 0
         try:
-            for page in paginator.paginate(Bucket=store.bucket, Prefix=f"{store.prefix}/{part}/"):
+            pages = s3_client(store).get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=store.bucket, Prefix=f"{store.prefix}/{part}/"):
                 for item in page.get("Contents", []):
                     count, size = count + 1, size + item["Size"]
         except (BotoCoreError, ClientError) as err:

@@ -81,7 +81,7 @@ def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) ->
             raise WsssError(
                 f"MLflow experiment {name!r} keeps its artifacts at {experiment.artifact_location}, not in "
                 f"{store.mlflow_url}: use a tracking store for the S3 runs (MLFLOW_TRACKING_URI, e.g. "
-                "sqlite:///mlflow-s3.db as make run-s3 does)"
+                "sqlite:///.s3demo/mlflow.db as make run-s3 does)"
             )
         return experiment.experiment_id
     location = None

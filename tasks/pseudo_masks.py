@@ -15,6 +15,7 @@ Rule (the paper's, with an explicit background, see README):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ def _split_maps(
     """Loads the images at ``positions`` of ``params.split`` and computes their maps, in that order."""
     rows = dataset.split(params.split)
     picked = rows.iloc[positions]
-    subset = DatasetIndex(dataset.root, dataset.classes, picked)
+    subset = dataclasses.replace(dataset, manifest=picked)
     data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, with_masks=False)
     with _thread_count_invariant_kernels():
         maps, probs = attention_maps(model, data.images, device, params.batch_size)

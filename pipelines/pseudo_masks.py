@@ -3,7 +3,8 @@
 ``wsss pseudo-masks`` (the DVC stage) runs this flow when ``dask.shards`` > 1. The steps are the ones of
 the serial stage (tasks/pseudo_masks.py), which owns all the logic:
 
-1. task ``mask rule``: the thresholds (tuned on a training sample) and the map layer, once;
+1. task ``mask rule``: the thresholds (tuned on a training sample) and the map layer, once, in the flow's
+   own process with all ``num_threads`` threads: the workers have nothing to do until it is decided;
 2. one task ``shard k`` per run of images (:func:`tasks.pseudo_masks.shard_ranges`), all submitted to
    the Dask cluster at once (:func:`tasks.pseudo_masks.pseudo_mask_shard`);
 3. in the flow: :func:`tasks.pseudo_masks.gather` in split order and the same artifact as the serial path
@@ -38,13 +39,13 @@ def torch_threads(params: Params) -> int:
     return max(1, params.num_threads // params.dask.workers)
 
 
-def _load(params: Params):
-    """(device, model, data set) in this worker process, with its torch thread count set first."""
+def _load(params: Params, threads: int):
+    """(device, model, data set) in this process, with its torch thread count set first."""
     from tasks.ingest import read_ingested
     from tasks.runtime import setup_runtime
     from tasks.train_classifier import MODEL_FILE, load_classifier
 
-    device = setup_runtime(params.seed, torch_threads(params), params.device)
+    device = setup_runtime(params.seed, threads, params.device)
     dataset = read_ingested(Path(params.ingest.out))
     model, _ = load_classifier(Path(params.classifier.out) / MODEL_FILE, device)
     return device, model, dataset
@@ -55,7 +56,7 @@ def mask_rule(params: Params) -> MaskRule:
     """Thresholds (tuned on the training sample when asked) and the map layer: one step before the shards."""
     from tasks.pseudo_masks import decide_rule
 
-    device, model, dataset = _load(params)
+    device, model, dataset = _load(params, params.num_threads)
     return decide_rule(model, dataset, params.pseudo_masks, device)
 
 
@@ -65,7 +66,7 @@ def mask_shard(params: Params, rule: MaskRule, index: int, start: int, stop: int
     from tasks.pseudo_masks import pseudo_mask_shard
 
     began = time.perf_counter()
-    device, model, dataset = _load(params)
+    device, model, dataset = _load(params, torch_threads(params))
     result = pseudo_mask_shard(model, dataset, params.pseudo_masks, rule, start, stop, device)
     return result, time.perf_counter() - began
 
@@ -81,7 +82,7 @@ def sharded_pseudo_masks(params: Params) -> dict[str, Any]:
     num_images = len(read_ingested(Path(params.ingest.out)).split(settings.split))
     ranges = shard_ranges(num_images, params.dask.shards, settings.batch_size)
     began = time.perf_counter()
-    rule = mask_rule.submit(params).result()
+    rule = mask_rule(params)  # called, not submitted: runs here, before any shard
     rule_s = time.perf_counter() - began
     logger.info("mask rule in %.1f s: %s; %d shards of %s", rule_s, rule, len(ranges), settings.split)
     futures = [mask_shard.submit(params, rule, k, start, stop) for k, (start, stop) in enumerate(ranges)]

@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
 .PHONY: setup run stages data test lint format lock clean
-.PHONY: repro prefect-server prefect-worker prefect-deploy mlflow-ui
+.PHONY: repro prefect-server prefect-worker prefect-deploy mlflow-ui run-s3 s3-server
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,16 @@ data: setup
 # Optional: DATASET=data/voc (a data set root), OVERRIDES="classifier.epochs=5 segmenter.epochs=3".
 run: setup
 	scripts/run.sh
+
+# `make run` with a local SeaweedFS S3 server (weed mini, auth on, 127.0.0.1:$${S3_PORT:-8333}) as DVC remote and
+# MLflow artifact store: keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a random pair in .s3demo/credentials.
+run-s3: setup
+	scripts/run_s3.sh
+
+# The demo's S3 server in the foreground again (same data and keys), e.g. to browse MLflow artifacts.
+s3-server: setup
+	if test -f .s3demo/credentials; then set -a; . .s3demo/credentials; set +a; fi; \
+	$(BIN)/python -m tasks.seaweedfs --dir .s3demo/weed --port $${S3_PORT:-8333}
 
 # The plain DVC path: rebuilds what changed (no-op rerun in about a second), same stages as `make run`.
 repro: data

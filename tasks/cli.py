@@ -147,6 +147,43 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     bench.set_defaults(handler=_bench)
 
 
+def _s3(params: Params, args: argparse.Namespace) -> None:
+    from tasks import storage
+
+    store = storage.store_from_env()
+    if store is None:
+        raise WsssError(f"{storage.BUCKET_VAR} is not set: name the bucket (endpoint and keys: AWS_* variables)")
+    if args.action == "setup":
+        created = storage.check_store(store, create_bucket=True)
+        storage.configure_dvc_remote(store)
+        print(
+            f"{store.where}: {'created' if created else 'ready'}; DVC remote {storage.DVC_REMOTE} -> {store.dvc_url} "
+            f"(.dvc/config.local); MLflow artifacts -> {store.mlflow_url}"
+        )
+    elif args.action == "check":
+        storage.check_store(store)
+        print(f"{store.where}: reachable, credentials accepted; {storage.summarize(store)}")
+    else:
+        print(storage.dvc_transfer(store, args.action, jobs=args.jobs, targets=args.targets))
+
+
+def _add_s3(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss s3 setup|check|push|pull`` (tasks/storage.py): the S3 store named by the environment."""
+    s3 = sub.add_parser("s3", help="S3 store for DVC and MLflow (WSSS_S3_BUCKET, AWS_* variables)")
+    actions = s3.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (
+        ("setup", "create the bucket if missing, make it the DVC remote (.dvc/config.local)"),
+        ("check", "check endpoint, credentials and bucket"),
+        ("push", "dvc push to the bucket"),
+        ("pull", "dvc pull from the bucket"),
+    ):
+        action = actions.add_parser(name, parents=[common], help=text)
+        if name in ("push", "pull"):
+            action.add_argument("-j", "--jobs", type=_positive_int, help="parallel transfers (DVC's default if unset)")
+            action.add_argument("targets", nargs="*", help=".dvc files or stages (default: all)")
+        action.set_defaults(handler=_s3)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -178,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register(sub, common)
     _add_bench(sub, common)
     _add_predict(sub, common)
+    _add_s3(sub, common)
     return parser
 
 
@@ -185,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = args.command if args.command != "import" else f"import {args.source}"
+    if args.command == "s3":
+        command = f"s3 {args.action}"
     try:
         params = load_params(args.params, args.overrides)
         args.handler(params, args)

@@ -119,6 +119,20 @@ class TrainerParams:
 
 
 @dataclass
+class DaskParams:
+    """How ``wsss pseudo-masks`` runs, not what it computes: no DVC stage lists it (outputs are identical).
+
+    ``shards`` > 1 cuts the split into that many shards, one Prefect task each, on a Dask cluster: a local
+    one of ``workers`` processes, or the one at ``scheduler`` (e.g. ``tcp://10.0.0.5:8786``). Each task
+    uses ``num_threads // workers`` torch threads (at least 1), so the workers share the cores.
+    """
+
+    shards: int = 1
+    workers: int = 2
+    scheduler: str | None = None
+
+
+@dataclass
 class Params:
     """All parameters; one dataclass section per stage."""
 
@@ -132,6 +146,7 @@ class Params:
     segmenter: SegmenterParams = field(default_factory=SegmenterParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     trainer: TrainerParams = field(default_factory=TrainerParams)
+    dask: DaskParams = field(default_factory=DaskParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +183,8 @@ _POSITIVE = {
     "segmenter.lr",
     "segmenter.decoder_channels",
     "trainer.nproc",
+    "dask.shards",
+    "dask.workers",
 }
 
 

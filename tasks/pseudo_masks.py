@@ -14,7 +14,11 @@ Rule (the paper's, with an explicit background, see README):
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +30,10 @@ from tqdm import tqdm
 
 from models.token_masking_vit import TokenMaskingViT
 from tasks.config import Params, PseudoMaskParams
-from tasks.datasets import DatasetIndex, load_split, normalize, read_mask, write_mask_table
+from tasks.datasets import DatasetIndex, SplitData, load_split, normalize, read_mask, write_mask_table
 from tasks.ingest import read_ingested
 from tasks.io import write_json
-from tasks.metrics import ConfusionMatrix, mean_iou
+from tasks.metrics import ConfusionMatrix, mean_iou, scores_from_confusion
 from tasks.runtime import setup_runtime
 from tasks.train_classifier import MODEL_FILE, load_classifier
 
@@ -158,64 +162,186 @@ def tune_thresholds(
     return best
 
 
-def generate_pseudo_masks(
-    model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
-) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
-    """Pseudo masks (original image size) for every image of ``params.split`` plus statistics.
+@dataclass(frozen=True)
+class MaskRule:
+    """What every shard applies alike, decided once before the shards: thresholds and the map layer."""
 
-    The statistics score the masks against the split's ground truth where it exists: mIoU, the token-grid
-    ceiling and the attention class-specificity on multi-class images.
+    fg_threshold: float
+    bg_threshold: float
+    tuning_miou: float | None  # None: the thresholds are the params' own (not tuned)
+    map_layer: int
+
+
+@dataclass
+class ShardResult:
+    """One contiguous run of a split's images: their masks in split order and additive statistics."""
+
+    ids: list[str]
+    masks: list[np.ndarray]
+    grid: tuple[int, int]
+    pseudo_confusion: np.ndarray  # int64 [C+1, C+1] over the images with ground truth
+    ceiling_confusion: np.ndarray
+    specificity_shares: list[float]
+    area_shares: list[float]
+    scored_images: int  # images with ground truth
+
+
+@dataclass
+class _SplitMaps:
+    """Attention maps and what the rule needs of some images of a split (one shard, or the tuning sample)."""
+
+    data: SplitData
+    maps: torch.Tensor  # [N, C, h, w]
+    probs: torch.Tensor  # [N, C]
+    gt_paths: list[str | None]
+
+
+@contextlib.contextmanager
+def _thread_count_invariant_kernels() -> Iterator[None]:
+    """Turns torch's oneDNN CPU kernels off inside the block.
+
+    oneDNN's 1x1 convolution rounds differently with another thread count (measured: maps 4e-8 apart with 1
+    vs 2 threads on 8-image batches), so 1-thread shard workers would not reproduce the serial stage bit
+    for bit; the native kernels gave identical maps (and cost ~5 % here).
     """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def _split_maps(
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: PseudoMaskParams,
+    device: torch.device,
+    positions: slice | list[int],
+) -> _SplitMaps:
+    """Loads the images at ``positions`` of ``params.split`` and computes their maps, in that order."""
     rows = dataset.split(params.split)
-    data = load_split(dataset, params.split, model.grid_size[0] * model.patch_size, with_masks=False)
-    maps, probs = attention_maps(model, data.images, device, params.batch_size)
-    grid = tuple(maps.shape[-2:])
+    picked = rows.iloc[positions]
+    subset = dataclasses.replace(dataset, manifest=picked)
+    data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, with_masks=False)
+    with _thread_count_invariant_kernels():
+        maps, probs = attention_maps(model, data.images, device, params.batch_size)
+    gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
+    return _SplitMaps(data, maps, probs, gt_paths)
+
+
+def _image_maps(split_maps: _SplitMaps, i: int, has_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(normalised maps of the present classes at the image's own size, those classes, probabilities)."""
+    probs = split_maps.probs[i].numpy()
+    classes = present_classes(split_maps.data.labels[i].numpy() if has_labels else None, probs)
+    return normalized_maps(split_maps.maps[i, classes], split_maps.data.original_sizes[i]), classes, probs
+
+
+def decide_rule(
+    model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
+) -> MaskRule:
+    """The params' thresholds, or with ``tune_thresholds`` the ones grid-searched on the first
+    ``tune_images`` images of the split that have ground truth (a single step: it needs the whole sample)."""
+    rule = MaskRule(params.fg_threshold, params.bg_threshold, None, model.map_layer())
+    rows = dataset.split(params.split)
+    with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)]
+    if not params.tune_thresholds or not with_gt:
+        return rule
+    sample = _split_maps(model, dataset, params, device, with_gt[: params.tune_images])
     has_labels = params.split == "train"
-    gt_paths = rows["mask"].tolist()
+    samples = [
+        (*_image_maps(sample, i, has_labels), read_mask(dataset.root / path)) for i, path in enumerate(sample.gt_paths)
+    ]
+    fg, bg, tuned_miou = tune_thresholds(samples, dataset.num_classes)
+    return MaskRule(fg, bg, tuned_miou, rule.map_layer)
 
-    def sample(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        labels = data.labels[i].numpy() if has_labels else None
-        classes = present_classes(labels, probs[i].numpy())
-        size = data.original_sizes[i]
-        return normalized_maps(maps[i, classes], size), classes, probs[i].numpy()
 
-    fg, bg, tuned_miou = params.fg_threshold, params.bg_threshold, None
-    with_gt = [i for i, path in enumerate(gt_paths) if isinstance(path, str)]
-    if params.tune_thresholds and with_gt:
-        tune_ids = with_gt[: params.tune_images]
-        samples = [(*sample(i), read_mask(dataset.root / gt_paths[i])) for i in tune_ids]
-        fg, bg, tuned_miou = tune_thresholds(samples, dataset.num_classes)
+def shard_ranges(num_images: int, shards: int, batch_size: int) -> list[tuple[int, int]]:
+    """Cuts ``num_images`` into at most ``shards`` contiguous ``[start, stop)`` runs of whole batches.
 
+    Shard edges fall on multiples of ``batch_size``, so every model batch holds the same images as in the
+    serial run: the maps cannot differ by batch composition.
+    """
+    batches = -(-num_images // batch_size)
+    count = min(shards, batches)
+    edges = [min(num_images, round(k * batches / count) * batch_size) for k in range(count + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def pseudo_mask_shard(
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: PseudoMaskParams,
+    rule: MaskRule,
+    start: int,
+    stop: int,
+    device: torch.device,
+) -> ShardResult:
+    """Pseudo masks and their statistics for images ``[start, stop)`` of ``params.split`` under ``rule``.
+
+    A pure function of its inputs: the serial stage runs it once over the whole split, the sharded flow
+    once per shard, and :func:`gather` joins the results into the same artifact.
+    """
+    split_maps = _split_maps(model, dataset, params, device, slice(start, stop))
+    num_classes = dataset.num_classes
+    grid = tuple(split_maps.maps.shape[-2:])
+    has_labels = params.split == "train"
     masks = []
-    pseudo_cm, ceiling_cm = ConfusionMatrix(dataset.num_classes + 1), ConfusionMatrix(dataset.num_classes + 1)
+    pseudo_cm, ceiling_cm = ConfusionMatrix(num_classes + 1), ConfusionMatrix(num_classes + 1)
     shares, areas = [], []
-    for i in tqdm(range(len(data.ids)), desc="pseudo masks", leave=False, mininterval=2.0):
-        norm, classes, p = sample(i)
-        mask = merge_maps(norm, classes, p, fg, bg)
+    for i in tqdm(range(len(split_maps.data.ids)), desc="pseudo masks", leave=False, mininterval=2.0):
+        mask = merge_maps(*_image_maps(split_maps, i, has_labels), rule.fg_threshold, rule.bg_threshold)
         masks.append(mask)
-        if isinstance(gt_paths[i], str):
-            gt = read_mask(dataset.root / gt_paths[i])
-            pseudo_cm.update(gt, mask)
-            ceiling_cm.update(gt, grid_ceiling_mask(gt, grid, dataset.num_classes))
-            gt_classes = np.unique(gt[(gt != 0) & (gt != 255)]).astype(int) - 1
-            if len(gt_classes) >= 2:
-                raw = F.interpolate(maps[i, gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False)
-                s, a = class_specificity(raw[0].numpy(), gt, gt_classes)
-                shares += s
-                areas += a
+        gt_path = split_maps.gt_paths[i]
+        if gt_path is None:
+            continue
+        gt = read_mask(dataset.root / gt_path)
+        pseudo_cm.update(gt, mask)
+        ceiling_cm.update(gt, grid_ceiling_mask(gt, grid, num_classes))
+        gt_classes = np.unique(gt[(gt != 0) & (gt != 255)]).astype(int) - 1
+        if len(gt_classes) >= 2:
+            raw = F.interpolate(
+                split_maps.maps[i, gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False
+            )
+            s, a = class_specificity(raw[0].numpy(), gt, gt_classes)
+            shares += s
+            areas += a
+    scored = sum(path is not None for path in split_maps.gt_paths)
+    return ShardResult(
+        list(split_maps.data.ids), masks, grid, pseudo_cm.matrix, ceiling_cm.matrix, shares, areas, scored
+    )
 
+
+def gather(
+    shards: list[ShardResult], params: PseudoMaskParams, rule: MaskRule
+) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
+    """Joins shard results (in split order) into the stage's ids, masks and ``stats.json`` content.
+
+    Confusion matrices add exactly and the share lists concatenate in split order, so any sharding
+    gives the statistics of the serial run bit for bit.
+    """
+    if not shards:
+        raise ValueError("gather needs at least one shard")
+    grids = {shard.grid for shard in shards}
+    if len(grids) != 1:
+        raise ValueError(f"shards disagree on the token grid: {sorted(grids)}")
+    ids = [i for shard in shards for i in shard.ids]
+    masks = [m for shard in shards for m in shard.masks]
+    shares = [s for shard in shards for s in shard.specificity_shares]
+    areas = [a for shard in shards for a in shard.area_shares]
     stats: dict[str, Any] = {
         "split": params.split,
         "images": len(masks),
-        "grid": list(grid),
-        "map_layer": model.map_layer(),
-        "fg_threshold": fg,
-        "bg_threshold": bg,
-        "thresholds_tuned": tuned_miou is not None,
-        "tuning_miou": tuned_miou,
+        "grid": list(shards[0].grid),
+        "map_layer": rule.map_layer,
+        "fg_threshold": rule.fg_threshold,
+        "bg_threshold": rule.bg_threshold,
+        "thresholds_tuned": rule.tuning_miou is not None,
+        "tuning_miou": rule.tuning_miou,
     }
-    if with_gt:
-        pseudo, ceiling = pseudo_cm.compute(), ceiling_cm.compute()
+    if sum(shard.scored_images for shard in shards):
+        pseudo = scores_from_confusion(sum(shard.pseudo_confusion for shard in shards))
+        ceiling = scores_from_confusion(sum(shard.ceiling_confusion for shard in shards))
         stats.update(
             miou=float(pseudo["miou"]),
             pixel_accuracy=float(pseudo["pixel_accuracy"]),
@@ -224,17 +350,26 @@ def generate_pseudo_masks(
             area_share=float(np.mean(areas)) if areas else None,
             multi_class_images_scored=len(shares),
         )
-    return list(data.ids), masks, stats
+    return ids, masks, stats
 
 
-def main(params: Params) -> dict[str, Any]:
-    """CLI entry: pseudo masks of ``pseudo_masks.split`` from the trained classifier."""
-    device = setup_runtime(params.seed, params.num_threads, params.device)
-    dataset = read_ingested(Path(params.ingest.out))
-    model, _ = load_classifier(Path(params.classifier.out) / MODEL_FILE, device)
-    ids, masks, stats = generate_pseudo_masks(model, dataset, params.pseudo_masks, device)
-    out = Path(params.pseudo_masks.out)
-    write_mask_table(out / f"{params.pseudo_masks.split}.parquet", ids, masks)
+def generate_pseudo_masks(
+    model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
+) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
+    """Pseudo masks (original image size) for every image of ``params.split`` plus statistics, serially.
+
+    The statistics score the masks against the split's ground truth where it exists: mIoU, the token-grid
+    ceiling and the attention class-specificity on multi-class images.
+    """
+    rule = decide_rule(model, dataset, params, device)
+    whole = pseudo_mask_shard(model, dataset, params, rule, 0, len(dataset.split(params.split)), device)
+    return gather([whole], params, rule)
+
+
+def write_pseudo_masks(params: PseudoMaskParams, ids: list[str], masks: list[np.ndarray], stats: dict) -> None:
+    """The stage's artifact: ``<out>/<split>.parquet`` (all masks in one table) and ``<out>/stats.json``."""
+    out = Path(params.out)
+    write_mask_table(out / f"{params.split}.parquet", ids, masks)
     write_json(out / "stats.json", stats)
     if "miou" in stats:
         print(
@@ -243,4 +378,21 @@ def main(params: Params) -> dict[str, Any]:
             f"(area share {stats['area_share'] or float('nan'):.3f})  thresholds fg {stats['fg_threshold']} "
             f"bg {stats['bg_threshold']}"
         )
+
+
+def main(params: Params) -> dict[str, Any]:
+    """CLI entry: pseudo masks of ``pseudo_masks.split`` from the trained classifier.
+
+    ``dask.shards`` > 1 runs the Prefect flow ``pseudo-masks-sharded`` (pipelines/pseudo_masks.py) on a
+    Dask cluster instead; it writes the same artifact bit for bit.
+    """
+    if params.dask.shards > 1:
+        from pipelines.pseudo_masks import run_sharded  # the flow imports this module: import it lazily
+
+        return run_sharded(params)["stats"]
+    device = setup_runtime(params.seed, params.num_threads, params.device)
+    dataset = read_ingested(Path(params.ingest.out))
+    model, _ = load_classifier(Path(params.classifier.out) / MODEL_FILE, device)
+    ids, masks, stats = generate_pseudo_masks(model, dataset, params.pseudo_masks, device)
+    write_pseudo_masks(params.pseudo_masks, ids, masks, stats)
     return stats

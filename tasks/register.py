@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import tracking
+from tasks import storage, tracking
 from tasks.config import Params, flatten
 from tasks.errors import WsssError
 from tasks.io import write_json
@@ -93,12 +93,23 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
     flat_params = flatten(params.to_dict())
 
     client = tracking.get_client(root)
+    store = storage.store_from_env()
+    if store is not None:
+        storage.check_store(store)  # fail before a run exists when the artifact store is not usable
     experiment_id = tracking.ensure_experiment(client, root)
     inputs_hash = tracking.files_hash([classifier_file, segmenter_file, metrics_file], extra=flat_params)
     record = _reuse(client, experiment_id, inputs_hash)
     if record is None:
         run = _Run(client, experiment_id, root, params, inputs_hash)
-        record = run.log(flat_params, metrics, score, classifier_file, segmenter_file)
+        try:
+            record = run.log(flat_params, metrics, score, classifier_file, segmenter_file)
+        except Exception as err:
+            # The store failed mid-run (the run is marked FAILED, nothing is registered as complete).
+            if store is None or not storage.is_store_failure(err):
+                raise
+            raise storage.StorageError(
+                f"MLflow artifacts to {store.mlflow_url}: {storage.explain(storage.root_cause(err), store)}"
+            ) from None
     record["tracking_uri"] = tracking.tracking_uri(root)
     if out is not None:
         write_json(out, record)

@@ -4,6 +4,11 @@ Store: ``MLFLOW_TRACKING_URI`` from the environment when set (a tracking server,
 takes); otherwise ``sqlite:///<repo>/mlflow.db`` with run artifacts in ``<repo>/mlruns`` (both
 gitignored). ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` shows it (``make mlflow-ui``).
 
+Artifacts on S3: with ``WSSS_S3_BUCKET`` set (see tasks/storage.py) the experiment is created with its
+artifact location at ``s3://<bucket>/<prefix>/mlflow/<experiment>``; runs and registered models then live in the bucket,
+the tracking store (sqlite or server) keeps the metadata. An existing experiment keeping its artifacts
+elsewhere is an error, not a silent local copy.
+
 Champion rule: a registered version of ``wsss-segmenter`` carries its validation mIoU as the version
 tag ``segmenter_miou`` (also a metric of its run); the alias ``champion`` moves to the new versions of
 both models only when the new mIoU is strictly greater than the current champion's.
@@ -46,6 +51,11 @@ def get_client(root: str | Path = "."):
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from tasks import storage
+
+    store = storage.store_from_env()
+    if store is not None:
+        storage.use_store_environment(store)  # MLflow's boto3 clients: endpoint and retries
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -53,14 +63,31 @@ def get_client(root: str | Path = "."):
 
 
 def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) -> str:
-    """Id of experiment ``name``; created on first use with artifacts in ``<root>/mlruns`` (local store)."""
+    """Id of experiment ``name``; created on first use with artifacts in the S3 store when one is set, else
+    in ``<root>/mlruns`` (local store) or where the tracking server puts them.
+
+    Raises:
+        WsssError: an S3 store is set but the existing experiment keeps its artifacts elsewhere.
+    """
     from mlflow.exceptions import MlflowException
 
+    from tasks import storage
+    from tasks.errors import WsssError
+
+    store = storage.store_from_env()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if store is not None and not experiment.artifact_location.startswith(store.mlflow_url):
+            raise WsssError(
+                f"MLflow experiment {name!r} keeps its artifacts at {experiment.artifact_location}, not in "
+                f"{store.mlflow_url}: use a tracking store for the S3 runs (MLFLOW_TRACKING_URI, e.g. "
+                "sqlite:///.s3demo/mlflow.db as make run-s3 does)"
+            )
         return experiment.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if store is not None:
+        location = f"{store.mlflow_url}/{name}"
+    elif not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (Path(root) / "mlruns").resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)

@@ -184,6 +184,57 @@ def _add_s3(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) ->
         action.set_defaults(handler=_s3)
 
 
+def _ablations(params: Params, args: argparse.Namespace) -> None:
+    from tasks import ablations
+
+    config = ablations.read_config(args.config)
+    cells = ablations.plan(config, args.params, args.root, args.scale, args.variant, args.seed, args.overrides)
+    if args.print_dvc:
+        print("\n".join(ablations.dvc_commands(cells)))
+        return
+    ablations.run_grid(cells)
+    if not args.no_report:
+        _write_report(config, cells[0].scale, args)
+
+
+def _report(params: Params, args: argparse.Namespace) -> None:
+    from tasks import ablations
+
+    config = ablations.read_config(args.config)
+    _write_report(config, args.scale or next(iter(config.scales)), args)
+
+
+def _write_report(config, scale: str, args: argparse.Namespace) -> None:
+    from tasks.report import write_report
+
+    summary = write_report(config, scale, args.root, args.out, args.grid_images, mlflow=not args.no_mlflow)
+    print((Path(args.out) / scale / "table.md").read_text(), end="")
+    print(f"report of {len(summary)} variants written to {Path(args.out) / scale}")
+
+
+def _add_ablations(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss ablations`` (tasks/ablations.py) and ``wsss report`` (tasks/report.py); not pipeline stages."""
+    from tasks.ablations import ABLATIONS_FILE, DEFAULT_ROOT, REPORT_ROOT
+
+    grid = argparse.ArgumentParser(add_help=False)
+    grid.add_argument("--config", default=str(ABLATIONS_FILE), help="the grid (default: ablations.yaml)")
+    grid.add_argument("--scale", help="run length of ablations.yaml (default: its first, `default`)")
+    grid.add_argument("--root", default=str(DEFAULT_ROOT), help="where the runs live")
+    grid.add_argument("--out", default=str(REPORT_ROOT), help="report folder (a subfolder per scale)")
+    grid.add_argument("--grid-images", type=int, default=6, help="rows of the qualitative grid (0: none)")
+    grid.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    abl = sub.add_parser(
+        "ablations", parents=[common, grid], help="run the ablation grid (ablations.yaml), then the report"
+    )
+    abl.add_argument("--variant", action="append", help="only this variant (repeatable; default: all)")
+    abl.add_argument("--seed", action="append", type=int, help="only this seed (repeatable; default: the grid's)")
+    abl.add_argument("--print-dvc", action="store_true", help="print the grid as queued `dvc exp run` commands")
+    abl.add_argument("--no-report", action="store_true", help="run the cells only")
+    abl.set_defaults(handler=_ablations)
+    rep = sub.add_parser("report", parents=[common, grid], help="ablation table, charts and grid from finished runs")
+    rep.set_defaults(handler=_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -216,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub, common)
     _add_predict(sub, common)
     _add_s3(sub, common)
+    _add_ablations(sub, common)
     return parser
 
 

@@ -109,11 +109,11 @@ def _write_confusion_csv(path: Path, matrix: np.ndarray, names: list[str]) -> No
             writer.writerows([[names[actual], names[predicted]]] * count)
 
 
-def _colorize(mask: np.ndarray) -> np.ndarray:
+def colorize(mask: np.ndarray) -> np.ndarray:
     return np.asarray(palette(), dtype=np.uint8).reshape(256, 3)[mask]
 
 
-def _grid(columns: dict[str, list[np.ndarray]]) -> Image.Image:
+def image_grid(columns: dict[str, list[np.ndarray]]) -> Image.Image:
     """One row per image, one titled column per source; cells upscaled x3 (nearest), padded with white."""
     titles = list(columns)
     upscale = np.ones((GRID_SCALE, GRID_SCALE, 1), np.uint8)
@@ -168,15 +168,15 @@ def _grid_image(
         if isinstance(row.mask, str):
             gt = read_mask(dataset.path(row.mask))
         columns["image"].append(image)
-        columns["ground truth"].append(_colorize(gt))
-        columns["pseudo mask"].append(_colorize(pseudo[row.id]))
+        columns["ground truth"].append(colorize(gt))
+        columns["pseudo mask"].append(colorize(pseudo[row.id]))
     if segmenter is not None:
         model, record = segmenter
         subset = DatasetIndex(dataset.root, dataset.classes, rows, dataset.bands)
         data = load_split(subset, split, record["img_size"], with_masks=False)
         predictions = predict_images(model, data, device, batch_size=num_images)
-        columns["segmenter"] = [_colorize(predictions[i]) for i in rows["id"]]
-    return _grid(columns)
+        columns["segmenter"] = [colorize(predictions[i]) for i in rows["id"]]
+    return image_grid(columns)
 
 
 def main(params: Params) -> dict[str, Any]:

@@ -72,6 +72,15 @@ def tiny_params(tmp_path: Path, tiny_dataset: Path) -> Params:
     )
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (sqlite) for the whole session; it needs 12-19 s to start here."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
 # --- Pipeline repos (tests/test_dvc.py, tests/test_pipeline.py): a temp copy of this repo that is its own
 # --- git + DVC repo, with the tiny data set as data/embedded and the tiny params in its params.yaml.
 

@@ -17,15 +17,6 @@ from pipelines.wsss import STAGES, wsss
 from tasks import tracking
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    """One temporary Prefect server (sqlite) for the module; it needs 12-19 s to start on this machine."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _logs(state) -> str:
     """Every log line of the flow run (its tasks' included) as stored by the Prefect server."""
     from prefect.client.orchestration import get_client

@@ -5,19 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import pytest
-
 from tasks.config import DaskParams, Params
 from tasks.pseudo_masks import shard_ranges
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    """One temporary Prefect server (sqlite) for the module; it needs 12-19 s to start on this machine."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def test_shard_edges_fall_on_whole_batches_and_cover_the_split():

@@ -1,0 +1,252 @@
+"""``wsss ablations``: the ablation grid of ``ablations.yaml`` run through the pipeline's own stage functions.
+
+Each cell (scale x variant x seed) is params.yaml plus the scale's and the variant's overrides plus
+``seed=<seed>``; it runs train-classifier, pseudo-masks and train-segmenter exactly as the DVC stages do,
+into ``<root>/<scale>/<variant>/seed<seed>/``, and writes one ``result.json`` row (the numbers the report
+tabulates). Classifiers are keyed by what decides them (classifier params, seed, data set), so variants
+that change only the pseudo-mask stage (``multiscale_flip``) reuse the one trained for ``full``. A cell
+whose ``result.json`` holds its fingerprint is not rerun; a killed cell resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.config import ConfigError, Params, load_params
+from tasks.errors import WsssError
+from tasks.io import write_json
+
+ABLATIONS_FILE = Path("ablations.yaml")
+DEFAULT_ROOT = Path("artifacts/ablations")
+REPORT_ROOT = Path("reports/ablations")
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """The grid: seeds, run lengths (``scales``) and variants, each a list of params overrides."""
+
+    seeds: list[int]
+    scales: dict[str, list[str]]
+    variants: dict[str, list[str]]
+    mask_ratio_sweep: list[str]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its resolved params and where it writes."""
+
+    scale: str
+    variant: str
+    seed: int
+    overrides: tuple[str, ...]  # scale + variant + seed, as given to load_params (no output paths)
+    params: Params
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.scale}/{self.variant}/seed{self.seed}"
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the cell's numbers: every param except output folders and how it runs."""
+        from tasks.checkpoint import fingerprint  # imports torch: not at `wsss --help` time
+
+        settings = self.params.to_dict()
+        for section in ("classifier", "pseudo_masks", "segmenter", "ingest"):
+            settings[section].pop("out")
+        for how in ("dask", "trainer", "num_threads", "evaluate", "embedded"):
+            settings.pop(how)
+        return fingerprint(**settings)
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of section.key=value strings, got {value!r}")
+    return list(value)
+
+
+def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
+    """Reads and checks ``ablations.yaml``.
+
+    Raises:
+        ConfigError: unreadable file or a malformed entry (the message names the file and key).
+    """
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ablation grid ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    unknown = sorted(set(tree) - {"seeds", "scales", "variants", "mask_ratio_sweep"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: mask_ratio_sweep, scales, seeds, variants)")
+    seeds = tree.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ConfigError(f"{path}: seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
+    sections = {}
+    for key in ("scales", "variants"):
+        entries = tree.get(key)
+        if not isinstance(entries, dict) or not entries:
+            raise ConfigError(f"{path}: {key}: expected a non-empty mapping of name -> overrides")
+        sections[key] = {str(name): _string_list(value, f"{path}: {key}.{name}") for name, value in entries.items()}
+    sweep = _string_list(tree.get("mask_ratio_sweep"), f"{path}: mask_ratio_sweep")
+    missing = [name for name in sweep if name not in sections["variants"]]
+    if missing:
+        raise ConfigError(f"{path}: mask_ratio_sweep names unknown variant {missing[0]!r}")
+    return AblationConfig(seeds, sections["scales"], sections["variants"], sweep)
+
+
+def _pick(requested: Sequence[str] | None, known: dict[str, Any], what: str) -> list[str]:
+    if not requested:
+        return list(known)
+    unknown = [name for name in requested if name not in known]
+    if unknown:
+        raise WsssError(f"unknown {what} {unknown[0]!r} (known: {', '.join(known)})")
+    return list(dict.fromkeys(requested))
+
+
+def classifier_dir(params: Params, root: Path, scale: str) -> Path:
+    """Where the classifier of ``params`` lives: keyed by its params, the seed and the data set."""
+    from tasks.checkpoint import fingerprint
+
+    settings = {k: v for k, v in dataclasses.asdict(params.classifier).items() if k != "out"}
+    key = fingerprint(classifier=settings, seed=params.seed, source=params.ingest.source, device=params.device)
+    return root / scale / "classifiers" / key[:16]
+
+
+def plan(
+    config: AblationConfig,
+    params_file: str | Path,
+    root: str | Path = DEFAULT_ROOT,
+    scale: str | None = None,
+    variants: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    base_overrides: Sequence[str] = (),
+) -> list[Cell]:
+    """The cells of one scale (default: the first) for the given variants and seeds (default: all).
+
+    Raises:
+        WsssError: an unknown scale or variant; ConfigError: an override that does not apply.
+    """
+    root = Path(root)
+    (scale,) = _pick([scale] if scale else [next(iter(config.scales))], config.scales, "scale")
+    cells = []
+    for variant in _pick(variants, config.variants, "variant"):
+        for seed in seeds if seeds else config.seeds:
+            overrides = (*base_overrides, *config.scales[scale], *config.variants[variant], f"seed={seed}")
+            try:
+                params = load_params(params_file, overrides)
+            except ConfigError as err:
+                raise ConfigError(f"ablation {scale}/{variant}: {err}") from None
+            run_dir = root / scale / variant / f"seed{seed}"
+            params = dataclasses.replace(
+                params,
+                ingest=dataclasses.replace(params.ingest, out=str(root / "dataset")),
+                pseudo_masks=dataclasses.replace(params.pseudo_masks, out=str(run_dir / "pseudo_masks")),
+                segmenter=dataclasses.replace(params.segmenter, out=str(run_dir / "segmenter")),
+            )
+            params.classifier = dataclasses.replace(params.classifier, out=str(classifier_dir(params, root, scale)))
+            cells.append(Cell(scale, variant, seed, overrides, params, run_dir))
+    return cells
+
+
+def prepare(cells: Sequence[Cell]) -> None:
+    """Ingests the data set once for all cells (and builds the embedded one when it is the source and missing)."""
+    from tasks.ingest import build_embedded_dataset, ingest
+
+    params = cells[0].params
+    source, out = Path(params.ingest.source), Path(params.ingest.out)
+    if source == Path(params.embedded.out) and not (source / "manifest.parquet").is_file():
+        build_embedded_dataset(params.embedded, source)
+    if not (out / "manifest.parquet").is_file():
+        ingest(source, out)
+
+
+def read_result(cell: Cell) -> dict[str, Any] | None:
+    """The cell's finished row, or None when it has not run with its current params."""
+    path = cell.run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return row if row.get("fingerprint") == cell.fingerprint else None
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """Runs (or resumes, or reuses) one cell and returns its result row (also written to ``result.json``)."""
+    from tasks import pseudo_masks, train_classifier, train_segmenter
+
+    done = read_result(cell)
+    if done is not None:
+        return done
+    params = cell.params
+    classifier_metrics = Path(params.classifier.out) / "metrics.json"
+    if not classifier_metrics.is_file():  # written last: its presence means a finished classifier
+        train_classifier.main(params)
+    classifier = json.loads(classifier_metrics.read_text())
+    stats = pseudo_masks.main(params)
+    segmenter = train_segmenter.main(params, mask_source="pseudo")
+    if segmenter is None or "miou" not in stats:
+        raise WsssError(f"ablation {cell.name}: needs trainer.nproc=1 and ground truth on {params.pseudo_masks.split}")
+    row = {
+        "scale": cell.scale,
+        "variant": cell.variant,
+        "seed": cell.seed,
+        "model": params.classifier.model,
+        "mask_ratio": params.classifier.mask_ratio,
+        "pseudo_miou": stats["miou"],
+        "pseudo_ceiling_miou": stats["ceiling_miou"],
+        "class_specificity": stats["class_specificity"],
+        "area_share": stats["area_share"],
+        "segmenter_miou": segmenter["val_miou"],
+        "val_map": classifier["val_map"],
+        "closed_heads": classifier["closed_heads"],
+        "closed_fraction": classifier["closed_fraction"],
+        "map_layer": stats["map_layer"],
+        "classifier_seconds": classifier["train_seconds"],
+        "segmenter_seconds": segmenter["seconds"],
+        "classifier_dir": params.classifier.out,
+        "overrides": list(cell.overrides),
+        "fingerprint": cell.fingerprint,
+    }
+    write_json(cell.run_dir / RESULT_FILE, row)
+    return row
+
+
+def run_grid(cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Runs the cells one after the other in this process (one training job at a time)."""
+    prepare(cells)
+    rows = []
+    for i, cell in enumerate(cells, 1):
+        log(f"ablation {i}/{len(cells)}: {cell.name}")
+        rows.append(run_cell(cell))
+        row = rows[-1]
+        log(
+            f"ablation {cell.name}: pseudo-mask mIoU {row['pseudo_miou']:.3f}  segmenter mIoU "
+            f"{row['segmenter_miou']:.3f}  val mAP {row['val_map']:.3f}"
+        )
+    return rows
+
+
+def dvc_commands(cells: Sequence[Cell]) -> list[str]:
+    """The grid as queued DVC experiments of the main pipeline (same overrides), then the queue's commands."""
+    lines = []
+    for cell in cells:
+        sets = " ".join(f"-S {shlex.quote(o)}" for o in cell.overrides)
+        lines.append(f"dvc exp run --queue -n {cell.variant}-{cell.scale}-s{cell.seed} {sets}")
+    lines += ["dvc queue start --jobs 1", "dvc exp show --only-changed --drop 'Created|State|Executor'"]
+    return lines

@@ -1,0 +1,257 @@
+"""``wsss report``: the ablation comparison from the grid's ``result.json`` rows (tasks/ablations.py).
+
+Writes to ``reports/ablations/<scale>/``: ``table.md`` / ``table.csv`` / ``table.parquet`` (per variant,
+mean ± std over seeds), ``runs.parquet`` (one row per run), ``bars.png`` (pseudo-mask and segmenter mIoU
+per variant), ``mask_ratio.csv`` + ``mask_ratio.png`` (the mask-ratio sweep) and ``grid.png`` (training
+images x variants' pseudo masks, then the per-class attention maps of ``full`` and ``no_masking`` side by
+side); logs all of it to the MLflow experiment ``wsss-ablations``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tasks.ablations import DEFAULT_ROOT, REPORT_ROOT, RESULT_FILE, AblationConfig
+from tasks.errors import WsssError
+from tasks.io import atomic_file
+
+EXPERIMENT = "wsss-ablations"
+# result column -> table heading
+METRICS = {
+    "pseudo_miou": "pseudo-mask mIoU (train)",
+    "segmenter_miou": "segmenter mIoU (val)",
+    "val_map": "val mAP",
+    "class_specificity": "class specificity",
+    "closed_heads": "closed heads",
+    "train_minutes": "training min",
+}
+MAP_VARIANTS = ("full", "no_masking")  # whose per-class attention maps the grid shows
+MAPS_PER_IMAGE = 2
+
+
+def collect(root: str | Path, scale: str) -> pd.DataFrame:
+    """Every finished run of ``scale`` under ``root``, one row each.
+
+    Raises:
+        WsssError: no finished run.
+    """
+    paths = sorted(Path(root, scale).glob(f"*/seed*/{RESULT_FILE}"))
+    if not paths:
+        raise WsssError(f"{Path(root, scale)}: no finished ablation runs (run `wsss ablations` first)")
+    runs = pd.DataFrame([json.loads(path.read_text()) for path in paths])
+    runs["train_minutes"] = (runs["classifier_seconds"] + runs["segmenter_seconds"]) / 60.0
+    return runs
+
+
+def summarize(runs: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
+    """Per variant: ``<metric>_mean`` and ``<metric>_std`` (over seeds, ddof 1; NaN for one seed) and ``seeds``."""
+    grouped = runs.groupby("variant", sort=False)
+    table = pd.DataFrame({"seeds": grouped["seed"].nunique()})
+    for column in METRICS:
+        values = pd.to_numeric(runs[column], errors="coerce").groupby(runs["variant"], sort=False)
+        table[f"{column}_mean"] = values.mean()
+        table[f"{column}_std"] = values.std(ddof=1)
+    ranked = [v for v in order if v in table.index] + [v for v in table.index if v not in order]
+    return table.loc[ranked].reset_index()
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """One row per variant, ``mean ± std`` cells (± omitted for one seed)."""
+
+    def cell(row: pd.Series, column: str) -> str:
+        mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+        if pd.isna(mean):
+            return "–"
+        digits = 1 if column in ("closed_heads", "train_minutes") else 3
+        return f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}")
+
+    lines = [
+        "| variant | seeds | " + " | ".join(METRICS.values()) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for _, row in summary.iterrows():
+        lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cell(row, c) for c in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path) as handle:
+        fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def bar_chart(summary: pd.DataFrame, path: Path) -> None:
+    """Pseudo-mask (train) and segmenter (val) mIoU per variant, std over seeds as error bars."""
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(summary))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(summary)), 3.6))
+    for offset, column in ((-0.2, "pseudo_miou"), (0.2, "segmenter_miou")):
+        ax.bar(
+            x + offset, summary[f"{column}_mean"], 0.4, yerr=summary[f"{column}_std"].fillna(0), capsize=3,
+            label=METRICS[column],
+        )  # fmt: skip
+    ax.set_xticks(x, summary["variant"], rotation=30, ha="right")
+    ax.set_ylabel("mIoU")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    _save_figure(fig, path)
+
+
+def mask_ratio_table(runs: pd.DataFrame, sweep: Sequence[str]) -> pd.DataFrame:
+    """Mean and std of both mIoUs per mask ratio over the sweep's variants."""
+    picked = runs[runs["variant"].isin(sweep)]
+    table = picked.groupby("mask_ratio")[["pseudo_miou", "segmenter_miou"]].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    return table.reset_index()
+
+
+def mask_ratio_curve(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for column in ("pseudo_miou", "segmenter_miou"):
+        ax.errorbar(
+            table["mask_ratio"], table[f"{column}_mean"], yerr=table[f"{column}_std"].fillna(0), marker="o",
+            capsize=3, label=METRICS[column],
+        )  # fmt: skip
+    ax.set_xlabel("mask ratio (P(zeroing an absent class's [CLS] output))")
+    ax.set_ylabel("mIoU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, path)
+
+
+def _heatmap(values: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> uint8 RGB (viridis)."""
+    from matplotlib import colormaps
+
+    return (colormaps["viridis"](values)[..., :3] * 255).astype(np.uint8)
+
+
+def qualitative_grid(
+    runs: pd.DataFrame, root: Path, num_images: int, device: torch.device, order: Sequence[str] = ()
+) -> Any:
+    """Training images with >= 2 classes: image, ground truth, every variant's pseudo mask (lowest seed), then
+    the attention maps of the image's first classes for ``full`` and ``no_masking`` (class named in the cell)."""
+    from PIL import Image, ImageDraw
+
+    from tasks.datasets import display_rgb, read_image, read_mask, read_mask_table, to_uint8
+    from tasks.evaluate import colorize, image_grid
+    from tasks.ingest import read_ingested
+    from tasks.pseudo_masks import attention_maps, normalized_maps
+    from tasks.train_classifier import MODEL_FILE, load_classifier
+
+    dataset = read_ingested(root / "dataset")
+    first = runs.sort_values("seed").groupby("variant", sort=False).head(1).set_index("variant")
+    first = first.loc[[v for v in order if v in first.index] + [v for v in first.index if v not in order]]
+    picked, gts = [], []
+    for row in dataset.split("train").itertuples(index=False):
+        gt = read_mask(dataset.path(row.mask)) if isinstance(row.mask, str) else None
+        if gt is not None and len(np.setdiff1d(np.unique(gt), [0, 255])) >= 2:
+            picked.append(row)
+            gts.append(gt)
+        if len(picked) == num_images:
+            break
+    if not picked:
+        raise WsssError(f"{dataset.root}: no training image with ground truth and two classes for the grid")
+    images = [display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands)) for row in picked]
+    columns: dict[str, list[np.ndarray]] = {"image": images, "ground truth": [colorize(gt) for gt in gts]}
+    for variant, row in first.iterrows():
+        run_dir = Path(root, row["scale"], variant, f"seed{row['seed']}")
+        table = read_mask_table(run_dir / "pseudo_masks" / "train.parquet")
+        columns[variant] = [colorize(table[p.id]) for p in picked]
+    for variant in (v for v in MAP_VARIANTS if v in first.index):
+        model, record = load_classifier(Path(first.loc[variant, "classifier_dir"]) / MODEL_FILE, device)
+        size = model.grid_size[0] * model.patch_size
+        batch = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images])
+        batch = torch.nn.functional.interpolate(batch.float(), size=(size, size), mode="bilinear").round().byte()
+        maps, _ = attention_maps(model, batch, device)
+        for k in range(MAPS_PER_IMAGE):
+            cells = []
+            for i, gt in enumerate(gts):
+                classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
+                cls = classes[min(k, len(classes) - 1)]
+                cell = Image.fromarray(_heatmap(normalized_maps(maps[i, [cls]], gt.shape)[0]))
+                ImageDraw.Draw(cell).text((1, 0), record["classes"][cls][:8], fill="white")
+                cells.append(np.asarray(cell))
+            columns[f"{variant} map {k + 1}"] = cells
+    return image_grid(columns)
+
+
+def log_to_mlflow(scale: str, summary: pd.DataFrame, files: Sequence[Path], root: str | Path = ".") -> str:
+    """One run in the experiment ``wsss-ablations``: per-variant means/stds as metrics, the files as artifacts."""
+    from tasks.tracking import ensure_experiment, get_client, metric_key
+
+    client = get_client(root)
+    run = client.create_run(ensure_experiment(client, root, EXPERIMENT), run_name=f"ablations-{scale}")
+    run_id = run.info.run_id
+    client.log_param(run_id, "scale", scale)
+    client.log_param(run_id, "variants", ",".join(summary["variant"]))
+    for _, row in summary.iterrows():
+        for column in METRICS:
+            for stat in ("mean", "std"):
+                value = row[f"{column}_{stat}"]
+                if not pd.isna(value):
+                    client.log_metric(run_id, metric_key(f"{row['variant']}.{column}_{stat}"), float(value))
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def write_report(
+    config: AblationConfig,
+    scale: str,
+    root: str | Path = DEFAULT_ROOT,
+    out: str | Path = REPORT_ROOT,
+    grid_images: int = 6,
+    device: torch.device | str = "cpu",
+    mlflow: bool = True,
+) -> pd.DataFrame:
+    """Builds every report file of ``scale`` from the finished runs; returns the summary table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    root, out = Path(root), Path(out) / scale
+    runs = collect(root, scale)
+    summary = summarize(runs, list(config.variants))
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+
+    def write(name: str, data: bytes | str) -> None:
+        with atomic_file(out / name, "w" if isinstance(data, str) else "wb") as handle:
+            handle.write(data)
+        files.append(out / name)
+
+    write("table.md", markdown_table(summary))
+    write("table.csv", summary.to_csv(index=False, float_format="%.6g"))
+    for name, frame in (("table.parquet", summary), ("runs.parquet", runs.drop(columns="overrides"))):
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        write(name, buffer.getvalue())
+    bar_chart(summary, out / "bars.png")
+    files.append(out / "bars.png")
+    sweep = mask_ratio_table(runs, config.mask_ratio_sweep)
+    if len(sweep) >= 2:
+        write("mask_ratio.csv", sweep.to_csv(index=False, float_format="%.6g"))
+        mask_ratio_curve(sweep, out / "mask_ratio.png")
+        files.append(out / "mask_ratio.png")
+    if grid_images > 0:
+        grid = qualitative_grid(runs, root, grid_images, torch.device(device), list(summary["variant"]))
+        buffer = io.BytesIO()
+        grid.save(buffer, format="PNG")
+        write("grid.png", buffer.getvalue())
+    if mlflow:
+        log_to_mlflow(scale, summary, files)
+    return summary

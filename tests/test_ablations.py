@@ -1,0 +1,214 @@
+"""The ablation grid (tasks/ablations.py), its report (tasks/report.py) and the Prefect deployment's flow, on
+the tiny data set with real stage functions, real MLflow (sqlite) and a real Prefect test server."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from tasks import ablations, cli
+from tasks.ablations import plan, read_config, run_cell, run_grid
+from tasks.config import ConfigError, Params, load_params
+from tasks.errors import WsssError
+from tasks.report import write_report
+
+GRID = {
+    "seeds": [0],
+    "scales": {"tiny": [], "longer": ["classifier.epochs=3"]},
+    "variants": {
+        "full": [],
+        "no_masking": ["classifier.mask_ratio=0"],
+        "fixed_thresholds": ["pseudo_masks.tune_thresholds=false"],  # pseudo masks only: full's classifier
+    },
+    "mask_ratio_sweep": ["no_masking", "full"],
+}
+VOLATILE = ("classifier_seconds", "segmenter_seconds", "classifier_dir")  # wall time, where it ran
+
+
+def _write_grid(folder: Path, params: Params, grid: dict = GRID) -> tuple[Path, Path]:
+    """params.yaml (tiny settings, one thread) and ablations.yaml in ``folder``."""
+    tree = params.to_dict()
+    tree["num_threads"] = 1
+    params_file, config_file = folder / "params.yaml", folder / "ablations.yaml"
+    params_file.write_text(yaml.safe_dump(tree, sort_keys=False))
+    config_file.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return params_file, config_file
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> tuple[Path, Path, Path]:
+    """The tiny grid run once: (params file, grid file, runs root)."""
+    from tests.conftest import tiny_embedded_params
+
+    folder = tmp_path_factory.mktemp("grid")
+    params = load_params(None, [f"ingest.source={tiny_dataset}"])
+    tiny = dataclasses.replace(
+        params,
+        embedded=tiny_embedded_params(folder / "embedded"),
+        classifier=dataclasses.replace(params.classifier, img_size=32, epochs=2, batch_size=16),
+        pseudo_masks=dataclasses.replace(params.pseudo_masks, tune_images=16),
+        segmenter=dataclasses.replace(params.segmenter, encoder="resnet18", img_size=32, epochs=1, batch_size=16),
+    )
+    params_file, config_file = _write_grid(folder, tiny)
+    root = folder / "runs"
+    run_grid(plan(read_config(config_file), params_file, root))
+    return params_file, config_file, root
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({**GRID, "stages": []}, "unknown key 'stages'"),
+        ({**GRID, "seeds": "0"}, "seeds: expected a non-empty list of integers"),
+        ({**GRID, "variants": {"full": "classifier.mask_ratio=0"}}, "variants.full: expected a list"),
+        ({**GRID, "scales": {}}, "scales: expected a non-empty mapping"),
+        ({**GRID, "mask_ratio_sweep": ["full", "mask_0.3"]}, "mask_ratio_sweep names unknown variant 'mask_0.3'"),
+    ],
+)
+def test_a_malformed_grid_file_is_one_clear_error(tmp_path: Path, grid: dict, message: str):
+    path = tmp_path / "ablations.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match=message) as err:
+        read_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_plan_rejects_unknown_names_and_overrides_that_do_not_apply(tmp_path: Path, tiny_params: Params):
+    params_file, config_file = _write_grid(tmp_path, tiny_params)
+    config = read_config(config_file)
+    with pytest.raises(WsssError, match=r"unknown variant 'no_reg' \(known: full, no_masking, fixed_thresholds\)"):
+        plan(config, params_file, tmp_path, variants=["no_reg"])
+    with pytest.raises(WsssError, match="unknown scale 'converged'"):
+        plan(config, params_file, tmp_path, scale="converged")
+    broken = dataclasses.replace(config, variants={"bad": ["classifier.mask_ratio=2"]})
+    with pytest.raises(ConfigError, match=r"ablation tiny/bad: classifier.mask_ratio: 2.0 is outside \[0, 1\]"):
+        plan(broken, params_file, tmp_path)
+
+
+def test_plan_shares_a_classifier_only_between_variants_with_equal_classifier_params(
+    tmp_path: Path, tiny_params: Params
+):
+    params_file, config_file = _write_grid(tmp_path, tiny_params)
+    cells = {c.variant: c for c in plan(read_config(config_file), params_file, tmp_path / "runs", seeds=[3])}
+    classifier = {name: cell.params.classifier.out for name, cell in cells.items()}
+    assert classifier["full"] == classifier["fixed_thresholds"] != classifier["no_masking"]
+    assert cells["no_masking"].params.classifier.mask_ratio == 0 and cells["full"].params.seed == 3
+    assert cells["full"].fingerprint != cells["fixed_thresholds"].fingerprint
+    longer = plan(read_config(config_file), params_file, tmp_path / "runs", scale="longer", variants=["full"])
+    assert longer[0].params.classifier.epochs == 3 and longer[0].run_dir == tmp_path / "runs/longer/full/seed0"
+
+
+def test_grid_rows_hold_every_number_of_the_table(finished_grid):
+    _, config_file, root = finished_grid
+    runs = {p.parent.parent.name: json.loads(p.read_text()) for p in root.glob("tiny/*/seed0/result.json")}
+    assert sorted(runs) == ["fixed_thresholds", "full", "no_masking"]
+    for row in runs.values():
+        assert 0.0 <= row["pseudo_miou"] <= 1.0 and 0.0 <= row["segmenter_miou"] <= 1.0
+        assert 0.0 <= row["val_map"] <= 1.0 and row["classifier_seconds"] > 0
+    assert runs["full"]["classifier_dir"] == runs["fixed_thresholds"]["classifier_dir"]
+    assert runs["no_masking"]["mask_ratio"] == 0.0 and runs["full"]["mask_ratio"] == 0.5
+
+
+def test_same_seed_gives_identical_numbers_and_finished_cells_are_not_rerun(
+    finished_grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    params_file, config_file, root = finished_grid
+    (first,) = plan(read_config(config_file), params_file, root, variants=["no_masking"])
+    before = (first.run_dir / "result.json").stat().st_mtime_ns
+    # A finished cell returns its row without touching any stage.
+    monkeypatch.setattr("tasks.train_classifier.main", lambda params: pytest.fail("classifier retrained"))
+    assert run_cell(first) == json.loads((first.run_dir / "result.json").read_text())
+    assert (first.run_dir / "result.json").stat().st_mtime_ns == before
+    monkeypatch.undo()
+
+    (again,) = plan(read_config(config_file), params_file, tmp_path / "again", variants=["no_masking"])
+    (rerun,) = run_grid([again])
+    original = json.loads((first.run_dir / "result.json").read_text())
+    assert {k: v for k, v in rerun.items() if k not in VOLATILE} == {
+        k: v for k, v in original.items() if k not in VOLATILE
+    }
+
+
+def test_report_writes_table_charts_grid_and_an_mlflow_run(
+    finished_grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    _, config_file, root = finished_grid
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # the experiment's artifacts go to ./mlruns
+    summary = write_report(read_config(config_file), "tiny", root, tmp_path / "reports", grid_images=3)
+
+    out = tmp_path / "reports" / "tiny"
+    assert list(summary["variant"]) == ["full", "no_masking", "fixed_thresholds"]  # grid order
+    table = (out / "table.md").read_text()
+    assert "| full | 1 |" in table and "pseudo-mask mIoU (train)" in table
+    assert pd.read_parquet(out / "table.parquet").shape[0] == 3
+    assert pd.read_parquet(out / "runs.parquet").shape[0] == 3
+    assert list(pd.read_csv(out / "mask_ratio.csv")["mask_ratio"]) == [0.0, 0.5]
+    for name in ("bars.png", "mask_ratio.png", "grid.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("wsss-ablations").experiment_id])
+    assert run.data.metrics["full.pseudo_miou_mean"] == pytest.approx(summary.loc[0, "pseudo_miou_mean"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"table.md", "table.parquet", "bars.png", "grid.png"} <= logged
+
+
+def test_report_without_finished_runs_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture):
+    config = tmp_path / "ablations.yaml"
+    config.write_text(yaml.safe_dump(GRID, sort_keys=False))
+    code = cli.main(["report", "--config", str(config), "--root", str(tmp_path / "none"), "--no-mlflow"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"wsss report: error: {tmp_path / 'none' / 'tiny'}: no finished ablation runs (run `wsss ablations` first)"
+    )
+
+
+def test_print_dvc_gives_queued_experiments_with_valid_overrides(
+    tmp_path: Path, tiny_params: Params, capsys: pytest.CaptureFixture
+):
+    params_file, config_file = _write_grid(tmp_path, tiny_params)
+    args = ["ablations", "--config", str(config_file), "--params", str(params_file), "--print-dvc"]
+    assert cli.main([*args, "--seed", "0", "--seed", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == ["dvc queue start --jobs 1", "dvc exp show --only-changed --drop 'Created|State|Executor'"]
+    assert len(lines) == 3 * 2 + 2
+    words = shlex.split(lines[2])  # no_masking, seed 0
+    assert words[:6] == ["dvc", "exp", "run", "--queue", "-n", "no_masking-tiny-s0"]
+    overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
+    assert overrides == ["classifier.mask_ratio=0", "seed=0"]
+    assert load_params(params_file, overrides).classifier.mask_ratio == 0
+
+
+def test_prefect_flow_runs_the_grid_in_processes_and_reports(
+    finished_grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server
+):
+    from pipelines.ablations import ablations as ablations_flow
+
+    params_file, config_file, _ = finished_grid
+    shutil.copy2(params_file, tmp_path / "params.yaml")
+    shutil.copy2(config_file, tmp_path / ablations.ABLATIONS_FILE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    result = ablations_flow(variants=["no_masking"], seeds=[1], jobs=2)
+    assert result["runs"] == ["tiny/no_masking/seed1"]
+    assert "| no_masking | 1 |" in result["table"]
+    assert (tmp_path / "artifacts/ablations/tiny/no_masking/seed1/result.json").is_file()
+    assert (tmp_path / "reports/ablations/tiny/grid.png").is_file()
+
+    state = ablations_flow(variants=["no_reg"], return_state=True)  # an unknown variant fails at planning
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"wsss ablations: error: unknown variant 'no_reg'"):
+        state.result()

@@ -14,7 +14,6 @@ Cells that finished earlier (same params) are not rerun, so a failed or cancelle
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +42,8 @@ def plan_grid(
         ablations.prepare(cells)
     except WsssError as err:
         raise StageError(f"wsss ablations: error: {err}") from None
-    groups: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for cell in cells:
-        groups[cell.params.classifier.out].append((cell.variant, cell.seed))
-    return cells[0].scale, list(groups.values())
+    groups = [[(cell.variant, cell.seed) for cell in group] for group in ablations.classifier_groups(cells)]
+    return cells[0].scale, groups
 
 
 @task(name="ablation runs", task_run_name="{label}", cache_policy=NO_CACHE)

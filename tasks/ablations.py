@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,11 +222,22 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "classifier_seconds": classifier["train_seconds"],
         "segmenter_seconds": segmenter["seconds"],
         "classifier_dir": params.classifier.out,
+        "device": _device_name(params.device),
         "overrides": list(cell.overrides),
         "fingerprint": cell.fingerprint,
     }
     write_json(cell.run_dir / RESULT_FILE, row)
     return row
+
+
+def _device_name(device: str) -> str:
+    """The hardware the numbers come from (GPU runs are not bitwise CPU runs)."""
+    import torch
+
+    from tasks.runtime import resolve_device
+
+    resolved = resolve_device(device)
+    return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "cpu"
 
 
 def run_grid(cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -240,6 +253,52 @@ def run_grid(cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[
             f"{row['segmenter_miou']:.3f}  val mAP {row['val_map']:.3f}"
         )
     return rows
+
+
+def classifier_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """Cells grouped by classifier: a group must run in order (its first cell trains what the others reuse)."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.params.classifier.out, []).append(cell)
+    return list(groups.values())
+
+
+def cell_command(group: Sequence[Cell], grid_args: Sequence[str] = ()) -> list[str]:
+    """The ``wsss ablations`` command that runs one classifier group in its own process.
+
+    ``grid_args``: the options that located the grid (``--params``, ``--config``, ``--root``, ``-S``...).
+    """
+    cmd = [sys.executable, "-m", "tasks.cli", "ablations", *grid_args, "--scale", group[0].scale, "--no-report"]
+    for cell in group:
+        cmd += ["--variant", cell.variant]
+    return [*cmd, "--seed", str(group[0].seed)]
+
+
+def run_parallel(cells: Sequence[Cell], jobs: int, grid_args: Sequence[str] = ()) -> None:
+    """Runs the classifier groups as ``jobs`` concurrent processes, each logging to ``<variant>/seed<N>.log``.
+
+    Raises:
+        WsssError: a group failed (its log's last line is quoted); the others still finish.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepare(cells)
+
+    def run(group: list[Cell]) -> str | None:
+        log = group[0].run_dir.with_name(f"seed{group[0].seed}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as handle:
+            cmd = cell_command(group, grid_args)
+            code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
+        lines = log.read_text().strip().splitlines()
+        names = " + ".join(c.name for c in group)
+        print(f"ablation {names}: {'done' if code == 0 else 'FAILED'} ({log})", flush=True)
+        return None if code == 0 else f"{names}: {lines[-1] if lines else f'exit code {code}'}"
+
+    with ThreadPoolExecutor(jobs) as pool:
+        failures = [f for f in pool.map(run, classifier_groups(cells)) if f]
+    if failures:
+        raise WsssError(f"{len(failures)} ablation run(s) failed, first: {failures[0]}")
 
 
 def dvc_commands(cells: Sequence[Cell]) -> list[str]:

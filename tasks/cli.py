@@ -192,7 +192,11 @@ def _ablations(params: Params, args: argparse.Namespace) -> None:
     if args.print_dvc:
         print("\n".join(ablations.dvc_commands(cells)))
         return
-    ablations.run_grid(cells)
+    if args.jobs > 1:
+        grid_args = ["--params", args.params, "--config", args.config, "--root", args.root]
+        ablations.run_parallel(cells, args.jobs, [*grid_args, *(f"-S{o}" for o in args.overrides)])
+    else:
+        ablations.run_grid(cells)
     if not args.no_report:
         _write_report(config, cells[0].scale, args)
 
@@ -230,6 +234,9 @@ def _add_ablations(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     abl.add_argument("--seed", action="append", type=int, help="only this seed (repeatable; default: the grid's)")
     abl.add_argument("--print-dvc", action="store_true", help="print the grid as queued `dvc exp run` commands")
     abl.add_argument("--no-report", action="store_true", help="run the cells only")
+    abl.add_argument(
+        "--jobs", type=_positive_int, default=1, help="concurrent runs, one process each (e.g. on a GPU box)"
+    )
     abl.set_defaults(handler=_ablations)
     rep = sub.add_parser("report", parents=[common, grid], help="ablation table, charts and grid from finished runs")
     rep.set_defaults(handler=_report)

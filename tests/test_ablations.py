@@ -212,3 +212,18 @@ def test_prefect_flow_runs_the_grid_in_processes_and_reports(
     assert state.is_failed()
     with pytest.raises(Exception, match=r"wsss ablations: error: unknown variant 'no_reg'"):
         state.result()
+
+
+def test_jobs_run_groups_in_processes_with_the_same_numbers(finished_grid, tmp_path: Path, capsys):
+    params_file, config_file, root = finished_grid
+    args = ["ablations", "--params", str(params_file), "--config", str(config_file), "--root", str(tmp_path)]
+    variants = ["--variant", "no_masking", "--variant", "fixed_thresholds", "--seed", "0"]
+    assert cli.main([*args, *variants, "--jobs", "2", "--no-report"]) == 0
+    assert "ablation tiny/no_masking/seed0: done" in capsys.readouterr().out
+    for variant in ("no_masking", "fixed_thresholds"):
+        parallel = json.loads((tmp_path / f"tiny/{variant}/seed0/result.json").read_text())
+        serial = json.loads((root / f"tiny/{variant}/seed0/result.json").read_text())
+        assert {k: v for k, v in parallel.items() if k not in VOLATILE} == {
+            k: v for k, v in serial.items() if k not in VOLATILE
+        }
+    assert (tmp_path / "tiny/no_masking/seed0.log").read_text().strip()

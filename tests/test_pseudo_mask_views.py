@@ -1,12 +1,17 @@
-"""Test-time views of the pseudo-mask maps (scales, flip)."""
+"""Test-time views of the pseudo-mask maps (scales, flip) and the pruned model in the pseudo-mask stage."""
 
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.config import DEFAULT_PARAMS, ConfigError, load_params
+from tasks.config import DEFAULT_PARAMS, ConfigError, Params, load_params
 from tasks.datasets import normalize
-from tasks.pseudo_masks import attention_maps, multi_view_maps
+from tasks.pseudo_masks import attention_maps, generate_pseudo_masks, multi_view_maps
 from tests.test_token_masking_vit import C, close_heads, tiny_model
 
 CPU = torch.device("cpu")
@@ -67,3 +72,29 @@ def test_views_params_default_and_validation():
     with pytest.raises(ConfigError, match=r"pseudo_masks\.flip: expected bool"):
         load_params(None, ["pseudo_masks.flip=sometimes"])
 
+
+def test_pruned_model_gives_the_gated_models_masks_and_stats(tiny_params: Params):
+    from tasks.ingest import ingest, read_ingested
+    from tasks.train_classifier import build_classifier
+
+    ingest(Path(tiny_params.ingest.source), Path(tiny_params.ingest.out))
+    dataset = read_ingested(Path(tiny_params.ingest.out))
+    torch.manual_seed(0)
+    gated = build_classifier(tiny_params.classifier, dataset.num_classes).eval()
+    close_heads(gated, 1, [0, 1, 2, 3])  # a block with no head left after pruning
+    close_heads(gated, 3, [0, 2])
+    pruned = copy.deepcopy(gated).prune_heads()
+    assert [blk.attn.num_heads for blk in pruned.blocks] == [4, 0, 4, 2]
+    assert pruned.map_layer() == gated.map_layer() == 3
+    settings = dataclasses.replace(tiny_params.pseudo_masks, batch_size=16)
+    ids, masks, stats = generate_pseudo_masks(gated, dataset, settings, CPU)
+    pruned_ids, pruned_masks, pruned_stats = generate_pseudo_masks(pruned, dataset, settings, CPU)
+    assert pruned_ids == ids
+    assert all(np.array_equal(a, b) for a, b in zip(pruned_masks, masks, strict=True))
+    # The maps differ by float rounding only (the pruned matmuls sum fewer zero terms), so the thresholds
+    # and every mask-derived number are equal; class specificity sums the raw maps themselves.
+    floats = {"class_specificity"}
+    assert {k: v for k, v in pruned_stats.items() if k not in floats} == {
+        k: v for k, v in stats.items() if k not in floats
+    }
+    assert pruned_stats["class_specificity"] == pytest.approx(stats["class_specificity"], rel=1e-6)

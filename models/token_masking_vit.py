@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import nn
 
 from models.gates import HardConcreteGate
 
-__all__ = ["GatedAttention", "TokenMaskingViT", "load_timm_vit_weights"]
+__all__ = ["VIT_SIZES", "GatedAttention", "TokenMaskingViT", "create_vit", "load_timm_vit_weights"]
 
 GatePenalty = Literal["sum", "layer_mean", "mean"]
 ClassTokens = Literal["joint", "read_only"]
@@ -230,7 +230,7 @@ class TokenMaskingViT(nn.Module):
                 img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC", strict_img_size=False
             )
         self.grid_size = tuple(s // patch_size for s in (img_size, img_size))
-        self.class_tokens = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
+        self.class_tokens = nn.Parameter(torch.zeros(1, self._num_class_tokens(), embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
         self.reg_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if reg_token else None
 
@@ -243,12 +243,20 @@ class TokenMaskingViT(nn.Module):
             ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        if head == "per_class":
-            self.head_weight = nn.Parameter(torch.zeros(num_classes, embed_dim))
-            self.head_bias = nn.Parameter(torch.zeros(num_classes))
-        else:
-            self.head = nn.Linear(num_classes * embed_dim, num_classes)
+        self._build_head()
         self._init_weights()
+
+    def _num_class_tokens(self) -> int:
+        """Leading class tokens of the sequence: one per class."""
+        return self.num_classes
+
+    def _build_head(self) -> None:
+        """The classifier on the class tokens' outputs (``head_type``)."""
+        if self.head_type == "per_class":
+            self.head_weight = nn.Parameter(torch.zeros(self.num_classes, self.embed_dim))
+            self.head_bias = nn.Parameter(torch.zeros(self.num_classes))
+        else:
+            self.head = nn.Linear(self._num_class_tokens() * self.embed_dim, self.num_classes)
 
     def _init_weights(self) -> None:
         for param in (self.class_tokens, self.pos_embed, self.reg_token):
@@ -333,9 +341,9 @@ class TokenMaskingViT(nn.Module):
         return torch.cat(tokens, dim=1), (h, w)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``[B, in_chans, H, W]`` -> normalised tokens ``[B, C + h*w + R, D]``."""
+        """Image ``[B, in_chans, H, W]`` -> normalised tokens ``[B, C + h*w + R, D]`` (C: class tokens)."""
         x, _ = self._embed(x)
-        mask = self.attn_mask(self.num_classes, x.shape[1], x.device)
+        mask = self.attn_mask(self._num_class_tokens(), x.shape[1], x.device)
         for blk in self.blocks:
             x = blk(x, attn_mask=mask)
         return self.norm(x)
@@ -415,9 +423,9 @@ class TokenMaskingViT(nn.Module):
 def load_timm_vit_weights(model: TokenMaskingViT, path: str | Path) -> list[str]:
     """Loads a timm ``VisionTransformer`` state dict (file) into ``model``.
 
-    The single [CLS] token (plus its position embedding) initialises every class token, patch position
-    embeddings are resampled to the model's grid, a [REG] token is copied when the checkpoint has one;
-    the classification head and the gates keep their initialisation.
+    The single [CLS] token (plus its position embedding) initialises every class token (the one of a
+    CamViT), patch position embeddings are resampled to the model's grid, a [REG] token is copied when the
+    checkpoint has one; the classification head and the gates keep their initialisation.
 
     Returns:
         Names of the model's parameters that were not in the checkpoint.
@@ -436,7 +444,7 @@ def load_timm_vit_weights(model: TokenMaskingViT, path: str | Path) -> list[str]
     out: dict[str, torch.Tensor] = {}
     num_prefix = src["pos_embed"].shape[1] - _grid_tokens(src)
     cls = src["cls_token"] + (src["pos_embed"][:, :1] if num_prefix > 0 else 0)
-    out["class_tokens"] = cls.expand(-1, model.num_classes, -1).clone()
+    out["class_tokens"] = cls.expand(-1, model.class_tokens.shape[1], -1).clone()
     patch_pos = src["pos_embed"][:, num_prefix:]
     old = int(math.isqrt(patch_pos.shape[1]))
     out["pos_embed"] = resample_abs_pos_embed(patch_pos, list(model.grid_size), [old, old], num_prefix_tokens=0)
@@ -463,40 +471,46 @@ def _grid_tokens(state: dict[str, torch.Tensor]) -> int:
     raise ValueError(f"cannot infer the patch grid from pos_embed with {n} tokens")
 
 
-def _create(pretrained: bool, defaults: dict, **kwargs) -> TokenMaskingViT:
+# Sizes shared by the wsss_vit_* models and the wsss_cam_vit_* baselines (models/cam_vit.py).
+VIT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny_patch8": dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, stem="conv"),
+    "tiny_patch16": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "small_patch16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def create_vit(cls: type[TokenMaskingViT], size: str, pretrained: bool, **kwargs) -> TokenMaskingViT:
+    """Builds ``cls`` with the dimensions of ``VIT_SIZES[size]`` (kwargs win); timm's entry point helper."""
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     if pretrained:
         raise ValueError(
-            "wsss_vit models have no hub weights; load a local timm ViT file with load_timm_vit_weights "
+            "wsss models have no hub weights; load a local timm ViT file with load_timm_vit_weights "
             "(params: classifier.pretrained)"
         )
-    return TokenMaskingViT(**{**defaults, **kwargs})
+    return cls(**{**VIT_SIZES[size], **kwargs})
 
 
 @register_model
 def wsss_vit_tiny_patch8(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
     """CPU size: 64 px, conv stem, 4 blocks of width 128 with 4 heads."""
-    defaults = dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, stem="conv")
-    return _create(pretrained, defaults, **kwargs)
+    return create_vit(TokenMaskingViT, "tiny_patch8", pretrained, **kwargs)
 
 
 @register_model
 def wsss_vit_tiny_patch16(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
     """ViT-Ti/16 dimensions (timm ``vit_tiny_patch16_224``)."""
-    defaults = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3)
-    return _create(pretrained, defaults, **kwargs)
+    return create_vit(TokenMaskingViT, "tiny_patch16", pretrained, **kwargs)
 
 
 @register_model
 def wsss_vit_small_patch16(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
     """ViT-S/16 dimensions (timm ``vit_small_patch16_224``)."""
-    defaults = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
-    return _create(pretrained, defaults, **kwargs)
+    return create_vit(TokenMaskingViT, "small_patch16", pretrained, **kwargs)
 
 
 @register_model
 def wsss_vit_base_patch16(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
     """ViT-B/16 dimensions (timm ``vit_base_patch16_224``), as in the paper."""
-    defaults = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
-    return _create(pretrained, defaults, **kwargs)
+    return create_vit(TokenMaskingViT, "base_patch16", pretrained, **kwargs)

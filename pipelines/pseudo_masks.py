@@ -13,8 +13,9 @@ the serial stage (tasks/pseudo_masks.py), which owns all the logic:
 The task runner is prefect-dask's ``DaskTaskRunner``: a ``distributed.LocalCluster`` of ``dask.workers``
 processes (one task at a time each) by default, or the cluster at ``dask.scheduler``. Each task sets its
 own torch thread count (``num_threads // workers``) so the workers do not oversubscribe the cores. Every
-worker loads the ingested manifest and the classifier from the paths in params, so a remote cluster
-needs the wsss package installed and the repo's files at the same paths (a shared file system).
+worker loads the ingested manifest and the classifier (closed heads pruned, as in the serial stage) from
+the paths in params, so a remote cluster needs the wsss package installed and the repo's files at the same
+paths (a shared file system).
 """
 
 from __future__ import annotations
@@ -40,15 +41,14 @@ def torch_threads(params: Params) -> int:
 
 
 def _load(params: Params, threads: int):
-    """(device, model, data set) in this process, with its torch thread count set first."""
+    """(device, pruned model, data set) in this process, with its torch thread count set first."""
     from tasks.ingest import read_ingested
+    from tasks.pseudo_masks import load_map_model
     from tasks.runtime import setup_runtime
-    from tasks.train_classifier import MODEL_FILE, load_classifier
 
     device = setup_runtime(params.seed, threads, params.device)
     dataset = read_ingested(Path(params.ingest.out))
-    model, _ = load_classifier(Path(params.classifier.out) / MODEL_FILE, device)
-    return device, model, dataset
+    return device, load_map_model(params, device), dataset
 
 
 @task(name="mask rule", cache_policy=NO_CACHE)

@@ -76,7 +76,11 @@ class ClassifierParams:
 
 @dataclass
 class PseudoMaskParams:
-    """Pseudo masks from the class-token attention of the last layer with open heads."""
+    """Pseudo masks from the class-token attention of the last layer with open heads.
+
+    ``scales``/``flip``: test-time views (input size times each scale, and their mirror images) whose maps
+    and probabilities are averaged; ``[1.0]`` without flip is the single plain pass.
+    """
 
     split: str = "train"
     batch_size: int = 128
@@ -84,6 +88,8 @@ class PseudoMaskParams:
     bg_threshold: float = 0.2
     tune_thresholds: bool = True
     tune_images: int = 400
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
     out: str = "artifacts/pseudo_masks"
 
 
@@ -240,6 +246,9 @@ def _validate(params: Params) -> None:
     for key in _POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
+    scales = params.pseudo_masks.scales
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"pseudo_masks.scales: expected a non-empty list of scales > 0, got {scales!r}")
     if params.pseudo_masks.bg_threshold > params.pseudo_masks.fg_threshold:
         raise ConfigError("pseudo_masks.bg_threshold must not exceed pseudo_masks.fg_threshold")
     if params.embedded.min_object_size > params.embedded.max_object_size:

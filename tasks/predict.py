@@ -6,7 +6,8 @@ the store is the one ``wsss register`` writes to, see :func:`tasks.tracking.trac
 (checkpoint record, the registered run's params, or ``--img-size``); the logits or attention maps are
 resized back bilinearly, so every mask has its image's size. With ``--from-attention`` the classifier's
 [CLS]_c attention is painted by the pseudo-mask rule of :mod:`tasks.pseudo_masks` for the classes it
-predicts, with ``pseudo_masks.fg_threshold``/``bg_threshold``.
+predicts, with ``pseudo_masks.fg_threshold``/``bg_threshold`` and the test-time views of
+``pseudo_masks.scales``/``flip`` (scales of the image size the model is given).
 
 ``OUT/<image name>.png`` is the mask (VOC palette, 0 = background, k + 1 = class k); ``--overlay`` adds
 ``OUT/<image name>_overlay.png``. ``OUT`` is written as a whole (temporary folder, renamed at the end).
@@ -15,6 +16,7 @@ predicts, with ``pseudo_masks.fg_threshold``/``bg_threshold``.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import imgviz
@@ -114,12 +116,18 @@ def _in_chans(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def _attention_masks(
-    model: torch.nn.Module, data: SplitData, device: torch.device, thresholds: tuple[float, float], batch_size: int
+    model: torch.nn.Module,
+    data: SplitData,
+    device: torch.device,
+    thresholds: tuple[float, float],
+    batch_size: int,
+    scales: Sequence[float],
+    flip: bool,
 ) -> dict[str, np.ndarray]:
     """Masks painted from the [CLS]_c attention of the classes the classifier predicts."""
     from tasks.pseudo_masks import attention_maps, merge_maps, normalized_maps, present_classes
 
-    maps, probs = attention_maps(model, data.images, device, batch_size)
+    maps, probs = attention_maps(model, data.images, device, batch_size, scales, flip)
     masks = {}
     for i, image_id in enumerate(data.ids):
         p = probs[i].numpy()
@@ -140,6 +148,8 @@ def predict(
     bands: Bands | None = None,
     thresholds: tuple[float, float] = (0.5, 0.2),
     batch_size: int = 16,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
 ) -> list[Path]:
     """Writes one palette PNG mask per image into ``out`` (see module docstring); returns the mask paths.
 
@@ -177,7 +187,7 @@ def predict(
         original_sizes=[image.shape[:2] for image in pixels],
     )
     if from_attention:
-        masks = _attention_masks(model, data, device, thresholds, batch_size)
+        masks = _attention_masks(model, data, device, thresholds, batch_size, scales, flip)
     else:
         from tasks.train_segmenter import predict_images
 
@@ -204,16 +214,26 @@ def main(
     img_size: int | None = None,
     bands: str | None = None,
 ) -> list[Path]:
-    """CLI entry (``wsss predict``): device/threads from params, thresholds from ``pseudo_masks``."""
+    """CLI entry (``wsss predict``): device/threads from params, thresholds and views from ``pseudo_masks``."""
     device = setup_runtime(params.seed, params.num_threads, params.device)
     scaling = None
     if bands is not None:
         scaling = read_bands(Path(bands))
         if scaling is None:
             raise WsssError(f"{bands}: file not found")
-    thresholds = (params.pseudo_masks.fg_threshold, params.pseudo_masks.bg_threshold)
+    settings = params.pseudo_masks
     written = predict(
-        [Path(i) for i in images], model, Path(out), device, from_attention, overlay, img_size, scaling, thresholds
+        [Path(i) for i in images],
+        model,
+        Path(out),
+        device,
+        from_attention,
+        overlay,
+        img_size,
+        scaling,
+        (settings.fg_threshold, settings.bg_threshold),
+        scales=settings.scales,
+        flip=settings.flip,
     )
     print(f"{len(written)} masks written to {out}")
     return written

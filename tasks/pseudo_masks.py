@@ -3,8 +3,9 @@
 Rule (the paper's, with an explicit background, see README):
 1. classes present = the image labels on the training split (the weak supervision); elsewhere the
    classifier's predictions (probability >= 0.5, at least the top-1);
-2. each present class's [CLS]_c -> patch attention (last block with open heads, open heads averaged)
-   is upsampled bilinearly to the image size and min-max normalised to [0, 1];
+2. each present class's [CLS]_c -> patch attention (last block with open heads, open heads averaged;
+   optionally averaged over test-time views, ``scales``/``flip``) is upsampled bilinearly to the image
+   size and min-max normalised to [0, 1];
 3. classes are painted in increasing probability, so the most confident class wins overlaps, on the
    pixels where their map is >= ``fg_threshold``;
 4. pixels where every present map is < ``bg_threshold`` are background;
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +43,56 @@ UNASSIGNED = 255
 
 @torch.no_grad()
 def attention_maps(
-    model: TokenMaskingViT, images: torch.Tensor, device: torch.device, batch_size: int = 128
+    model: TokenMaskingViT,
+    images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 128,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-attention maps ``[N, C, h, w]`` and class probabilities ``[N, C]`` of uint8 images."""
+    """Class-attention maps ``[N, C, h, w]`` and class probabilities ``[N, C]`` of uint8 images.
+
+    With several ``scales`` or ``flip``, the maps and probabilities are averaged over the views of
+    :func:`multi_view_maps`; ``h, w`` stay the grid of the images' own size.
+    """
     model.eval()
     maps, probs = [], []
     for i in tqdm(range(0, len(images), batch_size), desc="attention maps", leave=False, mininterval=2.0):
-        m, logits = model.class_attention_maps(normalize(images[i : i + batch_size]).to(device))
+        batch = normalize(images[i : i + batch_size]).to(device)
+        if list(scales) == [1.0] and not flip:
+            m, logits = model.class_attention_maps(batch)
+            p = torch.sigmoid(logits)
+        else:
+            m, p = multi_view_maps(model, batch, scales, flip)
         maps.append(m.float().cpu())
-        probs.append(torch.sigmoid(logits).float().cpu())
+        probs.append(p.float().cpu())
     return torch.cat(maps), torch.cat(probs)
+
+
+def multi_view_maps(
+    model: TokenMaskingViT, batch: torch.Tensor, scales: Sequence[float], flip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps and probabilities of a normalised batch averaged over its scaled (and mirrored) views.
+
+    Each view is the batch resized (bilinear) to the multiple of the patch size nearest to ``scale`` times
+    its size (at least one patch); its maps are resized (bilinear) to the grid of scale 1, a mirrored
+    view's maps are mirrored back first.
+    """
+    patch = model.patch_size
+    base = tuple(max(1, round(d / patch)) for d in batch.shape[-2:])
+    map_sum, prob_sum, views = 0.0, 0.0, 0
+    for scale in scales:
+        size = tuple(max(1, round(scale * d / patch)) * patch for d in batch.shape[-2:])
+        scaled = batch
+        if size != tuple(batch.shape[-2:]):
+            scaled = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+        for mirrored in (False, True) if flip else (False,):
+            m, logits = model.class_attention_maps(scaled.flip(-1) if mirrored else scaled)
+            m = m.flip(-1) if mirrored else m
+            if tuple(m.shape[-2:]) != base:
+                m = F.interpolate(m, size=base, mode="bilinear", align_corners=False)
+            map_sum, prob_sum, views = map_sum + m, prob_sum + torch.sigmoid(logits), views + 1
+    return map_sum / views, prob_sum / views
 
 
 def normalized_maps(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -225,7 +266,7 @@ def _split_maps(
     subset = dataclasses.replace(dataset, manifest=picked)
     data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, with_masks=False)
     with _thread_count_invariant_kernels():
-        maps, probs = attention_maps(model, data.images, device, params.batch_size)
+        maps, probs = attention_maps(model, data.images, device, params.batch_size, params.scales, params.flip)
     gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
     return _SplitMaps(data, maps, probs, gt_paths)
 
@@ -380,8 +421,18 @@ def write_pseudo_masks(params: PseudoMaskParams, ids: list[str], masks: list[np.
         )
 
 
+def load_map_model(params: Params, device: torch.device) -> TokenMaskingViT:
+    """The trained classifier with its closed heads physically removed (``prune_heads``).
+
+    The pruned model gives the gated eval model's maps and logits (same map block, same open heads) at
+    less cost: closed heads never reach a map or a logit.
+    """
+    model, _ = load_classifier(Path(params.classifier.out) / MODEL_FILE, device)
+    return model.prune_heads()
+
+
 def main(params: Params) -> dict[str, Any]:
-    """CLI entry: pseudo masks of ``pseudo_masks.split`` from the trained classifier.
+    """CLI entry: pseudo masks of ``pseudo_masks.split`` from the trained classifier, closed heads pruned.
 
     ``dask.shards`` > 1 runs the Prefect flow ``pseudo-masks-sharded`` (pipelines/pseudo_masks.py) on a
     Dask cluster instead; it writes the same artifact bit for bit.
@@ -392,7 +443,7 @@ def main(params: Params) -> dict[str, Any]:
         return run_sharded(params)["stats"]
     device = setup_runtime(params.seed, params.num_threads, params.device)
     dataset = read_ingested(Path(params.ingest.out))
-    model, _ = load_classifier(Path(params.classifier.out) / MODEL_FILE, device)
+    model = load_map_model(params, device)
     ids, masks, stats = generate_pseudo_masks(model, dataset, params.pseudo_masks, device)
     write_pseudo_masks(params.pseudo_masks, ids, masks, stats)
     return stats

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import models  # noqa: F401  (registers the wsss_vit_* models with timm)
+import models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* models with timm)
 from models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
 from tasks.checkpoint import fingerprint, load_resumable, save_checkpoint, tensor_digest
 from tasks.config import ClassifierParams, Params
@@ -37,11 +37,17 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int = 3) -> TokenMaskingViT:
-    """Creates the registered timm model named by ``params.model`` (plus local weights when given)."""
-    if params.model not in timm.list_models("wsss_vit_*"):
-        known = ", ".join(timm.list_models("wsss_vit_*"))
-        raise WsssError(f"classifier.model: unknown model {params.model!r} (known: {known})")
-    model = timm.create_model(params.model, **_model_kwargs(params, num_classes, in_chans))
+    """Creates the registered timm model named by ``params.model`` (plus local weights when given).
+
+    ``wsss_vit_*`` is the token-masking ViT, ``wsss_cam_vit_*`` its single-[CLS] CAM baseline.
+    """
+    known = timm.list_models("wsss_vit_*") + timm.list_models("wsss_cam_vit_*")
+    if params.model not in known:
+        raise WsssError(f"classifier.model: unknown model {params.model!r} (known: {', '.join(known)})")
+    try:
+        model = timm.create_model(params.model, **_model_kwargs(params, num_classes, in_chans))
+    except ValueError as err:  # e.g. a CAM baseline with mask_ratio > 0
+        raise WsssError(f"classifier ({params.model}): {err}") from None
     if params.pretrained:
         try:
             load_timm_vit_weights(model, params.pretrained)

@@ -1,0 +1,100 @@
+"""Test-time views of the pseudo-mask maps (scales, flip) and the pruned model in the pseudo-mask stage."""
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasks.config import DEFAULT_PARAMS, ConfigError, Params, load_params
+from tasks.datasets import normalize
+from tasks.pseudo_masks import attention_maps, generate_pseudo_masks, multi_view_maps
+from tests.test_token_masking_vit import C, close_heads, tiny_model
+
+CPU = torch.device("cpu")
+
+
+def images(n: int = 5) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+
+
+def test_one_scale_without_flip_is_the_plain_pass_bit_for_bit():
+    model, x = tiny_model().eval(), images()
+    close_heads(model, 3, [1])
+    maps, probs = attention_maps(model, x, CPU, batch_size=2)
+    expected = [model.class_attention_maps(normalize(x[i : i + 2])) for i in range(0, len(x), 2)]
+    assert torch.equal(maps, torch.cat([m for m, _ in expected]))
+    assert torch.equal(probs, torch.cat([torch.sigmoid(lg) for _, lg in expected]))  # per batch, as the stage
+    # The general path reduces to the same numbers: no resize at scale 1, a mean over one view.
+    m, p = multi_view_maps(model, normalize(x[:2]), [1.0], flip=False)
+    assert torch.equal(m, maps[:2]) and torch.equal(p, probs[:2])
+
+
+def test_flipped_image_gives_the_mirrored_maps_with_flip():
+    model, x = tiny_model().eval(), images()
+    maps, probs = attention_maps(model, x, CPU, batch_size=8, flip=True)
+    mirrored_maps, mirrored_probs = attention_maps(model, x.flip(-1), CPU, batch_size=8, flip=True)
+    # Views {x, mirror x} and {mirror x, x}: the same two terms, added in the other order (exact in IEEE).
+    assert torch.equal(mirrored_maps, maps.flip(-1)) and torch.equal(mirrored_probs, probs)
+    plain, _ = attention_maps(model, x, CPU, batch_size=8)
+    assert not torch.allclose(maps, plain)  # the model is not mirror-symmetric: the flip view counts
+
+
+def test_scales_average_views_resized_to_the_base_grid():
+    model, x = tiny_model().eval(), images()
+    maps, probs = attention_maps(model, x, CPU, batch_size=8, scales=[0.5, 1.0, 1.3], flip=True)
+    assert maps.shape == (5, C, 4, 4) and probs.shape == (5, C)
+    # One view by hand: the 16 px image (0.5 x 32, two patches), its 2 x 2 maps upsampled to 4 x 4.
+    batch = normalize(x)
+    half, logits = model.class_attention_maps(F.interpolate(batch, size=(16, 16), mode="bilinear", align_corners=False))
+    assert half.shape[-2:] == (2, 2)
+    m, p = multi_view_maps(model, batch, [0.5], flip=False)
+    assert torch.equal(m, F.interpolate(half, size=(4, 4), mode="bilinear", align_corners=False)) and torch.equal(
+        p, torch.sigmoid(logits)
+    )
+    tiny, _ = multi_view_maps(model, batch, [0.01], flip=False)  # at least one patch
+    assert tiny.shape == (5, C, 4, 4)
+
+
+def test_views_params_default_and_validation():
+    params = load_params(DEFAULT_PARAMS)
+    assert params.pseudo_masks.scales == [1.0] and params.pseudo_masks.flip is False
+    assert load_params(None, ["pseudo_masks.scales=[0.5, 1, 1.5]"]).pseudo_masks.scales == [0.5, 1.0, 1.5]
+    for bad in ("[]", "[1.0, 0]", "[-0.5]"):
+        with pytest.raises(ConfigError, match=r"^pseudo_masks\.scales: expected a non-empty list of scales > 0"):
+            load_params(None, [f"pseudo_masks.scales={bad}"])
+    with pytest.raises(ConfigError, match=r"pseudo_masks\.scales: expected a list"):
+        load_params(None, ["pseudo_masks.scales=1.0"])
+    with pytest.raises(ConfigError, match=r"pseudo_masks\.flip: expected bool"):
+        load_params(None, ["pseudo_masks.flip=sometimes"])
+
+
+def test_pruned_model_gives_the_gated_models_masks_and_stats(tiny_params: Params):
+    from tasks.ingest import ingest, read_ingested
+    from tasks.train_classifier import build_classifier
+
+    ingest(Path(tiny_params.ingest.source), Path(tiny_params.ingest.out))
+    dataset = read_ingested(Path(tiny_params.ingest.out))
+    torch.manual_seed(0)
+    gated = build_classifier(tiny_params.classifier, dataset.num_classes).eval()
+    close_heads(gated, 1, [0, 1, 2, 3])  # a block with no head left after pruning
+    close_heads(gated, 3, [0, 2])
+    pruned = copy.deepcopy(gated).prune_heads()
+    assert [blk.attn.num_heads for blk in pruned.blocks] == [4, 0, 4, 2]
+    assert pruned.map_layer() == gated.map_layer() == 3
+    settings = dataclasses.replace(tiny_params.pseudo_masks, batch_size=16)
+    ids, masks, stats = generate_pseudo_masks(gated, dataset, settings, CPU)
+    pruned_ids, pruned_masks, pruned_stats = generate_pseudo_masks(pruned, dataset, settings, CPU)
+    assert pruned_ids == ids
+    assert all(np.array_equal(a, b) for a, b in zip(pruned_masks, masks, strict=True))
+    # The maps differ by float rounding only (the pruned matmuls sum fewer zero terms), so the thresholds
+    # and every mask-derived number are equal; class specificity sums the raw maps themselves.
+    floats = {"class_specificity"}
+    assert {k: v for k, v in pruned_stats.items() if k not in floats} == {
+        k: v for k, v in stats.items() if k not in floats
+    }
+    assert pruned_stats["class_specificity"] == pytest.approx(stats["class_specificity"], rel=1e-6)

@@ -28,7 +28,13 @@ GRID = {
     "variants": {
         "full": [],
         "no_masking": ["classifier.mask_ratio=0"],
-        "fixed_thresholds": ["pseudo_masks.tune_thresholds=false"],  # pseudo masks only: full's classifier
+        "fixed_thresholds": ["pseudo_masks.tune_thresholds=false", "pseudo_masks.flip=true"],  # full's classifier
+        "cam_baseline": [
+            "classifier.model=wsss_cam_vit_tiny_patch8",
+            "classifier.mask_ratio=0",
+            "classifier.reg_token=false",
+            "classifier.gates=false",
+        ],
     },
     "mask_ratio_sweep": ["no_masking", "full"],
 }
@@ -86,7 +92,9 @@ def test_a_malformed_grid_file_is_one_clear_error(tmp_path: Path, grid: dict, me
 def test_plan_rejects_unknown_names_and_overrides_that_do_not_apply(tmp_path: Path, tiny_params: Params):
     params_file, config_file = _write_grid(tmp_path, tiny_params)
     config = read_config(config_file)
-    with pytest.raises(WsssError, match=r"unknown variant 'no_reg' \(known: full, no_masking, fixed_thresholds\)"):
+    with pytest.raises(
+        WsssError, match=r"unknown variant 'no_reg' \(known: full, no_masking, fixed_thresholds, cam_baseline\)"
+    ):
         plan(config, params_file, tmp_path, variants=["no_reg"])
     with pytest.raises(WsssError, match="unknown scale 'converged'"):
         plan(config, params_file, tmp_path, scale="converged")
@@ -111,7 +119,7 @@ def test_plan_shares_a_classifier_only_between_variants_with_equal_classifier_pa
 def test_grid_rows_hold_every_number_of_the_table(finished_grid):
     _, config_file, root = finished_grid
     runs = {p.parent.parent.name: json.loads(p.read_text()) for p in root.glob("tiny/*/seed0/result.json")}
-    assert sorted(runs) == ["fixed_thresholds", "full", "no_masking"]
+    assert sorted(runs) == ["cam_baseline", "fixed_thresholds", "full", "no_masking"]
     for row in runs.values():
         assert 0.0 <= row["pseudo_miou"] <= 1.0 and 0.0 <= row["segmenter_miou"] <= 1.0
         assert 0.0 <= row["val_map"] <= 1.0 and row["classifier_seconds"] > 0
@@ -148,11 +156,11 @@ def test_report_writes_table_charts_grid_and_an_mlflow_run(
     summary = write_report(read_config(config_file), "tiny", root, tmp_path / "reports", grid_images=3)
 
     out = tmp_path / "reports" / "tiny"
-    assert list(summary["variant"]) == ["full", "no_masking", "fixed_thresholds"]  # grid order
+    assert list(summary["variant"]) == ["full", "no_masking", "fixed_thresholds", "cam_baseline"]  # grid order
     table = (out / "table.md").read_text()
     assert "| full | 1 |" in table and "pseudo-mask mIoU (train)" in table
-    assert pd.read_parquet(out / "table.parquet").shape[0] == 3
-    assert pd.read_parquet(out / "runs.parquet").shape[0] == 3
+    assert pd.read_parquet(out / "table.parquet").shape[0] == 4
+    assert pd.read_parquet(out / "runs.parquet").shape[0] == 4
     assert list(pd.read_csv(out / "mask_ratio.csv")["mask_ratio"]) == [0.0, 0.5]
     for name in ("bars.png", "mask_ratio.png", "grid.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -182,7 +190,7 @@ def test_print_dvc_gives_queued_experiments_with_valid_overrides(
     assert cli.main([*args, "--seed", "0", "--seed", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2:] == ["dvc queue start --jobs 1", "dvc exp show --only-changed --drop 'Created|State|Executor'"]
-    assert len(lines) == 3 * 2 + 2
+    assert len(lines) == 4 * 2 + 2
     words = shlex.split(lines[2])  # no_masking, seed 0
     assert words[:6] == ["dvc", "exp", "run", "--queue", "-n", "no_masking-tiny-s0"]
     overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]

@@ -87,6 +87,7 @@ def test_predict_from_the_registry_matches_the_checkpoint(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # an earlier test's get_client() set another
     experiment = mlflow.create_experiment("predict", artifact_location=str(tmp_path / "mlruns"))
     model, _ = load_segmenter(trained / "segmenter" / "model.pt")
     with mlflow.start_run(experiment_id=experiment):

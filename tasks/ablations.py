@@ -145,8 +145,10 @@ def plan(
     root = Path(root)
     (scale,) = _pick([scale] if scale else [next(iter(config.scales))], config.scales, "scale")
     cells = []
-    for variant in _pick(variants, config.variants, "variant"):
-        for seed in seeds if seeds else config.seeds:
+    names = _pick(variants, config.variants, "variant")
+    # Seed-major: a grid stopped early holds whole seeds of every variant.
+    for seed in seeds if seeds else config.seeds:
+        for variant in names:
             overrides = (*base_overrides, *config.scales[scale], *config.variants[variant], f"seed={seed}")
             try:
                 params = load_params(params_file, overrides)

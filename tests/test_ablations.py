@@ -191,7 +191,7 @@ def test_print_dvc_gives_queued_experiments_with_valid_overrides(
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2:] == ["dvc queue start --jobs 1", "dvc exp show --only-changed --drop 'Created|State|Executor'"]
     assert len(lines) == 4 * 2 + 2
-    words = shlex.split(lines[2])  # no_masking, seed 0
+    words = shlex.split(lines[1])  # no_masking, seed 0 (seed-major order)
     assert words[:6] == ["dvc", "exp", "run", "--queue", "-n", "no_masking-tiny-s0"]
     overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
     assert overrides == ["classifier.mask_ratio=0", "seed=0"]

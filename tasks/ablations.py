@@ -202,10 +202,15 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     if not classifier_metrics.is_file():  # written last: its presence means a finished classifier
         train_classifier.main(params)
     classifier = json.loads(classifier_metrics.read_text())
-    stats = pseudo_masks.main(params)
-    segmenter = train_segmenter.main(params, mask_source="pseudo")
-    if segmenter is None or "miou" not in stats:
-        raise WsssError(f"ablation {cell.name}: needs trainer.nproc=1 and ground truth on {params.pseudo_masks.split}")
+    if classifier["map_layer"] is None:  # every head closed: a result of the variant, without maps
+        stats = {key: None for key in ("miou", "ceiling_miou", "class_specificity", "area_share", "map_layer")}
+        segmenter = {"val_miou": None, "seconds": 0.0}
+    else:
+        stats = pseudo_masks.main(params)
+        segmenter = train_segmenter.main(params, mask_source="pseudo")
+        if segmenter is None or "miou" not in stats:
+            split = params.pseudo_masks.split
+            raise WsssError(f"ablation {cell.name}: needs trainer.nproc=1 and ground truth on {split}")
     row = {
         "scale": cell.scale,
         "variant": cell.variant,

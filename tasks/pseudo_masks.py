@@ -32,6 +32,7 @@ from tqdm import tqdm
 from models.token_masking_vit import TokenMaskingViT
 from tasks.config import Params, PseudoMaskParams
 from tasks.datasets import DatasetIndex, SplitData, load_split, normalize, read_mask, write_mask_table
+from tasks.errors import WsssError
 from tasks.ingest import read_ingested
 from tasks.io import write_json
 from tasks.metrics import ConfusionMatrix, mean_iou, scores_from_confusion
@@ -283,6 +284,8 @@ def decide_rule(
 ) -> MaskRule:
     """The params' thresholds, or with ``tune_thresholds`` the ones grid-searched on the first
     ``tune_images`` images of the split that have ground truth (a single step: it needs the whole sample)."""
+    if not any(blk.attn.open_heads().any() for blk in model.blocks):
+        raise WsssError("the classifier closed every attention head: no block can provide attention maps")
     rule = MaskRule(params.fg_threshold, params.bg_threshold, None, model.map_layer())
     rows = dataset.split(params.split)
     with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)]

@@ -153,7 +153,8 @@ def qualitative_grid(
     from tasks.train_classifier import MODEL_FILE, load_classifier
 
     dataset = read_ingested(root / "dataset")
-    first = runs.sort_values("seed").groupby("variant", sort=False).head(1).set_index("variant")
+    with_masks = runs[runs["pseudo_miou"].notna()]  # a variant that closed every head has no masks
+    first = with_masks.sort_values("seed").groupby("variant", sort=False).head(1).set_index("variant")
     first = first.loc[[v for v in order if v in first.index] + [v for v in first.index if v not in order]]
     picked, gts = [], []
     for row in dataset.split("train").itertuples(index=False):

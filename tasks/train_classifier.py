@@ -141,7 +141,8 @@ def gate_report(model: TokenMaskingViT) -> dict[str, Any]:
         "total_heads": int(open_heads.numel()),
         "closed_fraction": float((~open_heads).float().mean()),
         "closed_per_layer": closed_per_layer,
-        "map_layer": model.map_layer(),
+        # None: every head closed (e.g. mask_ratio 1 at gate_lambda 0.01); the pseudo-mask stage then stops.
+        "map_layer": model.map_layer() if open_heads.any() else None,
         "log_alpha": [g.log_alpha.detach().cpu().tolist() for g in model.gate_modules()],
     }
 

@@ -255,6 +255,9 @@ def run_grid(cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[
         log(f"ablation {i}/{len(cells)}: {cell.name}")
         rows.append(run_cell(cell))
         row = rows[-1]
+        if row["pseudo_miou"] is None:
+            log(f"ablation {cell.name}: every head closed (val mAP {row['val_map']:.3f}), no maps")
+            continue
         log(
             f"ablation {cell.name}: pseudo-mask mIoU {row['pseudo_miou']:.3f}  segmenter mIoU "
             f"{row['segmenter_miou']:.3f}  val mAP {row['val_map']:.3f}"

@@ -242,6 +242,24 @@ def _add_ablations(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     rep.set_defaults(handler=_report)
 
 
+def _diagnose_maps(params: Params, args: argparse.Namespace) -> None:
+    from tasks.map_diagnostics import main
+
+    main(args.classifier, args.dataset or params.ingest.out, args.images, args.out)
+
+
+def _add_diagnose_maps(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss diagnose-maps`` (tasks/map_diagnostics.py): class specificity of every block's attention."""
+    diag = sub.add_parser(
+        "diagnose-maps", parents=[common], help="class specificity of the class-token attention, per block"
+    )
+    diag.add_argument("classifier", help="classifier model.pt")
+    diag.add_argument("--dataset", help="ingested data set (default: ingest.out)")
+    diag.add_argument("--images", type=_positive_int, default=300, help="training images with >= 2 classes")
+    diag.add_argument("--out", help="also write the table as CSV")
+    diag.set_defaults(handler=_diagnose_maps)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -275,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub, common)
     _add_s3(sub, common)
     _add_ablations(sub, common)
+    _add_diagnose_maps(sub, common)
     return parser
 
 

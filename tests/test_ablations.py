@@ -235,3 +235,32 @@ def test_jobs_run_groups_in_processes_with_the_same_numbers(finished_grid, tmp_p
             k: v for k, v in serial.items() if k not in VOLATILE
         }
     assert (tmp_path / "tiny/no_masking/seed0.log").read_text().strip()
+
+
+def test_a_variant_that_closes_every_head_is_a_row_without_maps(finished_grid, tmp_path: Path):
+    params_file, config_file, _ = finished_grid
+    config = dataclasses.replace(read_config(config_file), variants={"closed": ["classifier.gate_init=-3"]})
+    (row,) = run_grid(plan(config, params_file, tmp_path))
+    assert row["closed_heads"] == 16 and row["map_layer"] is None
+    assert row["pseudo_miou"] is None and row["segmenter_miou"] is None and 0.0 <= row["val_map"] <= 1.0
+    with pytest.raises(WsssError, match="the classifier closed every attention head"):
+        from tasks import pseudo_masks
+
+        pseudo_masks.main(plan(config, params_file, tmp_path)[0].params)
+
+
+def test_diagnose_maps_scores_every_block(finished_grid, capsys):
+    from tasks.ingest import read_ingested
+    from tasks.map_diagnostics import specificity_by_block
+    from tasks.train_classifier import load_classifier
+
+    _, _, root = finished_grid
+    rows = {p.parent.parent.name: json.loads(p.read_text()) for p in root.glob("tiny/*/seed0/result.json")}
+    model, _ = load_classifier(Path(rows["full"]["classifier_dir"]) / "model.pt")
+    table = specificity_by_block(model, read_ingested(root / "dataset"), max_images=8)
+    assert list(table["block"]) == [0, 1, 2, 3] and (table["open_heads"] == 4).all()
+    for column in ("open_mean", "all_heads_mean", "best_head_share", "area_share", "tuned_miou"):
+        assert table[column].between(0, 1).all(), column
+    cam, _ = load_classifier(Path(rows["cam_baseline"]["classifier_dir"]) / "model.pt")
+    with pytest.raises(WsssError, match=r"one \[CLS\] token per class"):
+        specificity_by_block(cam, read_ingested(root / "dataset"))

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tasks.config import ConfigError, Params, load_params
+from tasks.config import ConfigError, Params, load_params, read_yaml
 from tasks.errors import WsssError
 from tasks.io import write_json
 
@@ -85,12 +83,9 @@ def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
         ConfigError: unreadable file or a malformed entry (the message names the file and key).
     """
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ablation grid ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    tree = read_yaml(path, "ablation grid")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping with seeds, scales, variants, got {tree!r}")
     unknown = sorted(set(tree) - {"seeds", "scales", "variants", "mask_ratio_sweep"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: mask_ratio_sweep, scales, seeds, variants)")

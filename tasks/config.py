@@ -289,21 +289,28 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from None
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content (``{}`` when empty).
+
+    Raises:
+        ConfigError: unreadable file or invalid YAML; ``what`` names the file's role in the message.
+    """
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
 def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Reads params.yaml (missing file -> defaults only when ``path`` is None) and applies overrides.
 
     Raises:
         ConfigError: unreadable file, unknown key, wrong type or out-of-range value.
     """
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read params file ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    tree: dict[str, Any] = {} if path is None else read_yaml(path, "params file")
     for override in overrides:
         apply_override(tree, override)
     params = _build(Params, tree, "")

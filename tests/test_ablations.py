@@ -75,13 +75,14 @@ def finished_grid(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) 
     ("grid", "message"),
     [
         ({**GRID, "stages": []}, "unknown key 'stages'"),
+        (["full"], "expected a mapping with seeds, scales, variants"),
         ({**GRID, "seeds": "0"}, "seeds: expected a non-empty list of integers"),
         ({**GRID, "variants": {"full": "classifier.mask_ratio=0"}}, "variants.full: expected a list"),
         ({**GRID, "scales": {}}, "scales: expected a non-empty mapping"),
         ({**GRID, "mask_ratio_sweep": ["full", "mask_0.3"]}, "mask_ratio_sweep names unknown variant 'mask_0.3'"),
     ],
 )
-def test_a_malformed_grid_file_is_one_clear_error(tmp_path: Path, grid: dict, message: str):
+def test_a_malformed_grid_file_is_one_clear_error(tmp_path: Path, grid: dict | list, message: str):
     path = tmp_path / "ablations.yaml"
     path.write_text(yaml.safe_dump(grid))
     with pytest.raises(ConfigError, match=message) as err:

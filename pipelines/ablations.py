@@ -3,9 +3,9 @@
 The flow is named ``wsss`` like the pipeline's (pipelines/wsss.py) so that its deployment reads
 ``wsss/ablations``. Steps:
 1. plan the cells (tasks/ablations.py) and ingest the data set once;
-2. one task per classifier (the cells that share it, e.g. ``full`` and ``multiscale_flip``, run in order
-   inside it), each cell a ``wsss ablations --variant V --seed S --no-report`` process; at most ``jobs``
-   tasks at once (default: the cores divided by ``num_threads``: 1 on this 2-core machine);
+2. one task per classifier: a ``wsss ablations --variant V [--variant W] --seed S --no-report`` process
+   runs the cells that share it (e.g. ``full`` and ``multiscale_flip``) in order; at most ``jobs`` tasks
+   at once (default: the cores divided by ``num_threads``: 1 on this 2-core machine);
 3. ``wsss report``'s function on every finished run of the scale: table, charts, grid, MLflow run.
 
 Cells that finished earlier (same params) are not rerun, so a failed or cancelled grid continues.
@@ -30,8 +30,9 @@ POLL_S = 5.0
 @task(name="plan and ingest", cache_policy=NO_CACHE)
 def plan_grid(
     scale: str | None, variants: list[str], seeds: list[int], overrides: list[str]
-) -> tuple[str, list[list[tuple[str, int]]]]:
-    """(variant, seed) of the grid's cells grouped by classifier (a group runs in order); ingests once."""
+) -> tuple[str, list[tuple[list[str], list[str]]]]:
+    """Per classifier group (its cells run in order): the cells' names and the ``wsss ablations`` command
+    that runs them (tasks.ablations.cell_command, as ``--jobs`` does); ingests the data set once."""
     from tasks import ablations
     from tasks.errors import WsssError
 
@@ -42,21 +43,21 @@ def plan_grid(
         ablations.prepare(cells)
     except WsssError as err:
         raise StageError(f"wsss ablations: error: {err}") from None
-    groups = [[(cell.variant, cell.seed) for cell in group] for group in ablations.classifier_groups(cells)]
+    overrides_args = [f"-S{o}" for o in overrides]
+    groups = [
+        ([cell.name for cell in group], ablations.cell_command(group, overrides_args))
+        for group in ablations.classifier_groups(cells)
+    ]
     return cells[0].scale, groups
 
 
 @task(name="ablation runs", task_run_name="{label}", cache_policy=NO_CACHE)
-def run_group(scale: str, members: list[tuple[str, int]], label: str, overrides: list[str]) -> list[str]:
-    """Runs the cells of one classifier, one ``wsss ablations`` process each (own threads, own memory)."""
-    logger = get_run_logger()
-    for variant, seed in members:
-        name = f"{scale}/{variant}/seed{seed}"
-        cmd = ["wsss", "ablations", "--scale", scale, "--variant", variant, "--seed", str(seed), "--no-report"]
-        returncode, lines = _run_logged([*cmd, *(f"-S{o}" for o in overrides)], Path.cwd(), logger, name)
-        if returncode != 0:
-            raise _failure(name, returncode, lines)
-    return [f"{scale}/{variant}/seed{seed}" for variant, seed in members]
+def run_group(names: list[str], cmd: list[str], label: str) -> list[str]:
+    """Runs the cells of one classifier in one ``wsss ablations`` process (own threads, own memory)."""
+    returncode, lines = _run_logged(cmd, Path.cwd(), get_run_logger(), label)
+    if returncode != 0:
+        raise _failure(label, returncode, lines)
+    return names
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -99,9 +100,8 @@ def ablations(
     queue, running, finished = list(groups), [], []
     while queue or running:
         while queue and len(running) < jobs:
-            group = queue.pop(0)
-            label = " + ".join(f"{variant}/seed{seed}" for variant, seed in group)
-            running.append(run_group.submit(scale_name, group, label, overrides))
+            names, cmd = queue.pop(0)
+            running.append(run_group.submit(names, cmd, " + ".join(names)))
         done = wait(running, timeout=POLL_S).done
         for future in done:
             finished += future.result()  # raises: a failed run fails the flow (finished cells stay done)

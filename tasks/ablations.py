@@ -6,6 +6,8 @@ into ``<root>/<scale>/<variant>/seed<seed>/``, and writes one ``result.json`` ro
 tabulates). Classifiers are keyed by what decides them (classifier params, seed, data set), so variants
 that change only the pseudo-mask stage (``multiscale_flip``) reuse the one trained for ``full``. A cell
 whose ``result.json`` holds its fingerprint is not rerun; a killed cell resumes from its checkpoints.
+Runs are keyed by the data set's path, not its content (the grid is an experiment beside the versioned
+pipeline): after changing the data at the same path, give the grid a fresh ``--root``.
 """
 
 from __future__ import annotations

@@ -38,6 +38,27 @@ def block_class_rows(model: TokenMaskingViT, images: torch.Tensor) -> list[torch
     return rows
 
 
+def multi_class_train_images(dataset: DatasetIndex, limit: int) -> tuple[DatasetIndex, list[np.ndarray]]:
+    """The first ``limit`` training images whose ground truth holds >= 2 classes: their index and masks.
+
+    Raises:
+        WsssError: no such image.
+    """
+    rows = dataset.split("train")
+    positions, gts = [], []
+    for position, path in enumerate(rows["mask"].tolist()):
+        if isinstance(path, str):
+            gt = read_mask(dataset.root / path)
+            if len(np.setdiff1d(np.unique(gt), [0, 255])) >= 2:
+                positions.append(position)
+                gts.append(gt)
+        if len(gts) == limit:
+            break
+    if not gts:
+        raise WsssError(f"{dataset.root}: no training image with ground truth and two classes")
+    return DatasetIndex(dataset.root, dataset.classes, rows.iloc[positions], dataset.bands), gts
+
+
 @torch.no_grad()
 def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_images: int = 300) -> pd.DataFrame:
     """One row per block: open heads, specificity of the open-head mean, the all-head mean, the best head.
@@ -47,18 +68,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     """
     if not isinstance(model, TokenMaskingViT) or model.class_tokens.shape[1] != model.num_classes:
         raise WsssError("diagnose-maps needs a classifier with one [CLS] token per class (wsss_vit_*)")
-    rows = dataset.split("train")
-    multi = []
-    for position, path in enumerate(rows["mask"].tolist()):
-        if isinstance(path, str):
-            gt = read_mask(dataset.root / path)
-            if len(np.setdiff1d(np.unique(gt), [0, 255])) >= 2:
-                multi.append((position, gt))
-        if len(multi) == max_images:
-            break
-    if not multi:
-        raise WsssError(f"{dataset.root}: no training image with ground truth and two classes")
-    subset = DatasetIndex(dataset.root, dataset.classes, rows.iloc[[p for p, _ in multi]], dataset.bands)
+    subset, gts = multi_class_train_images(dataset, max_images)
     data = load_split(subset, "train", model.grid_size[0] * model.patch_size, with_masks=False)
     open_heads = [blk.attn.open_heads().cpu() for blk in model.blocks]
     num_heads = model.blocks[0].attn.num_heads
@@ -66,11 +76,11 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     scores = [{key: [] for key in ("open", "all", *range(num_heads))} for _ in model.blocks]
     areas = []
     mask_samples = [[] for _ in model.blocks]  # (normalised maps, classes, probabilities, gt) per block
-    for start in range(0, len(multi), 64):
+    for start in range(0, len(gts), 64):
         images = data.images[start : start + 64]
         batch_rows = block_class_rows(model, images)
         probs = torch.sigmoid(model(normalize(images))).numpy()
-        for i, (_, gt) in enumerate(multi[start : start + 64]):
+        for i, gt in enumerate(gts[start : start + 64]):
             classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
             for block, attn in enumerate(batch_rows):
                 heads = attn[i][:, classes]  # [H, K, h, w]

@@ -146,9 +146,10 @@ def qualitative_grid(
     the attention maps of the image's first classes for ``full`` and ``no_masking`` (class named in the cell)."""
     from PIL import Image, ImageDraw
 
-    from tasks.datasets import display_rgb, read_image, read_mask, read_mask_table, to_uint8
+    from tasks.datasets import display_rgb, load_split, read_image, read_mask_table, to_uint8
     from tasks.evaluate import colorize, image_grid
     from tasks.ingest import read_ingested
+    from tasks.map_diagnostics import multi_class_train_images
     from tasks.pseudo_masks import attention_maps, normalized_maps
     from tasks.train_classifier import MODEL_FILE, load_classifier
 
@@ -156,16 +157,8 @@ def qualitative_grid(
     with_masks = runs[runs["pseudo_miou"].notna()]  # a variant that closed every head has no masks
     first = with_masks.sort_values("seed").groupby("variant", sort=False).head(1).set_index("variant")
     first = first.loc[[v for v in order if v in first.index] + [v for v in first.index if v not in order]]
-    picked, gts = [], []
-    for row in dataset.split("train").itertuples(index=False):
-        gt = read_mask(dataset.path(row.mask)) if isinstance(row.mask, str) else None
-        if gt is not None and len(np.setdiff1d(np.unique(gt), [0, 255])) >= 2:
-            picked.append(row)
-            gts.append(gt)
-        if len(picked) == num_images:
-            break
-    if not picked:
-        raise WsssError(f"{dataset.root}: no training image with ground truth and two classes for the grid")
+    subset, gts = multi_class_train_images(dataset, num_images)
+    picked = list(subset.manifest.itertuples(index=False))
     images = [display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands)) for row in picked]
     columns: dict[str, list[np.ndarray]] = {"image": images, "ground truth": [colorize(gt) for gt in gts]}
     for variant, row in first.iterrows():
@@ -174,10 +167,9 @@ def qualitative_grid(
         columns[variant] = [colorize(table[p.id]) for p in picked]
     for variant in (v for v in MAP_VARIANTS if v in first.index):
         model, record = load_classifier(Path(first.loc[variant, "classifier_dir"]) / MODEL_FILE, device)
-        size = model.grid_size[0] * model.patch_size
-        batch = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images])
-        batch = torch.nn.functional.interpolate(batch.float(), size=(size, size), mode="bilinear").round().byte()
-        maps, _ = attention_maps(model, batch, device)
+        # the model's own input (all bands, its size), as the pseudo-mask stage feeds it
+        data = load_split(subset, "train", model.grid_size[0] * model.patch_size, with_masks=False)
+        maps, _ = attention_maps(model, data.images, device)
         for k in range(MAPS_PER_IMAGE):
             cells = []
             for i, gt in enumerate(gts):

@@ -84,11 +84,11 @@ def ablations(
     jobs: int = 0,
     overrides: list[str] = [],  # noqa: B006
 ) -> dict[str, Any]:
-    """The ablation grid: ``variants``/``seeds`` empty = all of ablations.yaml; ``jobs`` 0 = auto.
+    """The ablation grid: ``variants``/``seeds`` empty = the scale's of ablations.yaml; ``jobs`` 0 = auto.
 
     Args:
         scale: run length from ablations.yaml (default: its first, ``default``).
-        variants: names from ablations.yaml (default: all).
+        variants: names from ablations.yaml (default: the scale's ``scale_variants``, else all).
         seeds: seeds (default: ablations.yaml's).
         jobs: concurrent classifier groups (0: cores // num_threads).
         overrides: params overrides applied to every cell, e.g. ``["ingest.source=data/voc"]``.

@@ -6,6 +6,9 @@
 #
 #   scripts/gpu_ablations.sh DEADLINE_S OUT_DIR SCALE:JOBS:VARIANT,VARIANT... [SCALE:JOBS:...]
 #   e.g. scripts/gpu_ablations.sh 420 /tmp/out default:10:all converged:5:full,no_masking,cam_baseline
+# `all`: the scale's variants (ablations.yaml scale_variants). At the deadline every run is stopped after
+# its last finished epoch; the same command again on the same box resumes them (checkpoints per epoch)
+# and skips finished runs, so a grid longer than one call's limit runs as two calls in a row.
 set -uo pipefail
 deadline=$1 out=$2
 shift 2

@@ -34,12 +34,16 @@ RESULT_FILE = "result.json"
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """The grid: seeds, run lengths (``scales``) and variants, each a list of params overrides."""
+    """The grid: seeds, run lengths (``scales``) and variants, each a list of params overrides.
+
+    ``scale_variants``: the variants a scale runs when none are named (every variant for a scale not in it).
+    """
 
     seeds: list[int]
     scales: dict[str, list[str]]
     variants: dict[str, list[str]]
     mask_ratio_sweep: list[str]
+    scale_variants: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,10 @@ def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
     tree = read_yaml(path, "ablation grid")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping with seeds, scales, variants, got {tree!r}")
-    unknown = sorted(set(tree) - {"seeds", "scales", "variants", "mask_ratio_sweep"})
+    known = ("mask_ratio_sweep", "scale_variants", "scales", "seeds", "variants")
+    unknown = sorted(set(tree) - set(known))
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: mask_ratio_sweep, scales, seeds, variants)")
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
     seeds = tree.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ConfigError(f"{path}: seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
@@ -101,10 +106,22 @@ def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
             raise ConfigError(f"{path}: {key}: expected a non-empty mapping of name -> overrides")
         sections[key] = {str(name): _string_list(value, f"{path}: {key}.{name}") for name, value in entries.items()}
     sweep = _string_list(tree.get("mask_ratio_sweep"), f"{path}: mask_ratio_sweep")
-    missing = [name for name in sweep if name not in sections["variants"]]
+    _check_names(sweep, sections["variants"], f"{path}: mask_ratio_sweep names unknown variant")
+    scale_variants = tree.get("scale_variants") or {}
+    if not isinstance(scale_variants, dict):
+        raise ConfigError(f"{path}: scale_variants: expected a mapping of scale -> variants, got {scale_variants!r}")
+    for scale, names in scale_variants.items():
+        _check_names([scale], sections["scales"], f"{path}: scale_variants names unknown scale")
+        names = _string_list(names, f"{path}: scale_variants.{scale}")
+        _check_names(names, sections["variants"], f"{path}: scale_variants.{scale} names unknown variant")
+        scale_variants[scale] = names
+    return AblationConfig(seeds, sections["scales"], sections["variants"], sweep, scale_variants)
+
+
+def _check_names(names: Sequence[str], known: dict[str, Any], message: str) -> None:
+    missing = [name for name in names if name not in known]
     if missing:
-        raise ConfigError(f"{path}: mask_ratio_sweep names unknown variant {missing[0]!r}")
-    return AblationConfig(seeds, sections["scales"], sections["variants"], sweep)
+        raise ConfigError(f"{message} {missing[0]!r}")
 
 
 def _pick(requested: Sequence[str] | None, known: dict[str, Any], what: str) -> list[str]:
@@ -134,7 +151,8 @@ def plan(
     seeds: Sequence[int] | None = None,
     base_overrides: Sequence[str] = (),
 ) -> list[Cell]:
-    """The cells of one scale (default: the first) for the given variants and seeds (default: all).
+    """The cells of one scale (default: the first) for the given variants and seeds (default: the scale's
+    variants of ``scale_variants``, else all; every seed).
 
     Raises:
         WsssError: an unknown scale or variant; ConfigError: an override that does not apply.
@@ -142,7 +160,7 @@ def plan(
     root = Path(root)
     (scale,) = _pick([scale] if scale else [next(iter(config.scales))], config.scales, "scale")
     cells = []
-    names = _pick(variants, config.variants, "variant")
+    names = _pick(variants or config.scale_variants.get(scale), config.variants, "variant")
     # Seed-major: a grid stopped early holds whole seeds of every variant.
     for seed in seeds if seeds else config.seeds:
         for variant in names:

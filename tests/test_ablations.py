@@ -80,6 +80,9 @@ def finished_grid(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) 
         ({**GRID, "variants": {"full": "classifier.mask_ratio=0"}}, "variants.full: expected a list"),
         ({**GRID, "scales": {}}, "scales: expected a non-empty mapping"),
         ({**GRID, "mask_ratio_sweep": ["full", "mask_0.3"]}, "mask_ratio_sweep names unknown variant 'mask_0.3'"),
+        ({**GRID, "scale_variants": ["full"]}, "scale_variants: expected a mapping of scale -> variants"),
+        ({**GRID, "scale_variants": {"huge": ["full"]}}, "scale_variants names unknown scale 'huge'"),
+        ({**GRID, "scale_variants": {"longer": ["no_reg"]}}, "scale_variants.longer names unknown variant 'no_reg'"),
     ],
 )
 def test_a_malformed_grid_file_is_one_clear_error(tmp_path: Path, grid: dict | list, message: str):
@@ -115,6 +118,15 @@ def test_plan_shares_a_classifier_only_between_variants_with_equal_classifier_pa
     assert cells["full"].fingerprint != cells["fixed_thresholds"].fingerprint
     longer = plan(read_config(config_file), params_file, tmp_path / "runs", scale="longer", variants=["full"])
     assert longer[0].params.classifier.epochs == 3 and longer[0].run_dir == tmp_path / "runs/longer/full/seed0"
+
+
+def test_a_scale_runs_its_own_variants_unless_variants_are_named(tmp_path: Path, tiny_params: Params):
+    params_file, config_file = _write_grid(tmp_path, tiny_params, {**GRID, "scale_variants": {"longer": ["full"]}})
+    config = read_config(config_file)
+    assert [c.variant for c in plan(config, params_file, tmp_path, scale="longer")] == ["full"]
+    named = plan(config, params_file, tmp_path, scale="longer", variants=["no_masking"])
+    assert [c.variant for c in named] == ["no_masking"]
+    assert [c.variant for c in plan(config, params_file, tmp_path, scale="tiny")] == list(GRID["variants"])
 
 
 def test_grid_rows_hold_every_number_of_the_table(finished_grid):

@@ -1,7 +1,8 @@
 """``wsss report``: the ablation comparison from the grid's ``result.json`` rows (tasks/ablations.py).
 
 Writes to ``reports/ablations/<scale>/``: ``table.md`` / ``table.csv`` / ``table.parquet`` (per variant,
-mean ± std over seeds), ``runs.parquet`` (one row per run), ``bars.png`` (pseudo-mask and segmenter mIoU
+mean ± std over seeds), ``paired.md`` / ``paired.csv`` (each variant minus ``full`` on the same seed),
+``runs.parquet`` (one row per run), ``bars.png`` (pseudo-mask and segmenter mIoU
 per variant), ``mask_ratio.csv`` + ``mask_ratio.png`` (the mask-ratio sweep) and ``grid.png`` (training
 images x variants' pseudo masks, then the per-class attention maps of ``full`` and ``no_masking`` side by
 side); logs all of it to the MLflow experiment ``wsss-ablations``.
@@ -34,6 +35,8 @@ METRICS = {
     "train_minutes": "training min",
 }
 MAP_VARIANTS = ("full", "no_masking")  # whose per-class attention maps the grid shows
+PAIRED_REFERENCE = "full"  # what the paired table subtracts
+PAIRED_METRICS = ("pseudo_miou", "segmenter_miou", "class_specificity")
 MAPS_PER_IMAGE = 2
 
 
@@ -79,6 +82,50 @@ def markdown_table(summary: pd.DataFrame) -> str:
     ]
     for _, row in summary.iterrows():
         lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cell(row, c) for c in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_differences(runs: pd.DataFrame, reference: str = PAIRED_REFERENCE) -> pd.DataFrame:
+    """Per variant: its metric minus ``reference``'s on the same seed, mean ± std over the seeds both have,
+    and on how many of them the variant is higher.
+
+    Runs of one seed share initial weights (same architecture), batch order and augmentations, so the
+    per-seed difference is free of most of the seed-to-seed spread of the plain table.
+    """
+    values = runs.set_index(["variant", "seed"])[list(PAIRED_METRICS)].apply(pd.to_numeric, errors="coerce")
+    if reference not in values.index.get_level_values("variant"):
+        return pd.DataFrame()
+    base = values.loc[reference]
+    rows = []
+    for variant in dict.fromkeys(runs["variant"]):
+        if variant == reference:
+            continue
+        diff = (values.loc[variant] - base).dropna(how="all")  # aligned on seed: seeds both ran
+        if diff.empty:  # e.g. every head closed: no maps to compare
+            continue
+        row: dict[str, Any] = {"variant": variant, "seeds": len(diff)}
+        for column in PAIRED_METRICS:
+            row[f"{column}_diff_mean"] = diff[column].mean()
+            row[f"{column}_diff_std"] = diff[column].std(ddof=1)
+            row[f"{column}_higher"] = int((diff[column] > 0).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_markdown(paired: pd.DataFrame, reference: str = PAIRED_REFERENCE) -> str:
+    """``+0.051 ± 0.016 (3/3)``: mean ± std of the per-seed difference, seeds where the variant is higher."""
+    headings = " | ".join(f"Δ {METRICS[c]} vs {reference}" for c in PAIRED_METRICS)
+    lines = [f"| variant | seeds | {headings} |", "|---|---|" + "---|" * len(PAIRED_METRICS)]
+    for _, row in paired.iterrows():
+        cells = []
+        for column in PAIRED_METRICS:
+            mean, std = row[f"{column}_diff_mean"], row[f"{column}_diff_std"]
+            if pd.isna(mean):
+                cells.append("–")
+                continue
+            spread = "" if pd.isna(std) else f" ± {std:.3f}"
+            cells.append(f"{mean:+.3f}{spread} ({row[f'{column}_higher']}/{row['seeds']})")
+        lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +280,10 @@ def write_report(
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)
         write(name, buffer.getvalue())
+    paired = paired_differences(runs)
+    if not paired.empty:
+        write("paired.md", paired_markdown(paired))
+        write("paired.csv", paired.to_csv(index=False, float_format="%.6g"))
     bar_chart(summary, out / "bars.png")
     files.append(out / "bars.png")
     sweep = mask_ratio_table(runs, config.mask_ratio_sweep)

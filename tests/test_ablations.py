@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -20,7 +21,7 @@ from tasks import ablations, cli
 from tasks.ablations import plan, read_config, run_cell, run_grid
 from tasks.config import ConfigError, Params, load_params
 from tasks.errors import WsssError
-from tasks.report import write_report
+from tasks.report import paired_differences, paired_markdown, write_report
 
 GRID = {
     "seeds": [0],
@@ -175,6 +176,7 @@ def test_report_writes_table_charts_grid_and_an_mlflow_run(
     assert pd.read_parquet(out / "table.parquet").shape[0] == 4
     assert pd.read_parquet(out / "runs.parquet").shape[0] == 4
     assert list(pd.read_csv(out / "mask_ratio.csv")["mask_ratio"]) == [0.0, 0.5]
+    assert "| no_masking | 1 | " in (out / "paired.md").read_text()  # minus full on seed 0
     for name in ("bars.png", "mask_ratio.png", "grid.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
@@ -183,6 +185,28 @@ def test_report_writes_table_charts_grid_and_an_mlflow_run(
     assert run.data.metrics["full.pseudo_miou_mean"] == pytest.approx(summary.loc[0, "pseudo_miou_mean"])
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"table.md", "table.parquet", "bars.png", "grid.png"} <= logged
+
+
+def test_paired_differences_subtract_full_on_the_same_seed():
+    pseudo = {("full", 0): 0.3, ("full", 1): 0.2, ("full", 2): 0.4, ("no_masking", 0): 0.25, ("no_masking", 1): 0.25}
+    pseudo |= {("no_masking", 2): 0.35, ("cam_baseline", 1): 0.1, ("mask_1.0", 0): None}  # mask_1.0: no maps
+    runs = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "pseudo_miou": p, "segmenter_miou": p and p / 2, "class_specificity": p and 0.4}
+            for (v, s), p in pseudo.items()
+        ]
+    )
+    paired = paired_differences(runs).set_index("variant")
+    assert list(paired.index) == ["no_masking", "cam_baseline"]
+    no_masking = paired.loc["no_masking"]
+    assert no_masking["seeds"] == 3 and no_masking["pseudo_miou_higher"] == 1
+    assert no_masking["pseudo_miou_diff_mean"] == pytest.approx(-0.05 / 3)
+    assert no_masking["pseudo_miou_diff_std"] == pytest.approx(np.std([-0.05, 0.05, -0.05], ddof=1))
+    assert paired.loc["cam_baseline", "pseudo_miou_diff_mean"] == pytest.approx(-0.1)
+    table = paired_markdown(paired.reset_index())
+    assert "| no_masking | 3 | -0.017 ± 0.058 (1/3) | -0.008 ± 0.029 (1/3) | +0.000 ± 0.000 (0/3) |" in table
+    assert "| cam_baseline | 1 | -0.100 (0/1) |" in table
+    assert paired_differences(runs[runs["variant"] != "full"]).empty
 
 
 def test_report_without_finished_runs_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -36,7 +36,8 @@ RESULT_FILE = "result.json"
 class AblationConfig:
     """The grid: seeds, run lengths (``scales``) and variants, each a list of params overrides.
 
-    ``scale_variants``: the variants a scale runs when none are named (every variant for a scale not in it).
+    ``scale_variants``: the variants a scale runs when none are named (every variant for a scale not in it);
+    ``paired``: variant -> the variant the report's paired table subtracts from it (default ``full``).
     """
 
     seeds: list[int]
@@ -44,6 +45,7 @@ class AblationConfig:
     variants: dict[str, list[str]]
     mask_ratio_sweep: list[str]
     scale_variants: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    paired: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
     tree = read_yaml(path, "ablation grid")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping with seeds, scales, variants, got {tree!r}")
-    known = ("mask_ratio_sweep", "scale_variants", "scales", "seeds", "variants")
+    known = ("mask_ratio_sweep", "paired", "scale_variants", "scales", "seeds", "variants")
     unknown = sorted(set(tree) - set(known))
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
@@ -115,7 +117,11 @@ def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
         names = _string_list(names, f"{path}: scale_variants.{scale}")
         _check_names(names, sections["variants"], f"{path}: scale_variants.{scale} names unknown variant")
         scale_variants[scale] = names
-    return AblationConfig(seeds, sections["scales"], sections["variants"], sweep, scale_variants)
+    paired = tree.get("paired") or {}
+    if not isinstance(paired, dict) or not all(isinstance(v, str) for v in paired.values()):
+        raise ConfigError(f"{path}: paired: expected a mapping of variant -> reference variant, got {paired!r}")
+    _check_names([*paired, *paired.values()], sections["variants"], f"{path}: paired names unknown variant")
+    return AblationConfig(seeds, sections["scales"], sections["variants"], sweep, scale_variants, paired)
 
 
 def _check_names(names: Sequence[str], known: dict[str, Any], message: str) -> None:

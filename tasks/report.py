@@ -1,18 +1,18 @@
 """``wsss report``: the ablation comparison from the grid's ``result.json`` rows (tasks/ablations.py).
 
 Writes to ``reports/ablations/<scale>/``: ``table.md`` / ``table.csv`` / ``table.parquet`` (per variant,
-mean ± std over seeds), ``paired.md`` / ``paired.csv`` (each variant minus ``full`` on the same seed),
-``runs.parquet`` (one row per run), ``bars.png`` (pseudo-mask and segmenter mIoU
-per variant), ``mask_ratio.csv`` + ``mask_ratio.png`` (the mask-ratio sweep) and ``grid.png`` (training
-images x variants' pseudo masks, then the per-class attention maps of ``full`` and ``no_masking`` side by
-side); logs all of it to the MLflow experiment ``wsss-ablations``.
+mean ± std over seeds), ``paired.md`` / ``paired.csv`` (each variant minus ``full``, or minus its
+``paired`` reference, on the same seed), ``runs.parquet`` (one row per run), ``bars.png`` (pseudo-mask and
+segmenter mIoU per variant), ``mask_ratio.csv`` + ``mask_ratio.png`` (the mask-ratio sweep) and
+``grid.png`` (training images x variants' pseudo masks, then the per-class attention maps of ``full`` and
+``no_masking`` side by side); logs all of it to the MLflow experiment ``wsss-ablations``.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ METRICS = {
     "train_minutes": "training min",
 }
 MAP_VARIANTS = ("full", "no_masking")  # whose per-class attention maps the grid shows
-PAIRED_REFERENCE = "full"  # what the paired table subtracts
+PAIRED_REFERENCE = "full"  # what the paired table subtracts unless ablations.yaml `paired` names another
 PAIRED_METRICS = ("pseudo_miou", "segmenter_miou", "class_specificity")
 MAPS_PER_IMAGE = 2
 
@@ -85,25 +85,32 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paired_differences(runs: pd.DataFrame, reference: str = PAIRED_REFERENCE) -> pd.DataFrame:
-    """Per variant: its metric minus ``reference``'s on the same seed, mean ± std over the seeds both have,
+def paired_differences(
+    runs: pd.DataFrame, references: Mapping[str, str] | None = None, order: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Per variant: its metric minus its reference's on the same seed, mean ± std over the seeds both have,
     and on how many of them the variant is higher.
 
     Runs of one seed share initial weights (same architecture), batch order and augmentations, so the
     per-seed difference is free of most of the seed-to-seed spread of the plain table.
+
+    Args:
+        runs: one row per run (:func:`collect`).
+        references: variant -> the variant it is compared with (default for any other: ``full``).
+        order: variants first in this order (the grid's), then the rest.
     """
+    references = references or {}
     values = runs.set_index(["variant", "seed"])[list(PAIRED_METRICS)].apply(pd.to_numeric, errors="coerce")
-    if reference not in values.index.get_level_values("variant"):
-        return pd.DataFrame()
-    base = values.loc[reference]
+    present = set(runs["variant"])
     rows = []
-    for variant in dict.fromkeys(runs["variant"]):
-        if variant == reference:
+    for variant in [v for v in order if v in present] + [v for v in dict.fromkeys(runs["variant"]) if v not in order]:
+        reference = references.get(variant, PAIRED_REFERENCE)
+        if variant == reference or reference not in present:
             continue
-        diff = (values.loc[variant] - base).dropna(how="all")  # aligned on seed: seeds both ran
+        diff = (values.loc[variant] - values.loc[reference]).dropna(how="all")  # aligned on seed: seeds both ran
         if diff.empty:  # e.g. every head closed: no maps to compare
             continue
-        row: dict[str, Any] = {"variant": variant, "seeds": len(diff)}
+        row: dict[str, Any] = {"variant": variant, "reference": reference, "seeds": len(diff)}
         for column in PAIRED_METRICS:
             row[f"{column}_diff_mean"] = diff[column].mean()
             row[f"{column}_diff_std"] = diff[column].std(ddof=1)
@@ -112,10 +119,10 @@ def paired_differences(runs: pd.DataFrame, reference: str = PAIRED_REFERENCE) ->
     return pd.DataFrame(rows)
 
 
-def paired_markdown(paired: pd.DataFrame, reference: str = PAIRED_REFERENCE) -> str:
+def paired_markdown(paired: pd.DataFrame) -> str:
     """``+0.051 ± 0.016 (3/3)``: mean ± std of the per-seed difference, seeds where the variant is higher."""
-    headings = " | ".join(f"Δ {METRICS[c]} vs {reference}" for c in PAIRED_METRICS)
-    lines = [f"| variant | seeds | {headings} |", "|---|---|" + "---|" * len(PAIRED_METRICS)]
+    headings = " | ".join(f"Δ {METRICS[c]}" for c in PAIRED_METRICS)
+    lines = [f"| variant | minus | seeds | {headings} |", "|---|---|---|" + "---|" * len(PAIRED_METRICS)]
     for _, row in paired.iterrows():
         cells = []
         for column in PAIRED_METRICS:
@@ -125,7 +132,7 @@ def paired_markdown(paired: pd.DataFrame, reference: str = PAIRED_REFERENCE) -> 
                 continue
             spread = "" if pd.isna(std) else f" ± {std:.3f}"
             cells.append(f"{mean:+.3f}{spread} ({row[f'{column}_higher']}/{row['seeds']})")
-        lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['variant']} | {row['reference']} | {row['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -280,7 +287,7 @@ def write_report(
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)
         write(name, buffer.getvalue())
-    paired = paired_differences(runs)
+    paired = paired_differences(runs, config.paired, list(config.variants))
     if not paired.empty:
         write("paired.md", paired_markdown(paired))
         write("paired.csv", paired.to_csv(index=False, float_format="%.6g"))

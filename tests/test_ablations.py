@@ -84,6 +84,8 @@ def finished_grid(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) 
         ({**GRID, "scale_variants": ["full"]}, "scale_variants: expected a mapping of scale -> variants"),
         ({**GRID, "scale_variants": {"huge": ["full"]}}, "scale_variants names unknown scale 'huge'"),
         ({**GRID, "scale_variants": {"longer": ["no_reg"]}}, "scale_variants.longer names unknown variant 'no_reg'"),
+        ({**GRID, "paired": {"no_masking": "no_reg"}}, "paired names unknown variant 'no_reg'"),
+        ({**GRID, "paired": ["no_masking"]}, "paired: expected a mapping of variant -> reference variant"),
     ],
 )
 def test_a_malformed_grid_file_is_one_clear_error(tmp_path: Path, grid: dict | list, message: str):
@@ -176,7 +178,7 @@ def test_report_writes_table_charts_grid_and_an_mlflow_run(
     assert pd.read_parquet(out / "table.parquet").shape[0] == 4
     assert pd.read_parquet(out / "runs.parquet").shape[0] == 4
     assert list(pd.read_csv(out / "mask_ratio.csv")["mask_ratio"]) == [0.0, 0.5]
-    assert "| no_masking | 1 | " in (out / "paired.md").read_text()  # minus full on seed 0
+    assert "| no_masking | full | 1 | " in (out / "paired.md").read_text()  # minus full on seed 0
     for name in ("bars.png", "mask_ratio.png", "grid.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
@@ -190,22 +192,27 @@ def test_report_writes_table_charts_grid_and_an_mlflow_run(
 def test_paired_differences_subtract_full_on_the_same_seed():
     pseudo = {("full", 0): 0.3, ("full", 1): 0.2, ("full", 2): 0.4, ("no_masking", 0): 0.25, ("no_masking", 1): 0.25}
     pseudo |= {("no_masking", 2): 0.35, ("cam_baseline", 1): 0.1, ("mask_1.0", 0): None}  # mask_1.0: no maps
+    pseudo |= {("other_head", 0): 0.5, ("other_head_no_masking", 0): 0.45}
     runs = pd.DataFrame(
         [
             {"variant": v, "seed": s, "pseudo_miou": p, "segmenter_miou": p and p / 2, "class_specificity": p and 0.4}
             for (v, s), p in pseudo.items()
         ]
     )
-    paired = paired_differences(runs).set_index("variant")
-    assert list(paired.index) == ["no_masking", "cam_baseline"]
+    references = {"other_head_no_masking": "other_head"}
+    order = ["full", "cam_baseline", "no_masking"]
+    paired = paired_differences(runs, references, order).set_index("variant")
+    assert list(paired.index) == ["cam_baseline", "no_masking", "other_head", "other_head_no_masking"]
+    assert paired.loc["other_head_no_masking", "pseudo_miou_diff_mean"] == pytest.approx(-0.05)
+    assert paired.loc["other_head", "reference"] == "full"
     no_masking = paired.loc["no_masking"]
     assert no_masking["seeds"] == 3 and no_masking["pseudo_miou_higher"] == 1
     assert no_masking["pseudo_miou_diff_mean"] == pytest.approx(-0.05 / 3)
     assert no_masking["pseudo_miou_diff_std"] == pytest.approx(np.std([-0.05, 0.05, -0.05], ddof=1))
     assert paired.loc["cam_baseline", "pseudo_miou_diff_mean"] == pytest.approx(-0.1)
     table = paired_markdown(paired.reset_index())
-    assert "| no_masking | 3 | -0.017 ± 0.058 (1/3) | -0.008 ± 0.029 (1/3) | +0.000 ± 0.000 (0/3) |" in table
-    assert "| cam_baseline | 1 | -0.100 (0/1) |" in table
+    assert "| no_masking | full | 3 | -0.017 ± 0.058 (1/3) | -0.008 ± 0.029 (1/3) | +0.000 ± 0.000 (0/3) |" in table
+    assert "| cam_baseline | full | 1 | -0.100 (0/1) |" in table
     assert paired_differences(runs[runs["variant"] != "full"]).empty
 
 

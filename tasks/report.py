@@ -54,6 +54,11 @@ def collect(root: str | Path, scale: str) -> pd.DataFrame:
     return runs
 
 
+def _in_order(variants: Sequence[str], order: Sequence[str]) -> list[str]:
+    """``variants`` with those named in ``order`` first, in that order (the grid's), then the rest as given."""
+    return [v for v in order if v in variants] + [v for v in variants if v not in order]
+
+
 def summarize(runs: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
     """Per variant: ``<metric>_mean`` and ``<metric>_std`` (over seeds, ddof 1; NaN for one seed) and ``seeds``."""
     grouped = runs.groupby("variant", sort=False)
@@ -62,8 +67,7 @@ def summarize(runs: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
         values = pd.to_numeric(runs[column], errors="coerce").groupby(runs["variant"], sort=False)
         table[f"{column}_mean"] = values.mean()
         table[f"{column}_std"] = values.std(ddof=1)
-    ranked = [v for v in order if v in table.index] + [v for v in table.index if v not in order]
-    return table.loc[ranked].reset_index()
+    return table.loc[_in_order(list(table.index), order)].reset_index()
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
@@ -101,9 +105,9 @@ def paired_differences(
     """
     references = references or {}
     values = runs.set_index(["variant", "seed"])[list(PAIRED_METRICS)].apply(pd.to_numeric, errors="coerce")
-    present = set(runs["variant"])
+    present = list(dict.fromkeys(runs["variant"]))
     rows = []
-    for variant in [v for v in order if v in present] + [v for v in dict.fromkeys(runs["variant"]) if v not in order]:
+    for variant in _in_order(present, order):
         reference = references.get(variant, PAIRED_REFERENCE)
         if variant == reference or reference not in present:
             continue
@@ -210,7 +214,7 @@ def qualitative_grid(
     dataset = read_ingested(root / "dataset")
     with_masks = runs[runs["pseudo_miou"].notna()]  # a variant that closed every head has no masks
     first = with_masks.sort_values("seed").groupby("variant", sort=False).head(1).set_index("variant")
-    first = first.loc[[v for v in order if v in first.index] + [v for v in first.index if v not in order]]
+    first = first.loc[_in_order(list(first.index), order)]
     subset, gts = multi_class_train_images(dataset, num_images)
     picked = list(subset.manifest.itertuples(index=False))
     images = [display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands)) for row in picked]

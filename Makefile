@@ -36,7 +36,7 @@ run-s3: setup
 # The demo's S3 server in the foreground again (same data and keys), e.g. to browse MLflow artifacts.
 s3-server: setup
 	if test -f .s3demo/credentials; then set -a; . .s3demo/credentials; set +a; fi; \
-	$(BIN)/python -m tasks.seaweedfs --dir .s3demo/weed --port $${S3_PORT:-8333}
+	$(BIN)/python -m wsss.lib.seaweedfs --dir .s3demo/weed --port $${S3_PORT:-8333}
 
 # The plain DVC path: rebuilds what changed (no-op rerun in about a second), same stages as `make run`.
 repro: data

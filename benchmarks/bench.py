@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from models.token_masking_vit import TokenMaskingViT
-from tasks.pseudo_masks import merge_maps, normalized_maps
+from wsss.lib.mask_rule import merge_maps, normalized_maps
+from wsss.models.token_masking_vit import TokenMaskingViT
 
 __all__ = ["SIZES", "run_benchmarks"]
 

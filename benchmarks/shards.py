@@ -1,6 +1,6 @@
 """Pseudo masks serial vs sharded over a Dask LocalCluster, side by side in one run (not a test).
 
-    python -m benchmarks.shards [--params params.yaml] [--shards 2] [--workers 2] [--repeats 2]
+    python -m wsss.benchmarks.shards [--params params.yaml] [--shards 2] [--workers 2] [--repeats 2]
 
 Needs the ingested data set and the trained classifier of ``params.yaml`` (``dvc repro train_classifier``).
 The serial path runs in this process with ``num_threads`` torch threads; the sharded path is the Prefect
@@ -24,17 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.config import DaskParams, Params, load_params
+from wsss.lib.config import DaskParams, Params, load_params
 
 
 def _serial(params: Params) -> dict[str, float]:
     """The stage's serial path, timed by step (model and data loading count as part of the first)."""
     import torch
 
-    from tasks.ingest import read_ingested
-    from tasks.pseudo_masks import decide_rule, gather, pseudo_mask_shard, write_pseudo_masks
-    from tasks.runtime import setup_runtime
-    from tasks.train_classifier import MODEL_FILE, load_classifier
+    from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
+    from wsss.lib.runtime import setup_runtime
+    from wsss.tasks.pseudo_masks import decide_rule, gather, pseudo_mask_shard, write_pseudo_masks
 
     began = time.perf_counter()
     device = setup_runtime(params.seed, params.num_threads, params.device)
@@ -52,7 +51,7 @@ def _serial(params: Params) -> dict[str, float]:
 
 
 def _sharded(params: Params) -> dict[str, Any]:
-    from pipelines.pseudo_masks import run_sharded, torch_threads
+    from wsss.pipelines.pseudo_masks import run_sharded, torch_threads
 
     began = time.perf_counter()
     seconds = run_sharded(params)["seconds"]
@@ -152,7 +151,7 @@ def _table(record: dict[str, Any], best: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.shards", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m wsss.benchmarks.shards", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)

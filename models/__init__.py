@@ -1,8 +1,8 @@
 """nn.Modules only: the token-masking ViT and its CAM baseline (registered with timm), gates, segmenter."""
 
-from models.cam_vit import CamViT
-from models.gates import HardConcreteGate
-from models.segmenter import Segmenter
-from models.token_masking_vit import GatedAttention, TokenMaskingViT, load_timm_vit_weights
+from wsss.models.cam_vit import CamViT
+from wsss.models.gates import HardConcreteGate
+from wsss.models.segmenter import Segmenter
+from wsss.models.token_masking_vit import GatedAttention, TokenMaskingViT, load_timm_vit_weights
 
 __all__ = ["CamViT", "GatedAttention", "HardConcreteGate", "Segmenter", "TokenMaskingViT", "load_timm_vit_weights"]

@@ -3,7 +3,7 @@
 The ablation baseline of the paper: one [CLS] token, ``logits = head(norm(CLS))`` with a ``Linear(D, C)``,
 and the map of class c is ``ReLU(w_c . patch feature)`` over the normalised patch tokens of the last block
 (CAM, Zhou et al. 2016, on a ViT). Everything else (stems, [REG] token, gated heads, training loop) is the
-:class:`~models.token_masking_vit.TokenMaskingViT`'s; registered as ``wsss_cam_vit_*`` with timm.
+:class:`~wsss.models.token_masking_vit.TokenMaskingViT`'s; registered as ``wsss_cam_vit_*`` with timm.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 from torch import nn
 
-from models.token_masking_vit import ClassTokens, TokenMaskingViT, create_vit
+from wsss.models.token_masking_vit import ClassTokens, TokenMaskingViT, create_vit
 
 __all__ = ["CamViT"]
 

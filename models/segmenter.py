@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.errors import WsssError
-
 
 class FpnDecoder(nn.Module):
     """Top-down feature pyramid: 1x1 laterals, upsample + sum, one 3x3 conv-BN-ReLU, 1x1 classifier.
@@ -71,7 +69,9 @@ class Segmenter(nn.Module):
                 encoder_name, features_only=True, pretrained=False, in_chans=in_chans, **kwargs
             )
         except (RuntimeError, ValueError, TypeError) as err:  # unknown name, no features_only, bad kwarg
-            raise WsssError(f"segmenter encoder {encoder_name!r}: {err}") from None
+            raise ValueError(
+                f"encoder {encoder_name!r}: {err} (use a timm model that supports features_only, e.g. resnet18)"
+            ) from None
         self.decoder = FpnDecoder(self.encoder.feature_info.channels(), decoder_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,26 +83,27 @@ class Segmenter(nn.Module):
         """Loads a timm state dict of the same encoder (classification head keys are ignored).
 
         Raises:
-            WsssError: the file is missing/unreadable, or an encoder key is missing or has another shape.
+            FileNotFoundError: no such file.
+            ValueError: the file is unreadable, or an encoder key is missing or has another shape.
         """
         path = Path(path)
         try:
             source = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise WsssError(f"{path}: encoder weights file not found") from None
+            raise FileNotFoundError(f"{path}: encoder weights file not found") from None
         except Exception as err:  # torch raises many types for corrupt/foreign files
-            raise WsssError(f"{path}: cannot read encoder weights ({err})") from None
+            raise ValueError(f"{path}: cannot read encoder weights ({err})") from None
         if not isinstance(source, dict):
-            raise WsssError(f"{path}: expected a state dict, got {type(source).__name__}")
+            raise ValueError(f"{path}: expected a state dict, got {type(source).__name__}")
         state = {}
         for key, param in self.encoder.state_dict().items():
             # timm's FeatureGetterNet (ViTs) prefixes the wrapped model's keys with "model.".
             candidates = (key, key.removeprefix("model."))
             match = next((source[k] for k in candidates if k in source), None)
             if match is None:
-                raise WsssError(f"{path}: encoder key {key!r} is missing (not a state dict of this encoder?)")
+                raise ValueError(f"{path}: encoder key {key!r} is missing (pass a timm state dict of this encoder)")
             if match.shape != param.shape:
                 shapes = f"{tuple(match.shape)}, expected {tuple(param.shape)}"
-                raise WsssError(f"{path}: encoder key {key!r} has shape {shapes}")
+                raise ValueError(f"{path}: encoder key {key!r} has shape {shapes}")
             state[key] = match
         self.encoder.load_state_dict(state)

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
-from models.gates import HardConcreteGate
+from wsss.models.gates import HardConcreteGate
 
 __all__ = ["VIT_SIZES", "GatedAttention", "TokenMaskingViT", "create_vit", "load_timm_vit_weights"]
 
@@ -273,6 +273,17 @@ class TokenMaskingViT(nn.Module):
     @property
     def gated(self) -> bool:
         return self.blocks[0].attn.head_gate is not None
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay besides the 1-d ones (timm's convention)."""
+        return {"class_tokens", "pos_embed", "reg_token", "head_weight"}
+
+    @torch.jit.ignore
+    def gate_parameter_names(self) -> set[str]:
+        """The gates' ``log_alpha``: they need an optimizer group of their own (own lr, no weight decay),
+        since at the model's lr log_alpha barely moves (NOTES §3)."""
+        return {name for name, _ in self.named_parameters() if name.endswith("log_alpha")}
 
     def gate_modules(self) -> list[HardConcreteGate]:
         """The Hard Concrete gates, one module (all heads) per block; empty when gates are off."""

@@ -21,8 +21,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
-from pipelines.wsss import StageError, _failure, _run_logged
-from tasks.ablations import ABLATIONS_FILE, DEFAULT_ROOT, REPORT_ROOT
+from wsss.pipelines.commands import StageError, run_logged, stage_failure
+from wsss.tools.ablations import ABLATIONS_FILE, DEFAULT_ROOT, REPORT_ROOT
 
 POLL_S = 5.0
 
@@ -32,9 +32,9 @@ def plan_grid(
     scale: str | None, variants: list[str], seeds: list[int], overrides: list[str]
 ) -> tuple[str, list[tuple[list[str], list[str]]]]:
     """Per classifier group (its cells run in order): the cells' names and the ``wsss ablations`` command
-    that runs them (tasks.ablations.cell_command, as ``--jobs`` does); ingests the data set once."""
-    from tasks import ablations
-    from tasks.errors import WsssError
+    that runs them (wsss.tools.ablations.cell_command, as ``--jobs`` does); ingests the data set once."""
+    from wsss.lib.errors import WsssError
+    from wsss.tools import ablations
 
     try:
         cells = ablations.plan(
@@ -54,16 +54,16 @@ def plan_grid(
 @task(name="ablation runs", task_run_name="{label}", cache_policy=NO_CACHE)
 def run_group(names: list[str], cmd: list[str], label: str) -> list[str]:
     """Runs the cells of one classifier in one ``wsss ablations`` process (own threads, own memory)."""
-    returncode, lines = _run_logged(cmd, Path.cwd(), get_run_logger(), label)
+    returncode, lines = run_logged(cmd, Path.cwd(), get_run_logger(), label)
     if returncode != 0:
-        raise _failure(label, returncode, lines)
+        raise stage_failure(label, returncode, lines)
     return names
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report(scale: str) -> str:
-    from tasks.ablations import read_config
-    from tasks.report import markdown_table, write_report
+    from wsss.tools.ablations import read_config
+    from wsss.tools.report import markdown_table, write_report
 
     summary = write_report(read_config(ABLATIONS_FILE), scale, DEFAULT_ROOT, REPORT_ROOT)
     table = markdown_table(summary)
@@ -93,7 +93,7 @@ def ablations(
         jobs: concurrent classifier groups (0: cores // num_threads).
         overrides: params overrides applied to every cell, e.g. ``["ingest.source=data/voc"]``.
     """
-    from tasks.config import load_params
+    from wsss.lib.config import load_params
 
     scale_name, groups = plan_grid(scale, variants, seeds, overrides)
     jobs = jobs or default_jobs(load_params("params.yaml", overrides).num_threads)

@@ -1,13 +1,13 @@
 """Prefect flow ``pseudo-masks-sharded``: the pseudo-mask stage cut into shards on a Dask cluster.
 
-``wsss pseudo-masks`` (the DVC stage) runs this flow when ``dask.shards`` > 1. The steps are the ones of
-the serial stage (tasks/pseudo_masks.py), which owns all the logic:
+``wsss pseudo-masks`` (the DVC stage's command) runs this flow instead of the stage when ``dask.shards``
+> 1. The steps are the ones of the serial stage (tasks/pseudo_masks.py), which owns all the logic:
 
 1. task ``mask rule``: the thresholds (tuned on a training sample) and the map layer, once, in the flow's
    own process with all ``num_threads`` threads: the workers have nothing to do until it is decided;
-2. one task ``shard k`` per run of images (:func:`tasks.pseudo_masks.shard_ranges`), all submitted to
-   the Dask cluster at once (:func:`tasks.pseudo_masks.pseudo_mask_shard`);
-3. in the flow: :func:`tasks.pseudo_masks.gather` in split order and the same artifact as the serial path
+2. one task ``shard k`` per run of images (:func:`wsss.tasks.pseudo_masks.shard_ranges`), all submitted to
+   the Dask cluster at once (:func:`wsss.tasks.pseudo_masks.pseudo_mask_shard`);
+3. in the flow: :func:`wsss.tasks.pseudo_masks.gather` in split order and the same artifact as the serial path
    (``<out>/<split>.parquet`` + ``stats.json``, identical bit for bit).
 
 The task runner is prefect-dask's ``DaskTaskRunner``: a ``distributed.LocalCluster`` of ``dask.workers``
@@ -28,9 +28,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import Params
-from tasks.errors import WsssError
-from tasks.pseudo_masks import MaskRule, ShardResult
+from wsss.lib.config import Params
+from wsss.lib.errors import WsssError
+from wsss.tasks.pseudo_masks import MaskRule, ShardResult
 
 FLOW_NAME = "pseudo-masks-sharded"
 
@@ -42,19 +42,18 @@ def torch_threads(params: Params) -> int:
 
 def _load(params: Params, threads: int):
     """(device, pruned model, data set) in this process, with its torch thread count set first."""
-    from tasks.ingest import read_ingested
-    from tasks.pseudo_masks import load_map_model
-    from tasks.runtime import setup_runtime
+    from wsss.lib.artifacts import MODEL_FILE, load_map_model, read_ingested
+    from wsss.lib.runtime import setup_runtime
 
     device = setup_runtime(params.seed, threads, params.device)
     dataset = read_ingested(Path(params.ingest.out))
-    return device, load_map_model(params, device), dataset
+    return device, load_map_model(Path(params.classifier.out) / MODEL_FILE, device), dataset
 
 
 @task(name="mask rule", cache_policy=NO_CACHE)
 def mask_rule(params: Params) -> MaskRule:
     """Thresholds (tuned on the training sample when asked) and the map layer: one step before the shards."""
-    from tasks.pseudo_masks import decide_rule
+    from wsss.tasks.pseudo_masks import decide_rule
 
     device, model, dataset = _load(params, params.num_threads)
     return decide_rule(model, dataset, params.pseudo_masks, device)
@@ -63,7 +62,7 @@ def mask_rule(params: Params) -> MaskRule:
 @task(name="pseudo-mask shard", task_run_name="shard {index}: images {start}-{stop}", cache_policy=NO_CACHE)
 def mask_shard(params: Params, rule: MaskRule, index: int, start: int, stop: int) -> tuple[ShardResult, float]:
     """One shard's masks and statistics, and the seconds it took in the worker."""
-    from tasks.pseudo_masks import pseudo_mask_shard
+    from wsss.tasks.pseudo_masks import pseudo_mask_shard
 
     began = time.perf_counter()
     device, model, dataset = _load(params, torch_threads(params))
@@ -74,8 +73,8 @@ def mask_shard(params: Params, rule: MaskRule, index: int, start: int, stop: int
 @flow(name=FLOW_NAME, log_prints=True)
 def sharded_pseudo_masks(params: Params) -> dict[str, Any]:
     """Rule, shards, gather, write; returns ``{"stats": stats.json content, "seconds": timings}``."""
-    from tasks.ingest import read_ingested
-    from tasks.pseudo_masks import gather, shard_ranges, write_pseudo_masks
+    from wsss.lib.artifacts import read_ingested
+    from wsss.tasks.pseudo_masks import gather, shard_ranges, write_pseudo_masks
 
     logger = get_run_logger()
     settings = params.pseudo_masks

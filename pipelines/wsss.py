@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+
+from wsss.pipelines.commands import StageError, dvc_command, is_transient, run_logged, stage_failure, tool_env
 
 # data.dvc first: `dvc repro` also verifies (and, if changed, re-adds) the raw data it tracks.
 STAGES = (
@@ -49,47 +50,7 @@ STAGES = (
 )
 PARAMS_FILE = "params.yaml"
 EMBEDDED = "embedded"
-PROGRESS_EVERY_S = 15.0
-WSSS_ERROR = re.compile(r"^wsss [\w -]+: error: .*$")
-TRANSIENT = re.compile(
-    r"Unable to acquire lock|database is locked|Connection refused|Connection reset|Temporary failure"
-    r"|timed out|Max retries exceeded|Resource temporarily unavailable"
-)
-# DVC's advice after each stage ("git add dvc.lock", autostage, push): debug level, not the run's story.
-DVC_HINTS = re.compile(
-    r"^\s*(To track the changes with git|git add |To enable auto staging|dvc config core\.autostage"
-    r"|Use `dvc push`)"
-)
 SUMMARY_KEYS = ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou")
-
-
-class StageError(RuntimeError):
-    """A stage failed on its input; the message is the stage's own one-line error."""
-
-
-class TransientStageError(RuntimeError):
-    """A stage failed for a reason that may go away (lock, busy store, network): retried."""
-
-
-def _is_transient(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry TransientStageError only."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception:  # noqa: BLE001 - an unreadable state is not worth a retry
-        return False
-    return isinstance(exc, TransientStageError)
-
-
-def _tool_env() -> dict[str, str]:
-    """This interpreter's bin dir first on PATH, so `dvc` and the stages' `wsss` are this venv's."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _dvc() -> list[str]:
-    return [sys.executable, "-m", "dvc"]
 
 
 # --- params.yaml -------------------------------------------------------------------------------------
@@ -106,7 +67,7 @@ def _yaml():
 
 def _apply(text: str, overrides: list[str]) -> str:
     """params.yaml text with ``section.key=value`` overrides applied (values parsed as YAML)."""
-    from tasks.config import apply_override
+    from wsss.lib.config import apply_override
 
     rt = _yaml()
     doc = rt.load(text) or {}
@@ -118,7 +79,7 @@ def _apply(text: str, overrides: list[str]) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    from tasks.io import atomic_file
+    from wsss.lib.io import atomic_file
 
     with atomic_file(path, "w") as handle:
         handle.write(text)
@@ -131,9 +92,9 @@ def prepare(root: Path, dataset: str, overrides: list[str]) -> dict[str, Any]:
     Raises:
         StageError: an invalid override or params file, or a missing/unreadable data set.
     """
-    from tasks.config import load_params
-    from tasks.datasets import read_dataset
-    from tasks.errors import WsssError
+    from wsss.lib.config import load_params
+    from wsss.lib.datasets import read_dataset
+    from wsss.lib.errors import WsssError
 
     logger = get_run_logger()
     params_path = root / PARAMS_FILE
@@ -156,9 +117,9 @@ def prepare(root: Path, dataset: str, overrides: list[str]) -> dict[str, Any]:
         if dataset == EMBEDDED and not (root / source / "manifest.parquet").is_file():
             logger.info("embedded data set missing at %s: generating it (wsss import embedded)", source)
             cmd = ["wsss", "import", "embedded", "--params", candidate.name]
-            returncode, lines = _run_logged(cmd, root, logger, "import embedded")
+            returncode, lines = run_logged(cmd, root, logger, "import embedded")
             if returncode != 0:
-                raise _failure("import embedded", returncode, lines)
+                raise stage_failure("import embedded", returncode, lines)
         try:
             read_dataset(source)  # manifest + classes only; the ingest stage checks every file
         except WsssError as err:
@@ -177,72 +138,23 @@ def prepare(root: Path, dataset: str, overrides: list[str]) -> dict[str, Any]:
 # --- stages ------------------------------------------------------------------------------------------
 
 
-def _run_logged(cmd: list[str], root: Path, logger, label: str) -> tuple[int, list[str]]:
-    """Runs ``cmd`` in ``root``, logging each output line (tqdm bars at most every PROGRESS_EVERY_S)."""
-    process = subprocess.Popen(
-        cmd, cwd=root, env=_tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0
-    )
-    lines: list[str] = []
-    last_progress = 0.0
-    buffer = b""
-    assert process.stdout is not None
-    while chunk := process.stdout.read(65536):  # unbuffered: returns what is there
-        buffer += chunk
-        while True:
-            cut = min((i for i in (buffer.find(b"\n"), buffer.find(b"\r")) if i >= 0), default=-1)
-            if cut < 0:
-                break
-            raw, sep, buffer = buffer[:cut], buffer[cut : cut + 1], buffer[cut + 1 :]
-            line = raw.decode(errors="replace").rstrip()
-            if not line.strip():
-                continue
-            if sep == b"\r":  # a progress bar redraw
-                if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
-                    last_progress = time.monotonic()
-                    logger.info("[%s] %s", label, line.strip())
-                continue
-            lines.append(line)
-            if WSSS_ERROR.match(line.strip()) or line.startswith("ERROR"):
-                logger.error("[%s] %s", label, line)
-            elif DVC_HINTS.match(line):
-                logger.debug("[%s] %s", label, line)
-            else:
-                logger.info("[%s] %s", label, line)
-    if buffer.strip():
-        lines.append(buffer.decode(errors="replace").rstrip())
-        logger.info("[%s] %s", label, lines[-1])
-    return process.wait(), lines
-
-
-def _failure(stage: str, returncode: int, lines: list[str]) -> Exception:
-    wsss_errors = [line.strip() for line in lines if WSSS_ERROR.match(line.strip())]
-    if wsss_errors:
-        return StageError(wsss_errors[-1])
-    text = "\n".join(lines)
-    dvc_errors = [line.strip() for line in lines if line.startswith("ERROR")]
-    message = dvc_errors[-1] if dvc_errors else f"dvc repro {stage} exited with {returncode}"
-    if TRANSIENT.search(text):
-        return TransientStageError(f"stage {stage}: {message} (transient, retrying)")
-    return StageError(f"stage {stage}: {message}")
-
-
 @task(
     name="dvc stage",
     task_run_name="{stage}",
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[10, 30],
-    retry_condition_fn=_is_transient,
+    retry_condition_fn=is_transient,
 )
 def run_stage(root: Path, stage: str, index: int, total: int) -> dict[str, Any]:
     """``dvc repro --single-item <stage>``: runs the stage if its deps/params/code changed, else skips."""
     logger = get_run_logger()
     logger.info("stage %d/%d %s: dvc repro --single-item %s", index, total, stage, stage)
     start = time.perf_counter()
-    returncode, lines = _run_logged([*_dvc(), "repro", "--single-item", stage], root, logger, stage)
+    returncode, lines = run_logged([*dvc_command(), "repro", "--single-item", stage], root, logger, stage)
     seconds = time.perf_counter() - start
     if returncode != 0:
-        raise _failure(stage, returncode, lines)
+        raise stage_failure(stage, returncode, lines)
     ran = any(line.startswith(("Running stage", "Verifying data sources")) for line in lines) and not any(
         "didn't change, skipping" in line for line in lines
     )
@@ -257,11 +169,11 @@ def run_stage(root: Path, stage: str, index: int, total: int) -> dict[str, Any]:
 def dvc_metrics_report(root: Path) -> str:
     """``dvc metrics show`` as a two-column table (the default layout is one very wide row per file)."""
     shown = subprocess.run(
-        [*_dvc(), "metrics", "show", "--json"], cwd=root, env=_tool_env(), capture_output=True, text=True
+        [*dvc_command(), "metrics", "show", "--json"], cwd=root, env=tool_env(), capture_output=True, text=True
     )
     if shown.returncode != 0:
         return f"dvc metrics show failed: {shown.stderr.strip()}"
-    from tasks.config import flatten
+    from wsss.lib.config import flatten
 
     rows = []
     for revision in json.loads(shown.stdout or "{}").values():
@@ -280,7 +192,7 @@ def dvc_metrics_report(root: Path) -> str:
 
 def _summary(root: Path) -> dict[str, Any]:
     """The headline numbers: the three mIoUs, classifier mAP, and what the register stage did."""
-    from tasks.config import load_params
+    from wsss.lib.config import load_params
 
     params = load_params(root / PARAMS_FILE)
     metrics_file = root / params.evaluate.metrics_dir / "metrics.json"

@@ -27,7 +27,7 @@ for spec in "$@"; do
   fi
   for seed in 0 1 2; do args+=(--seed "$seed"); done
   mkdir -p "artifacts/ablations/$scale"
-  timeout "$deadline" $python -m tasks.cli ablations "${args[@]}" >"artifacts/ablations/$scale.log" 2>&1 &
+  timeout "$deadline" $python -m wsss.tools.cli ablations "${args[@]}" >"artifacts/ablations/$scale.log" 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"
@@ -40,8 +40,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from tasks.ablations import DEFAULT_ROOT
-from tasks.report import MAP_VARIANTS
+from wsss.tools.ablations import DEFAULT_ROOT
+from wsss.tools.report import MAP_VARIANTS
 
 out = Path(sys.argv[1])
 with tarfile.open(out / "results.tgz", "w:gz") as results, tarfile.open(out / "masks.tgz", "w:gz") as masks:

@@ -112,7 +112,7 @@ tail -n 1 "$LOGS/watch.log"
 # 4. results ------------------------------------------------------------------------------------------
 stop_started
 say "flow run finished (exit $rc) in ${elapsed}s"
-python -m pipelines.wsss report || true
+python -m wsss.pipelines.wsss report || true
 cat <<EOF
 
 Where to look:

@@ -35,7 +35,7 @@ export WSSS_S3_BUCKET="${WSSS_S3_BUCKET:-wsss}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$DEMO/mlflow.db}"
 
 say "starting SeaweedFS (weed mini) on $AWS_ENDPOINT_URL (log: $DEMO/seaweedfs.log)"
-setsid python -m tasks.seaweedfs --dir "$DEMO/weed" --port "$S3_PORT" >"$DEMO/seaweedfs.log" 2>&1 &
+setsid python -m wsss.lib.seaweedfs --dir "$DEMO/weed" --port "$S3_PORT" >"$DEMO/seaweedfs.log" 2>&1 &
 SERVER=$!
 stop_server() {
   kill -TERM "$SERVER" 2>/dev/null || return 0

@@ -10,41 +10,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from models.segmenter import Segmenter
-from tasks.config import Params
-from tasks.datasets import (
-    IGNORE_INDEX,
-    DatasetIndex,
-    display_rgb,
-    load_split,
-    palette,
-    read_image,
-    read_mask,
-    read_mask_table,
-    to_uint8,
-)
-from tasks.errors import WsssError
-from tasks.ingest import read_ingested
-from tasks.io import atomic_file, write_json
-from tasks.metrics import ConfusionMatrix
-from tasks.runtime import setup_runtime
-from tasks.train_segmenter import (
+from wsss.lib.artifacts import (
     MODEL_FILE,
     load_segmenter,
     predict_images,
     predict_split,
     pseudo_mask_path,
+    read_ingested,
     segmenter_dir,
 )
+from wsss.lib.config import Params
+from wsss.lib.datasets import DatasetIndex, display_rgb, load_split, read_image, read_mask, read_mask_table, to_uint8
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_file, write_json
+from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix
+from wsss.lib.plotting import colorize, image_grid
+from wsss.lib.runtime import setup_runtime
+from wsss.models.segmenter import Segmenter
 
 # The confusion CSVs hold one (actual, predicted) row per pixel for DVC's confusion template; above this
 # many pixels the rows are scaled down proportionally so the file stays small.
 MAX_CONFUSION_ROWS = 10_000
-GRID_SCALE = 3
-GRID_GAP = 4
-GRID_HEADER = 14
 CONFUSION_PLOTS = {"pseudo_mask": "confusion_pseudo_masks.csv", "segmenter": "confusion_segmenter.csv"}
 
 
@@ -107,31 +95,6 @@ def _write_confusion_csv(path: Path, matrix: np.ndarray, names: list[str]) -> No
         writer.writerow(["actual", "predicted"])
         for (actual, predicted), count in np.ndenumerate(repeats):
             writer.writerows([[names[actual], names[predicted]]] * count)
-
-
-def colorize(mask: np.ndarray) -> np.ndarray:
-    return np.asarray(palette(), dtype=np.uint8).reshape(256, 3)[mask]
-
-
-def image_grid(columns: dict[str, list[np.ndarray]]) -> Image.Image:
-    """One row per image, one titled column per source; cells upscaled x3 (nearest), padded with white."""
-    titles = list(columns)
-    upscale = np.ones((GRID_SCALE, GRID_SCALE, 1), np.uint8)
-    rows = [list(cells) for cells in zip(*columns.values(), strict=True)]
-    rows = [[np.kron(cell, upscale) for cell in row] for row in rows]
-    cell_w = max(cell.shape[1] for row in rows for cell in row)
-    heights = [max(cell.shape[0] for cell in row) for row in rows]
-    width = len(titles) * (cell_w + GRID_GAP) + GRID_GAP
-    canvas = Image.new("RGB", (width, GRID_HEADER + sum(heights) + GRID_GAP * (len(rows) + 1)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(titles):
-        draw.text((GRID_GAP + c * (cell_w + GRID_GAP), 2), title, fill="black")
-    y = GRID_HEADER + GRID_GAP
-    for row, height in zip(rows, heights, strict=True):
-        for c, cell in enumerate(row):
-            canvas.paste(Image.fromarray(cell), (GRID_GAP + c * (cell_w + GRID_GAP), y))
-        y += height + GRID_GAP
-    return canvas
 
 
 def _write_plots(

@@ -5,7 +5,7 @@ segmenters (step = epoch), the final metrics of ``metrics/metrics.json`` and the
 pictures and JSON metrics as artifacts, and tags with the git commit/dirty flag and the DVC hashes of the
 data (data.dvc) and of every stage in dvc.lock. The classifier and the segmenter are logged with
 ``mlflow.pytorch`` (pickle format) and registered as ``wsss-classifier`` / ``wsss-segmenter``; see
-:mod:`tasks.tracking` for the champion rule.
+:mod:`wsss.lib.tracking` for the champion rule.
 
 Idempotent: DVC skips the stage when its inputs did not change, and a rerun on inputs that an earlier
 finished run already registered (same model files, metrics and params; e.g. after a retried task or a
@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import storage, tracking
-from tasks.config import Params, flatten
-from tasks.errors import WsssError
-from tasks.io import write_json
+from wsss.lib import storage, tracking
+from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, load_classifier, load_segmenter, segmenter_dir
+from wsss.lib.config import Params, flatten
+from wsss.lib.errors import WsssError
+from wsss.lib.io import write_json
 
 REGISTRY_FILE = Path("artifacts") / "registry.json"
 REQUIREMENTS = ("torch", "timm", "numpy")
@@ -77,15 +78,11 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
     Raises:
         WsssError: a model or metrics file of the earlier stages is missing or unreadable.
     """
-    from tasks.train_classifier import MODEL_FILE as CLASSIFIER_FILE
-    from tasks.train_segmenter import MODEL_FILE as SEGMENTER_FILE
-    from tasks.train_segmenter import segmenter_dir
-
     root = Path(root)
     classifier_dir = Path(params.classifier.out)
     metrics_dir = Path(params.evaluate.metrics_dir)
-    classifier_file = _require(classifier_dir / CLASSIFIER_FILE, "wsss train-classifier")
-    segmenter_file = _require(segmenter_dir(params, "pseudo") / SEGMENTER_FILE, "wsss train-segmenter")
+    classifier_file = _require(classifier_dir / MODEL_FILE, "wsss train-classifier")
+    segmenter_file = _require(segmenter_dir(params, "pseudo") / MODEL_FILE, "wsss train-segmenter")
     metrics_file = _require(metrics_dir / "metrics.json", "wsss evaluate")
     metrics = _read_json(metrics_file)
     score = metrics.get(tracking.SCORE_KEY)
@@ -135,9 +132,6 @@ class _Run:
     ) -> dict[str, Any]:
         import mlflow
 
-        from tasks.train_classifier import load_classifier
-        from tasks.train_segmenter import load_segmenter
-
         client = self.client
         logging.getLogger("mlflow.pytorch").addFilter(_QuietPickleWarning())
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME")) as run:
@@ -181,8 +175,6 @@ class _Run:
     def _log_metrics(self, run_id: str, metrics: dict) -> None:
         """Per-epoch history (step = epoch) of all three trainings, then the final and per-class metrics."""
         from mlflow.entities import Metric
-
-        from tasks.train_segmenter import HISTORY_FILE, segmenter_dir
 
         now = int(time.time() * 1000)
         history = []

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* models with timm)
-from models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
-from tasks.checkpoint import fingerprint, load_resumable, save_checkpoint, tensor_digest
-from tasks.config import ClassifierParams, Params
-from tasks.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, normalize
-from tasks.distributed import (
+import wsss.models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* models with timm)
+from wsss.lib.artifacts import MODEL_FILE, read_ingested
+from wsss.lib.checkpoint import fingerprint, tensor_digest
+from wsss.lib.config import ClassifierParams, Params
+from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, normalize
+from wsss.lib.distributed import (
     World,
     data_parallel,
     global_batch_norm,
@@ -27,13 +25,11 @@ from tasks.distributed import (
     seed_step,
     shard_loader,
 )
-from tasks.errors import WsssError
-from tasks.ingest import read_ingested
-from tasks.io import atomic_file, write_csv, write_json
-from tasks.metrics import f1_scores, mean_average_precision
-
-MODEL_FILE = "model.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_file, write_csv, write_json
+from wsss.lib.metrics import f1_scores, mean_average_precision
+from wsss.lib.training import Loop, fit, param_groups
+from wsss.models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
 
 
 def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int = 3) -> TokenMaskingViT:
@@ -45,7 +41,7 @@ def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int =
     if params.model not in known:
         raise WsssError(f"classifier.model: unknown model {params.model!r} (known: {', '.join(known)})")
     try:
-        model = timm.create_model(params.model, **_model_kwargs(params, num_classes, in_chans))
+        model = timm.create_model(params.model, **model_kwargs(params, num_classes, in_chans))
     except ValueError as err:  # e.g. a CAM baseline with mask_ratio > 0
         raise WsssError(f"classifier ({params.model}): {err}") from None
     if params.pretrained:
@@ -56,7 +52,8 @@ def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int =
     return model
 
 
-def _model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> dict[str, Any]:
+def model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """The registered model's arguments from the params (saved in ``model.pt`` to rebuild it)."""
     return dict(
         num_classes=num_classes,
         in_chans=in_chans,
@@ -68,39 +65,6 @@ def _model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> 
         gates=params.gates,
         gate_init=params.gate_init,
     )
-
-
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[TokenMaskingViT, dict]:
-    """Rebuilds a trained classifier from ``model.pt``; returns it in eval mode with its saved record."""
-    path = Path(path)
-    if not path.is_file():
-        raise WsssError(f"{path}: classifier checkpoint not found (run `wsss train-classifier` first)")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=False)
-        model = timm.create_model(record["model_name"], **record["model_kwargs"])
-        model.load_state_dict(record["state_dict"])
-    except (KeyError, RuntimeError, EOFError, ValueError) as err:
-        raise WsssError(f"{path}: not a usable classifier checkpoint ({err})") from None
-    return model.to(device).eval(), record
-
-
-def _param_groups(model: TokenMaskingViT, params: ClassifierParams) -> list[dict]:
-    """Gates get their own lr and no weight decay: at the model lr log_alpha barely moves (NOTES §3)."""
-    gates, no_decay, decay = [], [], []
-    for name, param in model.named_parameters():
-        if name.endswith("log_alpha"):
-            gates.append(param)
-        elif param.ndim <= 1 or name in ("class_tokens", "pos_embed", "reg_token", "head_weight"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [
-        {"params": decay, "weight_decay": params.weight_decay, "lr": params.lr},
-        {"params": no_decay, "weight_decay": 0.0, "lr": params.lr},
-    ]
-    if gates:
-        groups.append({"params": gates, "weight_decay": 0.0, "lr": params.gate_lr, "is_gate": True})
-    return groups
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -159,7 +123,7 @@ def train_classifier(
 
     Writes ``checkpoint.pt`` and ``history.csv`` every epoch, then ``model.pt``, ``gates.json`` and
     ``metrics.json`` (each file atomically). Continues from ``checkpoint.pt`` when it holds an unfinished
-    run with the same params and data (tasks/checkpoint.py). With several ranks (``world``), every rank
+    run with the same params and data (lib/checkpoint.py). With several ranks (``world``), every rank
     trains on its share of each global batch and rank 0 alone evaluates and writes. Returns the final
     metrics (on every rank).
     """
@@ -186,92 +150,60 @@ def train_classifier(
     model.to(device)
     augmented = AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed)
     loader = shard_loader(augmented, params.batch_size, seed, world)
-    optimizer = torch.optim.AdamW(_param_groups(model, params))
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    steps_per_epoch = len(loader)
-    total_steps = params.epochs * steps_per_epoch
-    warmup_steps = max(1, int(params.warmup_epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(param_groups(model, params.lr, params.weight_decay, params.gate_lr))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume overwrites them
+    loop = Loop("classifier", model, optimizer, loader, params.epochs, out, run_id, world, device)
+    loop.resume()
+    network = data_parallel(model, device, world, find_unused=bool(model.gate_modules()))
+    total_steps = params.epochs * loop.steps_per_epoch
+    warmup_steps = max(1, int(params.warmup_epochs * loop.steps_per_epoch))
     gate_start_step = int(params.gate_start * total_steps)
 
-    history: list[dict[str, Any]] = []
-    first_epoch, seconds_before = 0, 0.0
-    state = load_resumable(out / CHECKPOINT_FILE, run_id, announce=world.is_main)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, first_epoch, seconds_before = state["history"], state["epoch"], state["train_seconds"]
-    network = data_parallel(model, device, world, find_unused=bool(model.gate_modules()))
+    def step(index: int, batch: tuple[torch.Tensor, torch.Tensor, Any]) -> torch.Tensor:
+        images, labels, _ = batch
+        # Masking and gate samples come from (seed, step): equal on every rank and after a resume.
+        seed_step(seed, index)
+        mask_noise = world.local_rows(torch.rand(len(labels) * world.size, labels.shape[1]))
+        model.set_gates_active(index >= gate_start_step)
+        factor = _lr_factor(index, total_steps, warmup_steps)
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            # Gates are trained at a constant lr once pruning starts: the cosine tail would freeze them.
+            group["lr"] = base if group.get("is_gate") else base * factor
+        images, labels = images.to(device), labels.to(device)
+        logits = network(images, labels, mask_noise=mask_noise.to(device))
+        bce = F.binary_cross_entropy_with_logits(logits, labels)
+        penalty = model.gate_penalty(params.gate_penalty)
+        loss = bce + params.gate_lambda * penalty
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return torch.stack([loss.detach(), bce.detach(), penalty.detach()])
 
-    start = time.perf_counter()
-    for epoch in range(first_epoch, params.epochs):
-        model.train()
-        augmented.set_epoch(epoch)
-        loader.sampler.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        sums = torch.zeros(3, device=device)  # loss, bce, penalty of this rank's share
-        bar = tqdm(
-            loader,
-            desc=f"classifier epoch {epoch + 1}/{params.epochs}",
-            leave=False,
-            mininterval=2.0,
-            disable=not world.is_main,
-        )
-        for batch_index, (images, labels, _) in enumerate(bar):
-            step = epoch * steps_per_epoch + batch_index
-            # Masking and gate samples come from (seed, step): equal on every rank and after a resume.
-            seed_step(seed, step)
-            mask_noise = world.local_rows(torch.rand(len(labels) * world.size, labels.shape[1]))
-            model.set_gates_active(step >= gate_start_step)
-            factor = _lr_factor(step, total_steps, warmup_steps)
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                # Gates are trained at a constant lr once pruning starts: the cosine tail would freeze them.
-                group["lr"] = base if group.get("is_gate") else base * factor
-            images, labels = images.to(device), labels.to(device)
-            logits = network(images, labels, mask_noise=mask_noise.to(device))
-            bce = F.binary_cross_entropy_with_logits(logits, labels)
-            penalty = model.gate_penalty(params.gate_penalty)
-            loss = bce + params.gate_lambda * penalty
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += torch.stack([loss.detach(), bce.detach(), penalty.detach()])
+    def validate(totals: torch.Tensor) -> dict[str, Any]:
         # Each rank's mean is over an equal share of the global batch: the global mean is their mean.
-        means = (world.sum(sums) / (world.size * steps_per_epoch)).tolist()
-        if not world.is_main:
-            continue
+        means = (totals / (world.size * loop.steps_per_epoch)).tolist()
         metrics = classification_metrics(predict_probabilities(model, val, device), val.labels)
-        row = {
-            "epoch": epoch + 1,
+        return {
             **dict(zip(("loss", "bce", "penalty"), means, strict=True)),
             "val_map": metrics["map"],
             "val_f1_macro": metrics["f1_macro"],
             "closed_heads": model.num_closed_heads(),
-            "seconds": time.perf_counter() - epoch_start,
         }
-        history.append(row)
-        tqdm.write(
+
+    def describe(row: dict[str, Any]) -> str:
+        return (
             f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  val mAP {row['val_map']:.3f}  "
             f"F1 {row['val_f1_macro']:.3f}  closed heads {row['closed_heads']}/{model.open_heads().numel()}  "
             f"{row['seconds']:.1f}s"
         )
-        state = {
-            "fingerprint": run_id,
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "history": history,
-            "train_seconds": seconds_before + time.perf_counter() - start,
-        }
-        save_checkpoint(out / CHECKPOINT_FILE, state)
-        write_csv(out / "history.csv", history)
 
+    fit(loop, step, validate, describe)
     result = None
     if world.is_main:
-        result = _write_outputs(model, dataset, params, out, val, device, history, in_chans)
-        result["train_seconds"] = seconds_before + time.perf_counter() - start
+        result = _write_outputs(model, dataset, params, out, val, device, loop.history, in_chans)
+        result["train_seconds"] = loop.train_seconds()
         write_json(out / "metrics.json", result)
-        # Marks the run finished: a later run with these params retrains rather than resuming it.
-        save_checkpoint(out / CHECKPOINT_FILE, {**state, "finished": True})
+        loop.finish()
     return world.broadcast(result)
 
 
@@ -290,7 +222,7 @@ def _write_outputs(
     gates = gate_report(model)
     record = {
         "model_name": params.model,
-        "model_kwargs": _model_kwargs(params, dataset.num_classes, in_chans),
+        "model_kwargs": model_kwargs(params, dataset.num_classes, in_chans),
         "state_dict": model.state_dict(),
         "classes": dataset.classes,
         "params": vars(params),

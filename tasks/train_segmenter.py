@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from models.segmenter import Segmenter
-from tasks.checkpoint import fingerprint, load_resumable, save_checkpoint, tensor_digest
-from tasks.config import Params, SegmenterParams
-from tasks.datasets import (
-    IGNORE_INDEX,
-    AugmentedSplit,
-    DatasetIndex,
-    SplitData,
-    load_split,
-    normalize,
-    read_mask,
-    read_mask_table,
-)
-from tasks.distributed import (
+from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, predict_images, pseudo_mask_path, read_ingested, segmenter_dir
+from wsss.lib.checkpoint import fingerprint, tensor_digest
+from wsss.lib.config import Params, SegmenterParams
+from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, read_mask, read_mask_table
+from wsss.lib.distributed import (
     World,
     data_parallel,
     global_batch_norm,
@@ -35,39 +24,13 @@ from tasks.distributed import (
     seed_step,
     shard_loader,
 )
-from tasks.errors import WsssError
-from tasks.ingest import read_ingested
-from tasks.io import atomic_file, write_csv
-from tasks.metrics import mean_iou
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_file, write_csv
+from wsss.lib.metrics import IGNORE_INDEX, mean_iou
+from wsss.lib.training import Loop, fit
+from wsss.models.segmenter import Segmenter
 
-MODEL_FILE = "model.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
-HISTORY_FILE = "history.csv"
 MASK_SOURCES = ("pseudo", "gt")
-
-
-def pseudo_mask_path(params: Params) -> Path:
-    """Where the pseudo-mask stage writes the mask table of its split."""
-    return Path(params.pseudo_masks.out) / f"{params.pseudo_masks.split}.parquet"
-
-
-def segmenter_dir(params: Params, mask_source: str) -> Path:
-    """Output folder: ``segmenter.out`` for pseudo masks, ``segmenter.out + "_gt"`` for the GT upper bound."""
-    return Path(params.segmenter.out + ("_gt" if mask_source == "gt" else ""))
-
-
-def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
-    """Rebuilds a trained segmenter from ``model.pt``; returns it in eval mode with its saved record."""
-    path = Path(path)
-    if not path.is_file():
-        raise WsssError(f"{path}: segmenter model not found (run `wsss train-segmenter` first)")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-        model = Segmenter(**record["model_kwargs"])
-        model.load_state_dict(record["state_dict"])
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as err:
-        raise WsssError(f"{path}: not a usable segmenter model ({err})") from None
-    return model.to(device).eval(), record
 
 
 def _resize_masks(data: SplitData, masks: dict[str, np.ndarray], num_classes: int) -> torch.Tensor:
@@ -85,35 +48,6 @@ def _resize_masks(data: SplitData, masks: dict[str, np.ndarray], num_classes: in
         mask = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
         out[i] = F.interpolate(mask, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8)
     return out
-
-
-@torch.no_grad()
-def predict_images(
-    model: Segmenter, data: SplitData, device: torch.device | str, batch_size: int
-) -> dict[str, np.ndarray]:
-    """Predicts at the loaded size; logits are upsampled to each image's original size before the argmax."""
-    model.eval()
-    predictions = {}
-    for start in range(0, len(data.ids), batch_size):
-        logits = model(normalize(data.images[start : start + batch_size]).to(device))
-        for j, single in enumerate(logits):
-            index = start + j
-            size = data.original_sizes[index]
-            full = F.interpolate(single[None], size=size, mode="bilinear", align_corners=False)[0]
-            predictions[data.ids[index]] = full.argmax(0).to(torch.uint8).cpu().numpy()
-    return predictions
-
-
-def predict_split(
-    model: Segmenter,
-    dataset: DatasetIndex,
-    split: str,
-    img_size: int,
-    device: torch.device | str,
-    batch_size: int,
-) -> dict[str, np.ndarray]:
-    """Original-size predicted masks ``{id: HxW uint8}`` for every image of ``split``."""
-    return predict_images(model, load_split(dataset, split, img_size, with_masks=False), device, batch_size)
 
 
 def _ground_truth(dataset: DatasetIndex, split: str) -> dict[str, np.ndarray]:
@@ -134,7 +68,7 @@ def train_segmenter(
     """Trains on the train split, scores val mIoU against GT each epoch, writes ``out/``.
 
     Continues from ``checkpoint.pt`` when it holds an unfinished run with the same params and training
-    masks (tasks/checkpoint.py). With several ranks every rank trains on its share of each global batch
+    masks (lib/checkpoint.py). With several ranks every rank trains on its share of each global batch
     (BatchNorm over the global batch) and rank 0 alone evaluates and writes.
 
     Args:
@@ -174,9 +108,12 @@ def train_segmenter(
         train_masks=tensor_digest(train.masks),
     )
     torch.manual_seed(seed)
-    model = Segmenter(**model_kwargs)
-    if params.pretrained:
-        model.load_encoder_weights(params.pretrained)
+    try:
+        model = Segmenter(**model_kwargs)
+        if params.pretrained:
+            model.load_encoder_weights(params.pretrained)
+    except (FileNotFoundError, ValueError) as err:  # models/ raises plain errors; the app's are one line
+        raise WsssError(f"segmenter: {err}") from None
     if world.distributed:
         model = global_batch_norm(model, device)
     model.to(device)
@@ -184,71 +121,39 @@ def train_segmenter(
     loader = shard_loader(augmented, params.batch_size, seed, world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * len(loader))
-
-    history: list[dict[str, Any]] = []
-    first_epoch, seconds_before = 0, 0.0
-    state = load_resumable(out / CHECKPOINT_FILE, run_id, announce=world.is_main)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, first_epoch, seconds_before = state["history"], state["epoch"], state["train_seconds"]
+    loop = Loop(
+        "segmenter", model, optimizer, loader, params.epochs, out, run_id, world, device,
+        scheduler=scheduler, extra_state={"params": dataclasses.asdict(params)},
+    )  # fmt: skip
+    loop.resume()
     network = data_parallel(model, device, world)
 
-    start = time.perf_counter()
-    for epoch in range(first_epoch, params.epochs):
-        model.train()
-        augmented.set_epoch(epoch)
-        loader.sampler.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        total_loss = torch.zeros((), device=device)
-        bar = tqdm(
-            loader,
-            desc=f"segmenter epoch {epoch + 1}/{params.epochs}",
-            leave=False,
-            mininterval=2.0,
-            disable=not world.is_main,
-        )
-        for batch_index, (images, _, targets) in enumerate(bar):
-            seed_step(seed, epoch * len(loader) + batch_index)  # any random layer draws alike on all ranks
-            images, targets = images.to(device), targets.to(device)
-            # Sum / valid pixels of the global batch instead of the mean: a batch that is all "ignore"
-            # gives 0, not NaN, and ranks with more ignored pixels do not weigh more.
-            valid = world.sum((targets != IGNORE_INDEX).sum()).clamp(min=1)
-            loss = F.cross_entropy(network(images), targets, ignore_index=IGNORE_INDEX, reduction="sum") / valid
-            optimizer.zero_grad(set_to_none=True)
-            # DDP averages gradients over ranks; this rank's share of the global loss is summed instead.
-            (loss * world.size).backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.detach()
-        mean_loss = float(world.sum(total_loss)) / len(loader)
-        if not world.is_main:
-            continue
-        predictions = predict_images(model, val, device, params.batch_size)
-        row = {
-            "epoch": epoch + 1,
-            "loss": mean_loss,
-            "val_miou": mean_iou(((gt, predictions[i]) for i, gt in val_gt.items()), num_classes),
-            "seconds": time.perf_counter() - epoch_start,
-        }
-        history.append(row)
-        tqdm.write(
-            f"epoch {epoch + 1:>3}  loss {row['loss']:.4f}  val mIoU {row['val_miou']:.3f}  {row['seconds']:.1f}s"
-        )
-        state = {
-            "fingerprint": run_id,
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "params": dataclasses.asdict(params),
-            "history": history,
-            "train_seconds": seconds_before + time.perf_counter() - start,
-        }
-        save_checkpoint(out / CHECKPOINT_FILE, state)
-        write_csv(out / HISTORY_FILE, history)
+    def step(index: int, batch: tuple[torch.Tensor, Any, torch.Tensor]) -> torch.Tensor:
+        images, _, targets = batch
+        seed_step(seed, index)  # any random layer draws alike on all ranks
+        images, targets = images.to(device), targets.to(device)
+        # Sum / valid pixels of the global batch instead of the mean: a batch that is all "ignore"
+        # gives 0, not NaN, and ranks with more ignored pixels do not weigh more.
+        valid = world.sum((targets != IGNORE_INDEX).sum()).clamp(min=1)
+        loss = F.cross_entropy(network(images), targets, ignore_index=IGNORE_INDEX, reduction="sum") / valid
+        optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; this rank's share of the global loss is summed instead.
+        (loss * world.size).backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.detach()
 
+    def validate(total_loss: torch.Tensor) -> dict[str, Any]:
+        predictions = predict_images(model, val, device, params.batch_size)
+        return {
+            "loss": float(total_loss) / loop.steps_per_epoch,
+            "val_miou": mean_iou(((gt, predictions[i]) for i, gt in val_gt.items()), num_classes),
+        }
+
+    def describe(row: dict[str, Any]) -> str:
+        return f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  val mIoU {row['val_miou']:.3f}  {row['seconds']:.1f}s"
+
+    fit(loop, step, validate, describe)
     result = None
     if world.is_main:
         record = {
@@ -259,11 +164,9 @@ def train_segmenter(
         }
         with atomic_file(out / MODEL_FILE) as handle:
             torch.save(record, handle)
-        write_csv(out / HISTORY_FILE, history)
-        # Marks the run finished: a later run with these params retrains rather than resuming it.
-        save_checkpoint(out / CHECKPOINT_FILE, {**state, "finished": True})
-        seconds = seconds_before + time.perf_counter() - start
-        result = {"val_miou": history[-1]["val_miou"], "epochs": params.epochs, "seconds": seconds}
+        write_csv(out / HISTORY_FILE, loop.history)
+        loop.finish()
+        result = {"val_miou": loop.history[-1]["val_miou"], "epochs": params.epochs, "seconds": loop.train_seconds()}
     return world.broadcast(result)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import (
+from wsss.lib.config import (
     ClassifierParams,
     EmbeddedParams,
     EvaluateParams,
@@ -20,7 +20,7 @@ from tasks.config import (
     PseudoMaskParams,
     SegmenterParams,
 )
-from tasks.ingest import build_embedded_dataset
+from wsss.tools.embedded import build_embedded_dataset
 
 
 def tiny_embedded_params(out: Path) -> EmbeddedParams:

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks import ablations, cli
-from tasks.ablations import plan, read_config, run_cell, run_grid
-from tasks.config import ConfigError, Params, load_params
-from tasks.errors import WsssError
-from tasks.report import paired_differences, paired_markdown, write_report
+from wsss.lib.config import ConfigError, Params, load_params
+from wsss.lib.errors import WsssError
+from wsss.tools import ablations, cli
+from wsss.tools.ablations import plan, read_config, run_cell, run_grid
+from wsss.tools.report import paired_differences, paired_markdown, write_report
 
 GRID = {
     "seeds": [0],
@@ -150,7 +150,7 @@ def test_same_seed_gives_identical_numbers_and_finished_cells_are_not_rerun(
     (first,) = plan(read_config(config_file), params_file, root, variants=["no_masking"])
     before = (first.run_dir / "result.json").stat().st_mtime_ns
     # A finished cell returns its row without touching any stage.
-    monkeypatch.setattr("tasks.train_classifier.main", lambda params: pytest.fail("classifier retrained"))
+    monkeypatch.setattr("wsss.tasks.train_classifier.main", lambda params: pytest.fail("classifier retrained"))
     assert run_cell(first) == json.loads((first.run_dir / "result.json").read_text())
     assert (first.run_dir / "result.json").stat().st_mtime_ns == before
     monkeypatch.undo()
@@ -245,7 +245,7 @@ def test_print_dvc_gives_queued_experiments_with_valid_overrides(
 def test_prefect_flow_runs_the_grid_in_processes_and_reports(
     finished_grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server
 ):
-    from pipelines.ablations import ablations as ablations_flow
+    from wsss.pipelines.ablations import ablations as ablations_flow
 
     params_file, config_file, _ = finished_grid
     shutil.copy2(params_file, tmp_path / "params.yaml")
@@ -288,15 +288,14 @@ def test_a_variant_that_closes_every_head_is_a_row_without_maps(finished_grid, t
     assert row["closed_heads"] == 16 and row["map_layer"] is None
     assert row["pseudo_miou"] is None and row["segmenter_miou"] is None and 0.0 <= row["val_map"] <= 1.0
     with pytest.raises(WsssError, match="the classifier closed every attention head"):
-        from tasks import pseudo_masks
+        from wsss.tasks import pseudo_masks
 
         pseudo_masks.main(plan(config, params_file, tmp_path)[0].params)
 
 
 def test_diagnose_maps_scores_every_block(finished_grid, capsys):
-    from tasks.ingest import read_ingested
-    from tasks.map_diagnostics import specificity_by_block
-    from tasks.train_classifier import load_classifier
+    from wsss.lib.artifacts import load_classifier, read_ingested
+    from wsss.tools.diagnose_maps import specificity_by_block
 
     _, _, root = finished_grid
     rows = {p.parent.parent.name: json.loads(p.read_text()) for p in root.glob("tiny/*/seed0/result.json")}

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import torch
 
-from benchmarks.bench import TARGETS, fast_pseudo_masks, naive_pseudo_masks, recorded_attention_maps
-from tasks.cli import main
 from tests.test_token_masking_vit import close_heads, tiny_model
+from wsss.benchmarks.bench import TARGETS, fast_pseudo_masks, naive_pseudo_masks, recorded_attention_maps
+from wsss.tools.cli import main
 
 
 def test_bench_smoke_writes_json_and_table(tmp_path, capsys):

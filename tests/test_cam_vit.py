@@ -9,11 +9,11 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import models  # noqa: F401  (registers wsss_cam_vit_*)
-from models.cam_vit import CamViT
-from tasks.config import Params
-from tasks.errors import WsssError
+import wsss.models  # noqa: F401  (registers wsss_cam_vit_*)
 from tests.test_token_masking_vit import close_heads
+from wsss.lib.config import Params
+from wsss.lib.errors import WsssError
+from wsss.models.cam_vit import CamViT
 
 C = 5
 
@@ -80,9 +80,10 @@ def test_masking_and_read_only_class_tokens_are_refused():
 
 
 def test_train_classifier_and_pseudo_masks_on_the_cam_baseline(tiny_params: Params, tmp_path: Path):
-    from tasks import train_classifier
-    from tasks.ingest import ingest, read_ingested
-    from tasks.pseudo_masks import generate_pseudo_masks
+    from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
+    from wsss.tasks import train_classifier
+    from wsss.tasks.ingest import ingest
+    from wsss.tasks.pseudo_masks import generate_pseudo_masks
 
     ingest(Path(tiny_params.ingest.source), Path(tiny_params.ingest.out))
     cam = dataclasses.replace(
@@ -94,7 +95,7 @@ def test_train_classifier_and_pseudo_masks_on_the_cam_baseline(tiny_params: Para
     assert result["closed_heads"] == 0 and result["map_layer"] == 3
     assert json.loads((Path(cam.out) / "gates.json").read_text())["log_alpha"] == []
 
-    model, record = train_classifier.load_classifier(Path(cam.out) / train_classifier.MODEL_FILE)
+    model, record = load_classifier(Path(cam.out) / MODEL_FILE)
     assert isinstance(model, CamViT) and record["model_name"] == "wsss_cam_vit_tiny_patch8"
     dataset = read_ingested(Path(tiny_params.ingest.out))
     ids, masks, stats = generate_pseudo_masks(model, dataset, tiny_params.pseudo_masks, torch.device("cpu"))

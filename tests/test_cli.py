@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.cli import main
-from tasks.config import Params
+from wsss.lib.config import Params
+from wsss.tools.cli import main
 
 
 def write_params(params: Params, path: Path) -> str:

@@ -17,7 +17,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from tasks.datasets import (
+from wsss.lib.datasets import (
     AugmentedSplit,
     SplitData,
     compute_bands,
@@ -38,7 +38,7 @@ from tasks.datasets import (
     write_mask_png,
     write_mask_table,
 )
-from tasks.errors import WsssError
+from wsss.lib.errors import WsssError
 
 
 def copy_set(source: Path, tmp_path: Path) -> Path:

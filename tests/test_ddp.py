@@ -21,11 +21,12 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tasks import train_classifier, train_segmenter
-from tasks.config import ConfigError, Params, load_params
-from tasks.distributed import CrossRankBatchNorm, World, shard_loader
-from tasks.errors import WsssError
-from tasks.ingest import ingest
+from wsss.lib import artifacts
+from wsss.lib.config import ConfigError, Params, load_params
+from wsss.lib.distributed import CrossRankBatchNorm, World, shard_loader
+from wsss.lib.errors import WsssError
+from wsss.tasks import train_classifier, train_segmenter
+from wsss.tasks.ingest import ingest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def _two_process_command(params: Params, tmp_path: Path, *argv: str) -> tuple[li
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    return [sys.executable, "-m", "tasks.cli", *argv, "--params", str(path), "-S", "trainer.nproc=2"], env
+    return [sys.executable, "-m", "wsss.tools.cli", *argv, "--params", str(path), "-S", "trainer.nproc=2"], env
 
 
 def _run_two_processes(params: Params, tmp_path: Path, *argv: str) -> str:
@@ -102,7 +103,7 @@ def test_two_process_classifier_matches_one_process(cpu_params: Params, tmp_path
 
 def test_two_process_segmenter_matches_one_process(cpu_params: Params, tmp_path: Path):
     # resnet18 has BatchNorm everywhere: per-rank statistics would not match (global-batch BN does).
-    single = train_segmenter.segmenter_dir(cpu_params, "gt")
+    single = artifacts.segmenter_dir(cpu_params, "gt")
     train_segmenter.main(cpu_params, mask_source="gt")
     parallel = tmp_path / "segmenter_ddp"
     params = dataclasses.replace(cpu_params, segmenter=dataclasses.replace(cpu_params.segmenter, out=str(parallel)))

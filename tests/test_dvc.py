@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import load_params
-from tasks.ingest import build_embedded_dataset
+from wsss.lib.config import load_params
+from wsss.tools.embedded import build_embedded_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = {

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import evaluate, train_segmenter
-from tasks.config import Params
-from tasks.datasets import DatasetIndex, read_dataset, read_mask, write_mask_table
-from tasks.errors import WsssError
-from tasks.ingest import ingest
-from tasks.io import write_json
+from wsss.lib import artifacts
+from wsss.lib.config import Params
+from wsss.lib.datasets import DatasetIndex, read_dataset, read_mask, write_mask_table
+from wsss.lib.errors import WsssError
+from wsss.lib.io import write_json
+from wsss.tasks import evaluate, train_segmenter
+from wsss.tasks.ingest import ingest
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +54,7 @@ def test_main_writes_metrics_and_plots(tiny_params: Params):
     ingest(Path(params.ingest.source), Path(params.ingest.out))
     dataset = read_dataset(params.ingest.source)
     pseudo = _gt(dataset, "train")
-    write_mask_table(train_segmenter.pseudo_mask_path(params), list(pseudo), list(pseudo.values()))
+    write_mask_table(artifacts.pseudo_mask_path(params), list(pseudo), list(pseudo.values()))
     write_json(Path(params.pseudo_masks.out) / "stats.json", {"ceiling_miou": 0.7})
     write_json(Path(params.classifier.out) / "metrics.json", {"val_map": 0.9})
     metrics_dir, plots_dir = Path(params.evaluate.metrics_dir), Path(params.evaluate.plots_dir)

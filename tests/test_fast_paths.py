@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from models.token_masking_vit import TokenMaskingViT
-from tasks.config import DEFAULT_PARAMS, ConfigError, load_params
-from tasks.train_classifier import _model_kwargs
 from tests.test_token_masking_vit import C, close_heads, tiny_model
+from wsss.lib.config import DEFAULT_PARAMS, ConfigError, load_params
+from wsss.models.token_masking_vit import TokenMaskingViT
+from wsss.tasks.train_classifier import model_kwargs
 
 
 def naive_masked_class_attention(model: TokenMaskingViT, images: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_read_only_mask_layout_and_bad_mode():
 
 def test_class_tokens_param_reaches_the_model():
     params = load_params(DEFAULT_PARAMS, ["classifier.class_tokens=read_only"])
-    assert _model_kwargs(params.classifier, 3, 3)["class_tokens"] == "read_only"
+    assert model_kwargs(params.classifier, 3, 3)["class_tokens"] == "read_only"
     assert load_params(DEFAULT_PARAMS, []).classifier.class_tokens == "joint"
     with pytest.raises(ConfigError, match="class_tokens"):
         load_params(DEFAULT_PARAMS, ["classifier.class_tokens=causal"])

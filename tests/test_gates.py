@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from models.gates import HardConcreteGate
+from wsss.models.gates import HardConcreteGate
 
 
 def test_penalty_matches_hand_computed_open_probabilities():

@@ -20,10 +20,10 @@ import torch
 import yaml
 from PIL import Image
 
-from tasks.cli import main
-from tasks.config import Params
-from tasks.datasets import load_split, palette, read_dataset, read_image, read_mask, to_uint8
-from tasks.importers import VOC_CLASSES
+from wsss.lib.config import Params
+from wsss.lib.datasets import load_split, palette, read_dataset, read_image, read_mask, to_uint8
+from wsss.tools.cli import main
+from wsss.tools.importers import VOC_CLASSES
 
 # pycocotools 2.0 calls np.array(..., copy=False) on its RLE objects (harmless under numpy 2).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.config import Params
-from tasks.datasets import palette, read_dataset, read_mask, write_manifest
-from tasks.errors import WsssError
-from tasks.ingest import (
+from wsss.lib.artifacts import read_ingested
+from wsss.lib.config import Params
+from wsss.lib.datasets import palette, read_dataset, read_mask, write_manifest
+from wsss.lib.errors import WsssError
+from wsss.tasks.ingest import ingest
+from wsss.tools.embedded import (
     ANIMAL_CLASSES,
     TRAIN_POOL_FRACTION,
-    _ignore_band,
     build_embedded_dataset,
-    ingest,
+    ignore_band,
     load_silhouettes,
-    read_ingested,
     split_pools,
 )
 
@@ -82,7 +82,7 @@ def test_ignore_band_is_one_pixel_outside_the_top_object() -> None:
     instances = np.zeros((7, 7), dtype=np.int32)
     instances[1:5, 1:5] = 1
     instances[3:6, 3:6] = 2  # painted later: occludes object 1
-    band = _ignore_band(instances)
+    band = ignore_band(instances)
     assert not band[instances == 2].any()  # the top object keeps every pixel
     assert band[0, 1:5].all() and band[1:5, 0].all()  # background ring around object 1
     assert band[2, 3] and band[3, 2] and not band[1, 1]  # object 1's pixels next to object 2 only

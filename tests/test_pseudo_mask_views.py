@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.config import DEFAULT_PARAMS, ConfigError, Params, load_params
-from tasks.datasets import normalize
-from tasks.pseudo_masks import attention_maps, generate_pseudo_masks, multi_view_maps
 from tests.test_token_masking_vit import C, close_heads, tiny_model
+from wsss.lib.config import DEFAULT_PARAMS, ConfigError, Params, load_params
+from wsss.lib.datasets import normalize
+from wsss.lib.mask_rule import attention_maps, multi_view_maps
+from wsss.tasks.pseudo_masks import generate_pseudo_masks
 
 CPU = torch.device("cpu")
 
@@ -74,8 +75,9 @@ def test_views_params_default_and_validation():
 
 
 def test_pruned_model_gives_the_gated_models_masks_and_stats(tiny_params: Params):
-    from tasks.ingest import ingest, read_ingested
-    from tasks.train_classifier import build_classifier
+    from wsss.lib.artifacts import read_ingested
+    from wsss.tasks.ingest import ingest
+    from wsss.tasks.train_classifier import build_classifier
 
     ingest(Path(tiny_params.ingest.source), Path(tiny_params.ingest.out))
     dataset = read_ingested(Path(tiny_params.ingest.out))

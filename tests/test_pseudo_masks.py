@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from tasks.pseudo_masks import (
+from wsss.lib.mask_rule import (
     UNASSIGNED,
     class_specificity,
     fill_unassigned,

@@ -16,10 +16,11 @@ import pytest
 import torch
 import yaml
 
-from tasks import train_classifier, train_segmenter
-from tasks.checkpoint import load_resumable, save_checkpoint
-from tasks.config import Params
-from tasks.ingest import ingest
+from wsss.lib import artifacts
+from wsss.lib.checkpoint import load_resumable, save_checkpoint
+from wsss.lib.config import Params
+from wsss.tasks import train_classifier, train_segmenter
+from wsss.tasks.ingest import ingest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def _kill_after_first_epoch(params: Params, tmp_path: Path, out: Path, *argv: st
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "tasks.cli", *argv, "--params", str(path)]
+    command = [sys.executable, "-m", "wsss.tools.cli", *argv, "--params", str(path)]
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
@@ -94,11 +95,11 @@ def test_killed_classifier_resumes_to_the_uninterrupted_result(params: Params, t
 
 
 def test_killed_segmenter_resumes_to_the_uninterrupted_result(params: Params, tmp_path: Path, capsys):
-    reference = train_segmenter.segmenter_dir(params, "gt")
+    reference = artifacts.segmenter_dir(params, "gt")
     train_segmenter.main(params, mask_source="gt")
 
     params.segmenter = dataclasses.replace(params.segmenter, out=str(tmp_path / "killed_segmenter"))
-    out = train_segmenter.segmenter_dir(params, "gt")
+    out = artifacts.segmenter_dir(params, "gt")
     epoch = _kill_after_first_epoch(params, tmp_path, out, "train-segmenter", "--masks", "gt")
     assert 1 <= epoch < params.segmenter.epochs
     capsys.readouterr()

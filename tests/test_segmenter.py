@@ -8,12 +8,13 @@ import pytest
 import timm
 import torch
 
-from models.segmenter import Segmenter
-from tasks.config import Params, SegmenterParams
-from tasks.datasets import DatasetIndex, read_dataset, read_mask
-from tasks.errors import WsssError
-from tasks.ingest import ingest
-from tasks.train_segmenter import load_segmenter, main, predict_split, train_segmenter
+from wsss.lib.artifacts import load_segmenter, predict_split
+from wsss.lib.config import Params, SegmenterParams
+from wsss.lib.datasets import DatasetIndex, read_dataset, read_mask
+from wsss.lib.errors import WsssError
+from wsss.models.segmenter import Segmenter
+from wsss.tasks.ingest import ingest
+from wsss.tasks.train_segmenter import main, train_segmenter
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +38,8 @@ def test_output_shape(encoder):
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4, 64, 64)
 
 
-def test_unknown_encoder_is_a_wsss_error():
-    with pytest.raises(WsssError, match="no_such_net"):
+def test_unknown_encoder_is_a_value_error_that_names_the_fix():
+    with pytest.raises(ValueError, match="no_such_net.*features_only"):
         Segmenter("no_such_net")
 
 
@@ -56,10 +57,10 @@ def test_load_encoder_weights(tmp_path, encoder):
 
 def test_load_encoder_weights_errors(tmp_path):
     model = Segmenter("test_efficientnet", num_classes=3)
-    with pytest.raises(WsssError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         model.load_encoder_weights(tmp_path / "missing.pt")
     torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "vit.pt")
-    with pytest.raises(WsssError, match="vit.pt: encoder key .* is missing"):
+    with pytest.raises(ValueError, match="vit.pt: encoder key .* is missing"):
         model.load_encoder_weights(tmp_path / "vit.pt")
 
 

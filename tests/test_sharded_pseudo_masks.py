@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from tasks.config import DaskParams, Params
-from tasks.pseudo_masks import shard_ranges
+from wsss.lib.config import DaskParams, Params
+from wsss.tasks.pseudo_masks import shard_ranges
 
 
 def test_shard_edges_fall_on_whole_batches_and_cover_the_split():
@@ -19,9 +19,9 @@ def test_shard_edges_fall_on_whole_batches_and_cover_the_split():
 def test_sharded_masks_equal_the_serial_ones_bit_for_bit_on_local_and_given_clusters(
     tiny_params: Params, tmp_path: Path, prefect_server
 ):
-    from pipelines.pseudo_masks import run_sharded, torch_threads
-    from tasks import pseudo_masks, train_classifier
-    from tasks.ingest import ingest
+    from wsss.pipelines.pseudo_masks import run_sharded, torch_threads
+    from wsss.tasks import pseudo_masks, train_classifier
+    from wsss.tasks.ingest import ingest
 
     ingest(Path(tiny_params.ingest.source), Path(tiny_params.ingest.out))
     tiny_params.classifier.epochs = 1

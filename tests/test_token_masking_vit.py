@@ -2,8 +2,8 @@ import pytest
 import timm
 import torch
 
-import models  # noqa: F401  (registers wsss_vit_*)
-from models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
+import wsss.models  # noqa: F401  (registers wsss_vit_*)
+from wsss.models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
 
 C = 5
 

@@ -10,12 +10,12 @@ import mlflow
 import pytest
 import torch
 
-from models.segmenter import Segmenter
-from tasks import tracking
-from tasks.config import Params
-from tasks.register import register
-from tasks.train_classifier import _model_kwargs, build_classifier
-from tasks.train_segmenter import segmenter_dir
+from wsss.lib import tracking
+from wsss.lib.artifacts import segmenter_dir
+from wsss.lib.config import Params
+from wsss.models.segmenter import Segmenter
+from wsss.tasks.register import register
+from wsss.tasks.train_classifier import build_classifier, model_kwargs
 
 CLASSES = ["bird", "elephant", "giraffe"]
 
@@ -45,7 +45,7 @@ def _finished_pipeline(params: Params, miou: float | None, seed: int) -> None:
     classifier = build_classifier(params.classifier, len(CLASSES))
     record = {
         "model_name": params.classifier.model,
-        "model_kwargs": _model_kwargs(params.classifier, len(CLASSES), 3),
+        "model_kwargs": model_kwargs(params.classifier, len(CLASSES), 3),
         "state_dict": classifier.state_dict(),
         "classes": CLASSES,
     }

@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from tasks.errors import WsssError
-from tasks.io import atomic_file, write_json
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_file, write_json
+from wsss.lib.metrics import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 MIN_IMAGE_SIZE = 8
 # 255 is reserved for "ignore", so mask values 1..254 can name at most 254 foreground classes.
 MAX_CLASSES = 254
@@ -373,6 +373,8 @@ def escapes_root(relative: str) -> bool:
 
 # Splits whose images are trained on with their image-level labels: each image needs at least one.
 LABELLED_SPLITS = ("train",)
+# Splits every data set must have (``wsss ingest`` and the importers check them).
+SPLITS = ("train", "val")
 
 
 def check_rows(manifest: pd.DataFrame, num_classes: int, where: str | Path) -> None:
@@ -692,3 +694,17 @@ class AugmentedSplit(torch.utils.data.Dataset):
                 mask = mask.flip(-1) if mask is not None else None
         mask = mask.long() if mask is not None else torch.empty(0, dtype=torch.long)
         return normalize(image), self.data.labels[index], mask
+
+
+def summarize(dataset: DatasetIndex) -> dict:
+    """Images, images with masks, per-class label counts and mean labels per image, for each split."""
+    splits = {}
+    for split, rows in dataset.manifest.groupby("split", sort=True):
+        labels = np.stack(rows["labels"].to_list()).astype(np.int64)
+        splits[str(split)] = {
+            "images": len(rows),
+            "with_masks": int(rows["mask"].notna().sum()),
+            "label_counts": dict(zip(dataset.classes, labels.sum(axis=0).tolist(), strict=True)),
+            "mean_labels_per_image": round(float(labels.sum(axis=1).mean()), 4),
+        }
+    return {"num_classes": dataset.num_classes, "classes": dataset.classes, "splits": splits}

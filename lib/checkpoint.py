@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tasks.io import atomic_file
+from wsss.lib.io import atomic_file
 
 
 def fingerprint(**parts: Any) -> str:

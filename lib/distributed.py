@@ -26,9 +26,9 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from tasks.config import Params
-from tasks.errors import WsssError
-from tasks.runtime import setup_runtime
+from wsss.lib.config import Params
+from wsss.lib.errors import WsssError
+from wsss.lib.runtime import setup_runtime
 
 # Rank 0 alone scores the val split after each epoch while the other ranks wait in the next
 # collective; the default timeout (10 min for NCCL) would kill long evaluations.
@@ -99,7 +99,7 @@ def launch(command: list[str], params: Params) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             yaml.safe_dump(params.to_dict(), handle, sort_keys=False)
-        args = ["--standalone", f"--nproc-per-node={nproc}", "--module", "tasks.cli", *command, "--params", name]
+        args = ["--standalone", f"--nproc-per-node={nproc}", "--module", "wsss.tools.cli", *command, "--params", name]
         print(f"launching {nproc} processes: torchrun {' '.join(args)}", flush=True)
         try:
             run(parse_args(args))

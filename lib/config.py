@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tasks.errors import WsssError
+from wsss.lib.errors import WsssError
 
 DEFAULT_PARAMS = Path("params.yaml")
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigError, Params, load_params, read_yaml
-from tasks.errors import WsssError
-from tasks.io import write_json
+from wsss.lib.config import ConfigError, Params, load_params, read_yaml
+from wsss.lib.errors import WsssError
+from wsss.lib.io import write_json
 
 ABLATIONS_FILE = Path("ablations.yaml")
 DEFAULT_ROOT = Path("artifacts/ablations")
@@ -66,7 +66,7 @@ class Cell:
     @property
     def fingerprint(self) -> str:
         """What decides the cell's numbers: every param except output folders and how it runs."""
-        from tasks.checkpoint import fingerprint  # imports torch: not at `wsss --help` time
+        from wsss.lib.checkpoint import fingerprint  # imports torch: not at `wsss --help` time
 
         settings = self.params.to_dict()
         for section in ("classifier", "pseudo_masks", "segmenter", "ingest"):
@@ -141,7 +141,7 @@ def _pick(requested: Sequence[str] | None, known: dict[str, Any], what: str) -> 
 
 def classifier_dir(params: Params, root: Path, scale: str) -> Path:
     """Where the classifier of ``params`` lives: keyed by its params, the seed and the data set."""
-    from tasks.checkpoint import fingerprint
+    from wsss.lib.checkpoint import fingerprint
 
     settings = {k: v for k, v in dataclasses.asdict(params.classifier).items() if k != "out"}
     key = fingerprint(classifier=settings, seed=params.seed, source=params.ingest.source, device=params.device)
@@ -189,7 +189,8 @@ def plan(
 
 def prepare(cells: Sequence[Cell]) -> None:
     """Ingests the data set once for all cells (and builds the embedded one when it is the source and missing)."""
-    from tasks.ingest import build_embedded_dataset, ingest
+    from wsss.tasks.ingest import ingest
+    from wsss.tools.embedded import build_embedded_dataset
 
     params = cells[0].params
     source, out = Path(params.ingest.source), Path(params.ingest.out)
@@ -213,7 +214,7 @@ def read_result(cell: Cell) -> dict[str, Any] | None:
 
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Runs (or resumes, or reuses) one cell and returns its result row (also written to ``result.json``)."""
-    from tasks import pseudo_masks, train_classifier, train_segmenter
+    from wsss.tasks import pseudo_masks, train_classifier, train_segmenter
 
     done = read_result(cell)
     if done is not None:
@@ -262,7 +263,7 @@ def _device_name(device: str) -> str:
     """The hardware the numbers come from (GPU runs are not bitwise CPU runs)."""
     import torch
 
-    from tasks.runtime import resolve_device
+    from wsss.lib.runtime import resolve_device
 
     resolved = resolve_device(device)
     return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "cpu"
@@ -299,7 +300,7 @@ def cell_command(group: Sequence[Cell], grid_args: Sequence[str] = ()) -> list[s
 
     ``grid_args``: the options that located the grid (``--params``, ``--config``, ``--root``, ``-S``...).
     """
-    cmd = [sys.executable, "-m", "tasks.cli", "ablations", *grid_args, "--scale", group[0].scale, "--no-report"]
+    cmd = [sys.executable, "-m", "wsss.tools.cli", "ablations", *grid_args, "--scale", group[0].scale, "--no-report"]
     for cell in group:
         cmd += ["--variant", cell.variant]
     return [*cmd, "--seed", str(group[0].seed)]

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.config import flatten
+from wsss.lib.config import flatten
 
 EXPERIMENT = "wsss"
 CLASSIFIER_MODEL = "wsss-classifier"
@@ -51,7 +51,7 @@ def get_client(root: str | Path = "."):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks import storage
+    from wsss.lib import storage
 
     store = storage.store_from_env()
     if store is not None:
@@ -71,8 +71,8 @@ def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) ->
     """
     from mlflow.exceptions import MlflowException
 
-    from tasks import storage
-    from tasks.errors import WsssError
+    from wsss.lib import storage
+    from wsss.lib.errors import WsssError
 
     store = storage.store_from_env()
     experiment = client.get_experiment_by_name(name)

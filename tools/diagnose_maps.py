@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from models.token_masking_vit import TokenMaskingViT
-from tasks.datasets import DatasetIndex, load_split, normalize, read_mask
-from tasks.errors import WsssError
-from tasks.pseudo_masks import class_specificity, normalized_maps, tune_thresholds
+from wsss.lib.datasets import DatasetIndex, load_split, normalize, read_mask
+from wsss.lib.errors import WsssError
+from wsss.lib.mask_rule import class_specificity, normalized_maps, tune_thresholds
+from wsss.models.token_masking_vit import TokenMaskingViT
 
 
 @torch.no_grad()
@@ -117,9 +117,8 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
 
 def main(classifier: str | Path, dataset_dir: str | Path, max_images: int, out: str | Path | None) -> pd.DataFrame:
     """CLI entry: prints the per-block table (and writes it as CSV to ``out``)."""
-    from tasks.ingest import read_ingested
-    from tasks.io import atomic_file
-    from tasks.train_classifier import load_classifier
+    from wsss.lib.artifacts import load_classifier, read_ingested
+    from wsss.lib.io import atomic_file
 
     model, _ = load_classifier(Path(classifier), "cpu")
     table = specificity_by_block(model, read_ingested(Path(dataset_dir)), max_images)

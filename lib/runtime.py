@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from tasks.errors import WsssError
+from wsss.lib.errors import WsssError
 
 
 def resolve_device(name: str) -> torch.device:

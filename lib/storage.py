@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import WsssError
+from wsss.lib.errors import WsssError
 
 BUCKET_VAR = "WSSS_S3_BUCKET"
 PREFIX_VAR = "WSSS_S3_PREFIX"

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.ablations import DEFAULT_ROOT, REPORT_ROOT, RESULT_FILE, AblationConfig
-from tasks.errors import WsssError
-from tasks.io import atomic_file
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_file
+from wsss.tools.ablations import DEFAULT_ROOT, REPORT_ROOT, RESULT_FILE, AblationConfig
 
 EXPERIMENT = "wsss-ablations"
 # result column -> table heading
@@ -204,12 +204,11 @@ def qualitative_grid(
     the attention maps of the image's first classes for ``full`` and ``no_masking`` (class named in the cell)."""
     from PIL import Image, ImageDraw
 
-    from tasks.datasets import display_rgb, load_split, read_image, read_mask_table, to_uint8
-    from tasks.evaluate import colorize, image_grid
-    from tasks.ingest import read_ingested
-    from tasks.map_diagnostics import multi_class_train_images
-    from tasks.pseudo_masks import attention_maps, normalized_maps
-    from tasks.train_classifier import MODEL_FILE, load_classifier
+    from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
+    from wsss.lib.datasets import display_rgb, load_split, read_image, read_mask_table, to_uint8
+    from wsss.lib.mask_rule import attention_maps, normalized_maps
+    from wsss.lib.plotting import colorize, image_grid
+    from wsss.tools.diagnose_maps import multi_class_train_images
 
     dataset = read_ingested(root / "dataset")
     with_masks = runs[runs["pseudo_miou"].notna()]  # a variant that closed every head has no masks
@@ -242,7 +241,7 @@ def qualitative_grid(
 
 def log_to_mlflow(scale: str, summary: pd.DataFrame, files: Sequence[Path], root: str | Path = ".") -> str:
     """One run in the experiment ``wsss-ablations``: per-variant means/stds as metrics, the files as artifacts."""
-    from tasks.tracking import ensure_experiment, get_client, metric_key
+    from wsss.lib.tracking import ensure_experiment, get_client, metric_key
 
     client = get_client(root)
     run = client.create_run(ensure_experiment(client, root, EXPERIMENT), run_name=f"ablations-{scale}")

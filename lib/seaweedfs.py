@@ -5,7 +5,7 @@ secret key are given (``-s3.config``: a JSON file written beside the data, mode 
 listens on 127.0.0.1 only, and every port but the S3 one (when given) is picked free, so servers of
 several users or tests can run side by side.
 
-    python -m tasks.seaweedfs --dir .s3demo/weed --port 8333   # keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+    python -m wsss.lib.seaweedfs --dir .s3demo/weed --port 8333   # keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.errors import WsssError
+from wsss.lib.errors import WsssError
 
 # weed mini's components, each with an HTTP and a gRPC port (S3 is listed first: its port may be fixed).
 _PORT_FLAGS = (
@@ -164,7 +164,7 @@ class SeaweedS3:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a server in the foreground until TERM/INT; keys from the standard AWS variables."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.seaweedfs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m wsss.lib.seaweedfs", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, help="data directory")
     parser.add_argument("--port", type=int, default=8333, help="S3 port on 127.0.0.1 (default 8333)")
     args = parser.parse_args(argv)

@@ -10,12 +10,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.config import DEFAULT_PARAMS, Params, load_params
-from tasks.errors import WsssError
+from wsss.lib.config import DEFAULT_PARAMS, Params, load_params
+from wsss.lib.errors import WsssError
 
 
 def _import_embedded(params: Params, args: argparse.Namespace) -> None:
-    from tasks.ingest import build_embedded_dataset
+    from wsss.tools.embedded import build_embedded_dataset
 
     out = Path(args.out or params.embedded.out)
     build_embedded_dataset(params.embedded, out)
@@ -23,8 +23,8 @@ def _import_embedded(params: Params, args: argparse.Namespace) -> None:
 
 
 def _import(params: Params, args: argparse.Namespace) -> None:
-    """``wsss import voc|coco|folder`` (tasks/importers.py)."""
-    from tasks import importers
+    """``wsss import voc|coco|folder`` (tools/importers.py)."""
+    from wsss.tools import importers
 
     out = Path(args.out)
     if args.source == "voc":
@@ -59,14 +59,14 @@ def _add_importers(imp_sub: argparse._SubParsersAction, common: argparse.Argumen
 
 
 def _predict(params: Params, args: argparse.Namespace) -> None:
-    from tasks.predict import main
+    from wsss.tools.predict import main
 
     model = args.from_attention or args.model
     main(params, args.images, model, args.out, bool(args.from_attention), args.overlay, args.img_size, args.bands)
 
 
 def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``wsss predict`` (tasks/predict.py): masks for new images; not a pipeline stage."""
+    """``wsss predict`` (tools/predict.py): masks for new images; not a pipeline stage."""
     predict = sub.add_parser("predict", parents=[common], help="palette PNG masks for new images")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     source = predict.add_mutually_exclusive_group(required=True)
@@ -79,27 +79,30 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     predict.set_defaults(handler=_predict)
 
 
-def _ingest(params: Params, args: argparse.Namespace) -> None:
-    from tasks.ingest import ingest
-
-    summary = ingest(Path(params.ingest.source), Path(params.ingest.out))
-    sizes = ", ".join(f"{name} {split['images']}" for name, split in summary["splits"].items())
-    print(f"ingested {params.ingest.source}: {summary['num_classes']} classes, images: {sizes}")
-
-
 def _stage(module: str, **kwargs) -> Callable[[Params, argparse.Namespace], object]:
     """Imports stage modules lazily so `wsss --help` stays fast."""
 
     def run(params: Params, args: argparse.Namespace) -> object:
         import importlib
 
-        return importlib.import_module(f"tasks.{module}").main(params, **kwargs)
+        return importlib.import_module(f"wsss.tasks.{module}").main(params, **kwargs)
 
     return run
 
 
+def _pseudo_masks(params: Params, args: argparse.Namespace) -> object:
+    """Serial in this process, or with ``dask.shards`` > 1 the sharded Prefect flow (same artifact bit for bit)."""
+    if params.dask.shards > 1:
+        from wsss.pipelines.pseudo_masks import run_sharded
+
+        return run_sharded(params)["stats"]
+    from wsss.tasks.pseudo_masks import main
+
+    return main(params)
+
+
 def _train_segmenter(params: Params, args: argparse.Namespace) -> object:
-    from tasks.train_segmenter import main
+    from wsss.tasks.train_segmenter import main
 
     return main(params, mask_source=args.masks)
 
@@ -111,7 +114,7 @@ def _add_register(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def _bench(params: Params, args: argparse.Namespace) -> None:
-    from benchmarks.bench import run_benchmarks
+    from wsss.benchmarks.bench import run_benchmarks
 
     record = run_benchmarks(
         args.size, args.device, args.out, args.warmup, args.repeats, args.bf16, args.compile, args.profile
@@ -128,7 +131,7 @@ def _positive_int(text: str) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """``wsss bench`` (benchmarks/bench.py): speed against plain timm; not a pipeline stage."""
-    from benchmarks import SIZE_NAMES
+    from wsss.benchmarks import SIZE_NAMES
 
     bench = sub.add_parser("bench", parents=[common], help="P1-P4 speed benchmarks, writes reports/bench.json")
     bench.add_argument(
@@ -148,7 +151,7 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def _s3(params: Params, args: argparse.Namespace) -> None:
-    from tasks import storage
+    from wsss.lib import storage
 
     store = storage.store_from_env()
     if store is None:
@@ -168,7 +171,7 @@ def _s3(params: Params, args: argparse.Namespace) -> None:
 
 
 def _add_s3(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``wsss s3 setup|check|push|pull`` (tasks/storage.py): the S3 store named by the environment."""
+    """``wsss s3 setup|check|push|pull`` (lib/storage.py): the S3 store named by the environment."""
     s3 = sub.add_parser("s3", help="S3 store for DVC and MLflow (WSSS_S3_BUCKET, AWS_* variables)")
     actions = s3.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, text in (
@@ -185,7 +188,7 @@ def _add_s3(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) ->
 
 
 def _ablations(params: Params, args: argparse.Namespace) -> None:
-    from tasks import ablations
+    from wsss.tools import ablations
 
     config = ablations.read_config(args.config)
     cells = ablations.plan(config, args.params, args.root, args.scale, args.variant, args.seed, args.overrides)
@@ -202,14 +205,14 @@ def _ablations(params: Params, args: argparse.Namespace) -> None:
 
 
 def _report(params: Params, args: argparse.Namespace) -> None:
-    from tasks import ablations
+    from wsss.tools import ablations
 
     config = ablations.read_config(args.config)
     _write_report(config, args.scale or next(iter(config.scales)), args)
 
 
 def _write_report(config, scale: str, args: argparse.Namespace) -> None:
-    from tasks.report import write_report
+    from wsss.tools.report import write_report
 
     summary = write_report(config, scale, args.root, args.out, args.grid_images, mlflow=not args.no_mlflow)
     print((Path(args.out) / scale / "table.md").read_text(), end="")
@@ -217,8 +220,8 @@ def _write_report(config, scale: str, args: argparse.Namespace) -> None:
 
 
 def _add_ablations(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``wsss ablations`` (tasks/ablations.py) and ``wsss report`` (tasks/report.py); not pipeline stages."""
-    from tasks.ablations import ABLATIONS_FILE, DEFAULT_ROOT, REPORT_ROOT
+    """``wsss ablations`` (tools/ablations.py) and ``wsss report`` (tools/report.py); not pipeline stages."""
+    from wsss.tools.ablations import ABLATIONS_FILE, DEFAULT_ROOT, REPORT_ROOT
 
     grid = argparse.ArgumentParser(add_help=False)
     grid.add_argument("--config", default=str(ABLATIONS_FILE), help="the grid (default: ablations.yaml)")
@@ -243,13 +246,13 @@ def _add_ablations(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
 
 
 def _diagnose_maps(params: Params, args: argparse.Namespace) -> None:
-    from tasks.map_diagnostics import main
+    from wsss.tools.diagnose_maps import main
 
     main(args.classifier, args.dataset or params.ingest.out, args.images, args.out)
 
 
 def _add_diagnose_maps(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``wsss diagnose-maps`` (tasks/map_diagnostics.py): class specificity of every block's attention."""
+    """``wsss diagnose-maps`` (tools/diagnose_maps.py): class specificity of every block's attention."""
     diag = sub.add_parser(
         "diagnose-maps", parents=[common], help="class specificity of the class-token attention, per block"
     )
@@ -277,17 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     emb.set_defaults(handler=_import_embedded)
     _add_importers(imp_sub, common)
 
+    # The stages in pipeline order (as `wsss --help` lists them).
     for name, module, text in (
+        ("ingest", "ingest", "validate the data set, write the canonical manifest"),
         ("train-classifier", "train_classifier", "train the token-masking ViT classifier"),
-        ("pseudo-masks", "pseudo_masks", "pseudo masks from the class-token attention"),
-        ("evaluate", "evaluate", "score pseudo masks and segmenter (mIoU), write metrics and plots"),
     ):
         sub.add_parser(name, parents=[common], help=text).set_defaults(handler=_stage(module))
-    ing = sub.add_parser("ingest", parents=[common], help="validate the data set, write the canonical manifest")
-    ing.set_defaults(handler=_ingest)
+    masks = sub.add_parser("pseudo-masks", parents=[common], help="pseudo masks from the class-token attention")
+    masks.set_defaults(handler=_pseudo_masks)
     seg = sub.add_parser("train-segmenter", parents=[common], help="train the segmenter on the pseudo masks")
     seg.add_argument("--masks", choices=("pseudo", "gt"), default="pseudo", help="gt: the upper bound")
     seg.set_defaults(handler=_train_segmenter)
+    text = "score pseudo masks and segmenter (mIoU), write metrics and plots"
+    sub.add_parser("evaluate", parents=[common], help=text).set_defaults(handler=_stage("evaluate"))
     _add_register(sub, common)
     _add_bench(sub, common)
     _add_predict(sub, common)

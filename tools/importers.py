@@ -1,7 +1,7 @@
 """Importers into the wsss data set format: Pascal VOC 2012 (+ SBD train_aug), COCO instances, any folder.
 
 Every importer copies the images (bytes unchanged) to ``images/``, writes palette masks to ``masks/``, and
-checks each file with the checks of :mod:`tasks.datasets` as it goes (errors name the source list line,
+checks each file with the checks of :mod:`wsss.lib.datasets` as it goes (errors name the source list line,
 annotation file or manifest row). The finished manifest goes through :func:`validate_dataset` with
 train and val required, like ``wsss ingest``. All of it happens in a temporary directory that is renamed
 to ``--out`` only at the end, so a failed import leaves nothing behind.
@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.datasets import (
+from wsss.lib.datasets import (
     BANDS_FILE,
     LABELLED_SPLITS,
+    SPLITS,
     Bands,
     DatasetIndex,
     check_image,
@@ -36,15 +37,15 @@ from tasks.datasets import (
     one_line,
     read_classes,
     read_image,
+    summarize,
     validate_dataset,
     write_bands,
     write_classes,
     write_manifest,
     write_mask_png,
 )
-from tasks.errors import WsssError
-from tasks.ingest import SPLITS, summarize
-from tasks.io import atomic_dir
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_dir
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",

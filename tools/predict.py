@@ -1,11 +1,11 @@
 """``wsss predict``: palette PNG masks for new images, from the segmenter or the classifier's attention alone.
 
 A model is an MLflow URI (``models:/wsss-segmenter@champion``, ``models:/NAME/VERSION``, ``runs:/...``;
-the store is the one ``wsss register`` writes to, see :func:`tasks.tracking.tracking_uri`) or a
+the store is the one ``wsss register`` writes to, see :func:`wsss.lib.tracking.tracking_uri`) or a
 ``model.pt`` file (or the folder holding it). Each image is resized to the model's training size
 (checkpoint record, the registered run's params, or ``--img-size``); the logits or attention maps are
 resized back bilinearly, so every mask has its image's size. With ``--from-attention`` the classifier's
-[CLS]_c attention is painted by the pseudo-mask rule of :mod:`tasks.pseudo_masks` for the classes it
+[CLS]_c attention is painted by the pseudo-mask rule of :mod:`wsss.lib.mask_rule` for the classes it
 predicts, with ``pseudo_masks.fg_threshold``/``bg_threshold`` and the test-time views of
 ``pseudo_masks.scales``/``flip`` (scales of the image size the model is given).
 
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks.config import Params
-from tasks.datasets import (
+from wsss.lib.config import Params
+from wsss.lib.datasets import (
     BANDS_FILE,
     Bands,
     SplitData,
@@ -37,9 +37,9 @@ from tasks.datasets import (
     to_uint8,
     write_mask_png,
 )
-from tasks.errors import WsssError
-from tasks.io import atomic_dir, atomic_file
-from tasks.runtime import setup_runtime
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_dir, atomic_file
+from wsss.lib.runtime import setup_runtime
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
@@ -54,7 +54,7 @@ def _registered_params(uri: str) -> dict[str, str]:
     """Params of the MLflow run that logged the model at ``uri`` (empty when unknown)."""
     from mlflow.exceptions import MlflowException
 
-    from tasks import tracking
+    from wsss.lib import tracking
 
     client = tracking.get_client()
     try:
@@ -86,7 +86,7 @@ def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Modu
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        from tasks import tracking
+        from wsss.lib import tracking
 
         tracking.get_client()  # points mlflow at the project's store
         try:
@@ -99,11 +99,11 @@ def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Modu
     if path.is_dir():
         path = path / "model.pt"
     if kind == "segmenter":
-        from tasks.train_segmenter import load_segmenter
+        from wsss.lib.artifacts import load_segmenter
 
         model, record = load_segmenter(path, device)
         return model, int(record["img_size"])
-    from tasks.train_classifier import load_classifier
+    from wsss.lib.artifacts import load_classifier
 
     model, _ = load_classifier(path, device)
     return model, None
@@ -125,7 +125,7 @@ def _attention_masks(
     flip: bool,
 ) -> dict[str, np.ndarray]:
     """Masks painted from the [CLS]_c attention of the classes the classifier predicts."""
-    from tasks.pseudo_masks import attention_maps, merge_maps, normalized_maps, present_classes
+    from wsss.lib.mask_rule import attention_maps, merge_maps, normalized_maps, present_classes
 
     # As in the pseudo-mask stage: closed heads removed, same maps and logits at less cost.
     maps, probs = attention_maps(model.prune_heads(), data.images, device, batch_size, scales, flip)
@@ -190,7 +190,7 @@ def predict(
     if from_attention:
         masks = _attention_masks(model, data, device, thresholds, batch_size, scales, flip)
     else:
-        from tasks.train_segmenter import predict_images
+        from wsss.lib.artifacts import predict_images
 
         masks = predict_images(model, data, device, batch_size)
     written = []

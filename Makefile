@@ -7,7 +7,7 @@ WSSS := $(BIN)/wsss
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
-.PHONY: setup run stages data test lint format lock clean
+.PHONY: setup run stages data test test-slow lint format lock clean
 .PHONY: repro prefect-server prefect-worker prefect-deploy mlflow-ui run-s3 s3-server
 
 setup: $(VENV)/.installed
@@ -79,6 +79,10 @@ format: setup
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The tests marked slow (torchrun kill + resume, the wheel's contents), left out of `make test`.
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 # Re-resolves requirements.in in a scratch venv and pins the result.
 lock:

@@ -85,8 +85,16 @@ def prefect_server():
 # --- git + DVC repo, with the tiny data set as data/embedded and the tiny params in its params.yaml.
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
-PIPELINE_DIRS = ("tasks", "models", "pipelines")
+PIPELINE_FILES = (
+    "__init__.py",
+    "dvc.yaml",
+    "params.yaml",
+    "prefect.yaml",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+)
+PIPELINE_DIRS = ("models", "lib", "tasks", "tools", "pipelines")
 
 
 def _git(repo: Path, *args: str) -> None:

@@ -28,8 +28,6 @@ from wsss.lib.errors import WsssError
 from wsss.tasks import train_classifier, train_segmenter
 from wsss.tasks.ingest import ingest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 def _history(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as handle:
@@ -68,7 +66,7 @@ def _assert_same_training(single: Path, parallel: Path, lr: float, steps: int) -
 def _two_process_command(params: Params, tmp_path: Path, *argv: str) -> tuple[list[str], dict[str, str]]:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return [sys.executable, "-m", "wsss.tools.cli", *argv, "--params", str(path), "-S", "trainer.nproc=2"], env
 
 
@@ -131,7 +129,7 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
-@pytest.mark.skipif(os.environ.get("WSSS_SLOW") != "1", reason="slow (two torchrun starts): set WSSS_SLOW=1")
+@pytest.mark.slow  # two torchrun starts
 def test_killed_two_process_run_resumes(cpu_params: Params, tmp_path: Path):
     # kill -9 torchrun and its workers once epoch 1 is checkpointed, rerun: the result of one
     # uninterrupted process.
@@ -202,7 +200,7 @@ def test_cross_rank_batch_norm_equals_batch_norm_on_one_rank(tmp_path: Path, mom
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(os.environ.get("WSSS_SLOW") != "1", reason="slow (a torchrun start): set WSSS_SLOW=1")
+@pytest.mark.slow  # a torchrun start
 def test_worker_error_ends_the_launching_command(cpu_params: Params, tmp_path: Path):
     params = dataclasses.replace(cpu_params, classifier=dataclasses.replace(cpu_params.classifier, batch_size=64))
     command, env = _two_process_command(params, tmp_path, "train-classifier")

@@ -22,8 +22,6 @@ from wsss.lib.config import Params
 from wsss.tasks import train_classifier, train_segmenter
 from wsss.tasks.ingest import ingest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def params(tiny_params: Params) -> Params:
@@ -42,7 +40,7 @@ def _kill_after_first_epoch(params: Params, tmp_path: Path, out: Path, *argv: st
     """
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "wsss.tools.cli", *argv, "--params", str(path)]
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -59,7 +59,7 @@ def store(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> storage.S3Stor
 
 
 def _wsss(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ)
     return subprocess.run(
         [sys.executable, "-m", "wsss.tools.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
@@ -203,7 +203,7 @@ def test_server_stopped_mid_push_gives_one_line_and_keeps_the_local_cache(
         before = _cache_is_whole(repo)
         workspace = _files(bulk)
 
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        env = dict(os.environ)
         push = subprocess.Popen(
             [sys.executable, "-m", "wsss.tools.cli", "s3", "push", "--jobs", "1", "bulk.dvc"],
             cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
+from tests.test_layout import user_project
 from wsss.lib import tracking
 from wsss.lib.artifacts import segmenter_dir
 from wsss.lib.config import Params
@@ -113,3 +118,31 @@ def test_tracking_uri_from_environment_wins(tmp_path: Path, monkeypatch: pytest.
     assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_registered_models_load_beside_a_users_own_models_and_tasks_packages(store: Path, tiny_params: Params):
+    """Pickled with module paths ``wsss.*``: a user's own top-level ``models``/``tasks`` cannot shadow them."""
+    _finished_pipeline(tiny_params, 0.3, seed=0)
+    register(tiny_params, store, out=None)
+    project = user_project(store / "user")
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import models, tasks
+        assert models.USERS_OWN and tasks.USERS_OWN
+        import mlflow, torch
+        mlflow.set_tracking_uri(sys.argv[2])
+        for name in ("wsss-segmenter", "wsss-classifier"):
+            model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+            assert type(model).__module__.startswith("wsss.models."), type(model).__module__
+        print(model(torch.zeros(1, 3, 32, 32)).shape)
+        """
+    )
+    uri = tracking.tracking_uri(store)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(project), uri], cwd=project, capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch.Size([1, 3])"

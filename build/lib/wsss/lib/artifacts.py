@@ -1,0 +1,132 @@
+"""What the stages hand each other: file names, where each stage writes, and how to read it back.
+
+A stage imports this module, never another stage: the loaders here are the one way to open a stage's
+output (``model.pt`` of either model, the ingested data set), so a consumer depends on this file and not
+on the training code that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+
+import wsss.models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* models with timm)
+from wsss.lib.config import Params
+from wsss.lib.datasets import (
+    BANDS_FILE,
+    DatasetIndex,
+    SplitData,
+    load_split,
+    normalize,
+    one_line,
+    read_bands,
+    read_classes,
+    read_manifest,
+    validate_dataset,
+)
+from wsss.lib.errors import WsssError
+from wsss.models.segmenter import Segmenter
+from wsss.models.token_masking_vit import TokenMaskingViT
+
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.csv"
+
+
+def read_ingested(out: Path) -> DatasetIndex:
+    """Reads the output of the ``ingest`` stage; image paths resolve against the recorded source root."""
+    out = Path(out)
+    source_file = out / "source.json"
+    try:
+        root = json.loads(source_file.read_text())["root"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise WsssError(f"{source_file}: cannot read the data set root ({one_line(err)})") from None
+    manifest_path = out / "manifest.parquet"
+    classes, manifest = read_classes(out / "classes.json"), read_manifest(manifest_path)
+    dataset = DatasetIndex(Path(root), classes, manifest, read_bands(out / BANDS_FILE))
+    validate_dataset(dataset, manifest_path)
+    return dataset
+
+
+def pseudo_mask_path(params: Params) -> Path:
+    """Where the pseudo-mask stage writes the mask table of its split."""
+    return Path(params.pseudo_masks.out) / f"{params.pseudo_masks.split}.parquet"
+
+
+def segmenter_dir(params: Params, mask_source: str) -> Path:
+    """Output folder: ``segmenter.out`` for pseudo masks, ``segmenter.out + "_gt"`` for the GT upper bound."""
+    return Path(params.segmenter.out + ("_gt" if mask_source == "gt" else ""))
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[TokenMaskingViT, dict]:
+    """Rebuilds a trained classifier from ``model.pt``; returns it in eval mode with its saved record."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError(f"{path}: classifier checkpoint not found (run `wsss train-classifier` first)")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=False)
+        model = timm.create_model(record["model_name"], **record["model_kwargs"])
+        model.load_state_dict(record["state_dict"])
+    except (KeyError, RuntimeError, EOFError, ValueError) as err:
+        raise WsssError(f"{path}: not a usable classifier checkpoint ({err})") from None
+    return model.to(device).eval(), record
+
+
+def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
+    """Rebuilds a trained segmenter from ``model.pt``; returns it in eval mode with its saved record."""
+    path = Path(path)
+    if not path.is_file():
+        raise WsssError(f"{path}: segmenter model not found (run `wsss train-segmenter` first)")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        model = Segmenter(**record["model_kwargs"])
+        model.load_state_dict(record["state_dict"])
+    except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as err:
+        raise WsssError(f"{path}: not a usable segmenter model ({err})") from None
+    return model.to(device).eval(), record
+
+
+def load_map_model(path: str | Path, device: torch.device | str = "cpu") -> TokenMaskingViT:
+    """The trained classifier with its closed heads physically removed (``prune_heads``).
+
+    The pruned model gives the gated eval model's maps and logits (same map block, same open heads) at
+    less cost: closed heads never reach a map or a logit.
+    """
+    model, _ = load_classifier(path, device)
+    return model.prune_heads()
+
+
+@torch.no_grad()
+def predict_images(
+    model: Segmenter, data: SplitData, device: torch.device | str, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Segmenter masks of a loaded split at the loaded size; logits are upsampled to each image's original
+    size before the argmax."""
+    model.eval()
+    predictions = {}
+    for start in range(0, len(data.ids), batch_size):
+        logits = model(normalize(data.images[start : start + batch_size]).to(device))
+        for j, single in enumerate(logits):
+            index = start + j
+            size = data.original_sizes[index]
+            full = F.interpolate(single[None], size=size, mode="bilinear", align_corners=False)[0]
+            predictions[data.ids[index]] = full.argmax(0).to(torch.uint8).cpu().numpy()
+    return predictions
+
+
+def predict_split(
+    model: Segmenter,
+    dataset: DatasetIndex,
+    split: str,
+    img_size: int,
+    device: torch.device | str,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Original-size predicted masks ``{id: HxW uint8}`` for every image of ``split``."""
+    return predict_images(model, load_split(dataset, split, img_size, with_masks=False), device, batch_size)

@@ -1,0 +1,318 @@
+"""One configuration source for every entry point: ``params.yaml`` plus ``section.key=value`` overrides.
+
+The CLI, DVC (``params:`` deps) and Prefect (deployment parameters) all read the same file through
+:func:`load_params`; each stage receives only its typed section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsss.lib.errors import WsssError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(WsssError):
+    """A params file or override that cannot be used; the message names the key and the problem."""
+
+
+@dataclass
+class EmbeddedParams:
+    """Recipe of the embedded default data set (``wsss import embedded``)."""
+
+    out: str = "data/embedded"
+    seed: int = 0
+    image_size: int = 64
+    train_images: int = 4000
+    val_images: int = 500
+    classes: list[str] = field(default_factory=lambda: ["bird", "cat", "elephant", "giraffe", "sheep", "zebra"])
+    max_objects: int = 3
+    min_object_size: int = 26
+    max_object_size: int = 44
+
+
+@dataclass
+class IngestParams:
+    """Validate a data set in the on-disk format and write the canonical manifest."""
+
+    source: str = "data/embedded"
+    out: str = "artifacts/dataset"
+
+
+@dataclass
+class ClassifierParams:
+    """Token-masking ViT classifier: BCE + lambda * L0 gate penalty."""
+
+    model: str = "wsss_vit_tiny_patch8"
+    img_size: int = 64
+    pretrained: str | None = None
+    epochs: int = 28
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    crop_scale_min: float = 0.8
+    mask_ratio: float = 0.5
+    reg_token: bool = True
+    head: str = "per_class"
+    class_tokens: str = "joint"
+    gates: bool = True
+    gate_lambda: float = 0.01
+    gate_penalty: str = "sum"
+    gate_lr: float = 0.01
+    gate_start: float = 0.4
+    gate_init: float = 3.0
+    out: str = "artifacts/classifier"
+
+
+@dataclass
+class PseudoMaskParams:
+    """Pseudo masks from the class-token attention of the last layer with open heads.
+
+    ``scales``/``flip``: test-time views (input size times each scale, and their mirror images) whose maps
+    and probabilities are averaged; ``[1.0]`` without flip is the single plain pass.
+    """
+
+    split: str = "train"
+    batch_size: int = 128
+    fg_threshold: float = 0.5
+    bg_threshold: float = 0.2
+    tune_thresholds: bool = True
+    tune_images: int = 400
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    out: str = "artifacts/pseudo_masks"
+
+
+@dataclass
+class SegmenterParams:
+    """Segmentation model trained on the pseudo masks."""
+
+    encoder: str = "resnet10t"
+    pretrained: str | None = None
+    img_size: int = 64
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    decoder_channels: int = 64
+    out: str = "artifacts/segmenter"
+
+
+@dataclass
+class EvaluateParams:
+    """Scores pseudo masks (train split) and the segmenter (val split)."""
+
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+    grid_images: int = 8
+
+
+@dataclass
+class TrainerParams:
+    """How the training stages run: ``nproc > 1`` launches them under torchrun (DDP, one process per GPU)."""
+
+    nproc: int = 1
+
+
+@dataclass
+class DaskParams:
+    """How ``wsss pseudo-masks`` runs, not what it computes: no DVC stage lists it (outputs are identical).
+
+    ``shards`` > 1 cuts the split into that many shards, one Prefect task each, on a Dask cluster: a local
+    one of ``workers`` processes, or the one at ``scheduler`` (e.g. ``tcp://10.0.0.5:8786``). Each task
+    uses ``num_threads // workers`` torch threads (at least 1), so the workers share the cores.
+    """
+
+    shards: int = 1
+    workers: int = 2
+    scheduler: str | None = None
+
+
+@dataclass
+class Params:
+    """All parameters; one dataclass section per stage."""
+
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 2
+    embedded: EmbeddedParams = field(default_factory=EmbeddedParams)
+    ingest: IngestParams = field(default_factory=IngestParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
+    pseudo_masks: PseudoMaskParams = field(default_factory=PseudoMaskParams)
+    segmenter: SegmenterParams = field(default_factory=SegmenterParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    trainer: TrainerParams = field(default_factory=TrainerParams)
+    dask: DaskParams = field(default_factory=DaskParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "classifier.head": ("per_class", "linear"),
+    "classifier.class_tokens": ("joint", "read_only"),
+    "classifier.gate_penalty": ("sum", "layer_mean", "mean"),
+}
+_UNIT_INTERVAL = {
+    "classifier.mask_ratio",
+    "classifier.gate_start",
+    "classifier.crop_scale_min",
+    "pseudo_masks.fg_threshold",
+    "pseudo_masks.bg_threshold",
+}
+_POSITIVE = {
+    "num_threads",
+    "embedded.image_size",
+    "embedded.train_images",
+    "embedded.val_images",
+    "embedded.max_objects",
+    "classifier.img_size",
+    "classifier.epochs",
+    "classifier.batch_size",
+    "classifier.lr",
+    "pseudo_masks.batch_size",
+    "pseudo_masks.tune_images",
+    "segmenter.img_size",
+    "segmenter.epochs",
+    "segmenter.batch_size",
+    "segmenter.lr",
+    "segmenter.decoder_channels",
+    "trainer.nproc",
+    "dask.shards",
+    "dask.workers",
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Checks ``value`` against a dataclass field annotation, converting int -> float where harmless."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation in (bool, str) and isinstance(value, annotation):
+        return value
+    raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown parameter {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _validate(params: Params) -> None:
+    flat = flatten(params.to_dict())
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    for key in _UNIT_INTERVAL:
+        if not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"{key}: {flat[key]} is outside [0, 1]")
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
+    scales = params.pseudo_masks.scales
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"pseudo_masks.scales: expected a non-empty list of scales > 0, got {scales!r}")
+    if params.pseudo_masks.bg_threshold > params.pseudo_masks.fg_threshold:
+        raise ConfigError("pseudo_masks.bg_threshold must not exceed pseudo_masks.fg_threshold")
+    if params.embedded.min_object_size > params.embedded.max_object_size:
+        raise ConfigError("embedded.min_object_size must not exceed embedded.max_object_size")
+    for section in ("classifier", "segmenter"):  # batch_size is the global batch, split evenly over processes
+        batch_size = getattr(params, section).batch_size
+        if batch_size % params.trainer.nproc:
+            raise ConfigError(
+                f"{section}.batch_size {batch_size} is not divisible by trainer.nproc {params.trainer.nproc}"
+            )
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Applies one ``section.key=value`` override (value parsed as YAML) to a nested dict in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    dotted, raw = override.split("=", 1)
+    *sections, leaf = dotted.strip().split(".")
+    node = tree
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {section} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from None
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content (``{}`` when empty).
+
+    Raises:
+        ConfigError: unreadable file or invalid YAML; ``what`` names the file's role in the message.
+    """
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Reads params.yaml (missing file -> defaults only when ``path`` is None) and applies overrides.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or out-of-range value.
+    """
+    tree: dict[str, Any] = {} if path is None else read_yaml(path, "params file")
+    for override in overrides:
+        apply_override(tree, override)
+    params = _build(Params, tree, "")
+    _validate(params)
+    return params

@@ -1,0 +1,198 @@
+"""The pseudo-mask rule: class-token attention maps to one mask per image, pure functions.
+
+Shared by the pseudo-mask stage (serial and sharded), ``wsss predict --from-attention``, the ablation
+report, ``wsss diagnose-maps`` and the benchmarks, so all of them paint masks alike.
+
+Rule (the paper's, with an explicit background, see README):
+1. classes present = the image labels on the training split (the weak supervision); elsewhere the
+   classifier's predictions (probability >= 0.5, at least the top-1);
+2. each present class's [CLS]_c -> patch attention (last block with open heads, open heads averaged;
+   optionally averaged over test-time views, ``scales``/``flip``) is upsampled bilinearly to the image
+   size and min-max normalised to [0, 1];
+3. classes are painted in increasing probability, so the most confident class wins overlaps, on the
+   pixels where their map is >= ``fg_threshold``;
+4. pixels where every present map is < ``bg_threshold`` are background;
+5. the remaining pixels take the label of the nearest assigned pixel (Euclidean distance transform).
+``fg_threshold``/``bg_threshold`` are params, optionally tuned on a subset of the TRAIN split (never val).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm import tqdm
+
+from wsss.lib.datasets import normalize
+from wsss.lib.metrics import IGNORE_INDEX, mean_iou
+from wsss.models.token_masking_vit import TokenMaskingViT
+
+# Marks a pixel no rule step has decided yet (filled from the nearest decided pixel). It shares 255 with
+# IGNORE_INDEX only by value: a finished mask never holds it.
+UNASSIGNED = 255
+
+
+@torch.no_grad()
+def attention_maps(
+    model: TokenMaskingViT,
+    images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 128,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-attention maps ``[N, C, h, w]`` and class probabilities ``[N, C]`` of uint8 images.
+
+    With several ``scales`` or ``flip``, the maps and probabilities are averaged over the views of
+    :func:`multi_view_maps`; ``h, w`` stay the grid of the images' own size.
+    """
+    model.eval()
+    maps, probs = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="attention maps", leave=False, mininterval=2.0):
+        batch = normalize(images[i : i + batch_size]).to(device)
+        if list(scales) == [1.0] and not flip:
+            m, logits = model.class_attention_maps(batch)
+            p = torch.sigmoid(logits)
+        else:
+            m, p = multi_view_maps(model, batch, scales, flip)
+        maps.append(m.float().cpu())
+        probs.append(p.float().cpu())
+    return torch.cat(maps), torch.cat(probs)
+
+
+def multi_view_maps(
+    model: TokenMaskingViT, batch: torch.Tensor, scales: Sequence[float], flip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps and probabilities of a normalised batch averaged over its scaled (and mirrored) views.
+
+    Each view is the batch resized (bilinear) to the multiple of the patch size nearest to ``scale`` times
+    its size (at least one patch); its maps are resized (bilinear) to the grid of scale 1, a mirrored
+    view's maps are mirrored back first.
+    """
+    patch = model.patch_size
+    base = tuple(max(1, round(d / patch)) for d in batch.shape[-2:])
+    map_sum, prob_sum, views = 0.0, 0.0, 0
+    for scale in scales:
+        size = tuple(max(1, round(scale * d / patch)) * patch for d in batch.shape[-2:])
+        scaled = batch
+        if size != tuple(batch.shape[-2:]):
+            scaled = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+        for mirrored in (False, True) if flip else (False,):
+            m, logits = model.class_attention_maps(scaled.flip(-1) if mirrored else scaled)
+            m = m.flip(-1) if mirrored else m
+            if tuple(m.shape[-2:]) != base:
+                m = F.interpolate(m, size=base, mode="bilinear", align_corners=False)
+            map_sum, prob_sum, views = map_sum + m, prob_sum + torch.sigmoid(logits), views + 1
+    return map_sum / views, prob_sum / views
+
+
+def normalized_maps(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Upsamples ``[K, h, w]`` maps bilinearly to ``size`` and min-max normalises each to [0, 1]."""
+    up = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+    lo = up.amin(dim=(1, 2), keepdim=True)
+    hi = up.amax(dim=(1, 2), keepdim=True)
+    span = hi - lo
+    # A flat map (span at float rounding level) says nothing about location: all zeros, not noise.
+    flat = span <= 1e-5 * hi.abs().clamp_min(1e-12)
+    return torch.where(flat, torch.zeros_like(up), (up - lo) / span.clamp_min(1e-12)).numpy()
+
+
+def present_classes(labels: np.ndarray | None, probs: np.ndarray) -> np.ndarray:
+    """Classes to paint: the labels when known, else predicted ones (p >= 0.5, at least the top-1)."""
+    if labels is not None:
+        return np.flatnonzero(labels > 0)
+    predicted = np.flatnonzero(probs >= 0.5)
+    return predicted if predicted.size else np.array([int(np.argmax(probs))])
+
+
+def merge_maps(
+    norm_maps: np.ndarray, classes: np.ndarray, probs: np.ndarray, fg_threshold: float, bg_threshold: float
+) -> np.ndarray:
+    """Turns normalised maps of the present ``classes`` (``[len(classes), H, W]``) into one mask.
+
+    Returns:
+        uint8 ``[H, W]``: 0 background, k+1 for class k; every pixel assigned.
+    """
+    height, width = norm_maps.shape[1:]
+    mask = np.full((height, width), UNASSIGNED, dtype=np.uint8)
+    if len(classes) == 0:
+        mask[:] = 0
+        return mask
+    for idx in np.argsort(probs[classes], kind="stable"):
+        mask[norm_maps[idx] >= fg_threshold] = classes[idx] + 1
+    mask[(norm_maps.max(axis=0) < bg_threshold) & (mask == UNASSIGNED)] = 0
+    return fill_unassigned(mask)
+
+
+def fill_unassigned(mask: np.ndarray) -> np.ndarray:
+    """Gives every UNASSIGNED pixel the label of its nearest assigned pixel (all background if none is)."""
+    holes = mask == UNASSIGNED
+    if not holes.any():
+        return mask
+    if holes.all():
+        return np.zeros_like(mask)
+    _, (rows, cols) = ndimage.distance_transform_edt(holes, return_indices=True)
+    return mask[rows, cols]
+
+
+def grid_ceiling_mask(gt: np.ndarray, grid: tuple[int, int], num_classes: int) -> np.ndarray:
+    """Ground truth reduced to the token grid (majority label per cell) and blown back up (nearest)."""
+    valid = gt != IGNORE_INDEX
+    onehot = np.zeros((num_classes + 1, *gt.shape), dtype=np.float32)
+    onehot[gt[valid], *np.nonzero(valid)] = 1.0
+    pooled = F.interpolate(torch.from_numpy(onehot)[None], size=grid, mode="area")[0]
+    coarse = pooled.argmax(dim=0).to(torch.uint8)
+    return F.interpolate(coarse[None, None].float(), size=gt.shape, mode="nearest")[0, 0].to(torch.uint8).numpy()
+
+
+def class_specificity(attention: np.ndarray, gt: np.ndarray, classes: np.ndarray) -> tuple[list[float], list[float]]:
+    """Share of CLS_c's attention on class c's pixels among the image's foreground pixels, per class.
+
+    Args:
+        attention: upsampled (not normalised) attention ``[len(classes), H, W]``.
+        gt: ground-truth mask ``[H, W]``.
+        classes: the classes present in ``gt``.
+
+    Returns:
+        (attention shares, area shares) per class; equal shares mean no class specificity.
+    """
+    foreground = (gt != 0) & (gt != IGNORE_INDEX)
+    shares, areas = [], []
+    total_fg = foreground.sum()
+    for idx, cls in enumerate(classes):
+        on_class = gt == cls + 1
+        mass = attention[idx][foreground].sum()
+        if mass <= 0 or total_fg == 0:
+            continue
+        shares.append(float(attention[idx][on_class].sum() / mass))
+        areas.append(float(on_class.sum() / total_fg))
+    return shares, areas
+
+
+def tune_thresholds(
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int
+) -> tuple[float, float, float]:
+    """Grid search of (fg, bg) thresholds by pseudo-mask mIoU on training images with ground truth.
+
+    Args:
+        samples: ``(normalised maps, classes, probs, gt)`` per image.
+
+    Returns:
+        (fg_threshold, bg_threshold, mIoU at them).
+    """
+    gts = [s[3] for s in samples]
+    best = (0.5, 0.2, -1.0)
+    fg_grid = np.round(np.arange(0.1, 0.81, 0.1), 2)
+    bg_grid = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+    for fg, bg in itertools.product(fg_grid, bg_grid):
+        if bg > fg:
+            continue
+        preds = [merge_maps(m, c, p, fg, bg) for m, c, p, _ in samples]
+        score = mean_iou(zip(gts, preds, strict=True), num_classes + 1)
+        if score > best[2]:
+            best = (float(fg), float(bg), score)
+    return best

@@ -1,0 +1,28 @@
+"""Process-wide settings every stage applies first: threads, seed, device."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from wsss.lib.errors import WsssError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise WsssError("device: cuda requested but no CUDA device is available (use device=auto or cpu)")
+    return torch.device(name)
+
+
+def setup_runtime(seed: int, num_threads: int, device: str) -> torch.device:
+    """Seeds python/numpy/torch, caps intra-op threads (2 jobs on 2 cores thrash) and picks the device."""
+    torch.set_num_threads(num_threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return resolve_device(device)

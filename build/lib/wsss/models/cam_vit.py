@@ -1,0 +1,113 @@
+"""CAM baseline: a single-[CLS] ViT of the token-masking ViT's size whose pseudo masks are class activation maps.
+
+The ablation baseline of the paper: one [CLS] token, ``logits = head(norm(CLS))`` with a ``Linear(D, C)``,
+and the map of class c is ``ReLU(w_c . patch feature)`` over the normalised patch tokens of the last block
+(CAM, Zhou et al. 2016, on a ViT). Everything else (stems, [REG] token, gated heads, training loop) is the
+:class:`~wsss.models.token_masking_vit.TokenMaskingViT`'s; registered as ``wsss_cam_vit_*`` with timm.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.models import register_model
+from torch import nn
+
+from wsss.models.token_masking_vit import ClassTokens, TokenMaskingViT, create_vit
+
+__all__ = ["CamViT"]
+
+
+class CamViT(TokenMaskingViT):
+    """Single-[CLS] ViT classifier with CAM maps; takes :class:`TokenMaskingViT`'s arguments.
+
+    ``head`` may be ``"per_class"`` or ``"linear"``: over one token both are the same ``Linear(D, C)``.
+
+    Raises:
+        ValueError: ``mask_ratio`` > 0 (the one [CLS] token is shared by all classes, so it cannot be
+            masked per class) or ``class_tokens`` other than ``"joint"``.
+    """
+
+    def __init__(
+        self,
+        mask_ratio: float = 0.0,
+        class_tokens: ClassTokens = "joint",
+        head: Literal["per_class", "linear"] = "linear",
+        **kwargs,
+    ) -> None:
+        if head not in ("per_class", "linear"):
+            raise ValueError(f"head must be 'per_class' or 'linear', got {head!r}")
+        if mask_ratio > 0:
+            raise ValueError(
+                f"mask_ratio must be 0 for a CAM ViT (one [CLS] token shared by all classes), got {mask_ratio}"
+            )
+        if class_tokens != "joint":
+            raise ValueError(f"class_tokens must be 'joint' for a CAM ViT (one [CLS] token), got {class_tokens!r}")
+        super().__init__(mask_ratio=mask_ratio, class_tokens=class_tokens, head="linear", **kwargs)
+
+    def _num_class_tokens(self) -> int:
+        return 1
+
+    def _build_head(self) -> None:
+        self.head = nn.Linear(self.embed_dim, self.num_classes)
+
+    def map_layer(self) -> int:
+        """The last block: CAM reads its patch features whatever its heads."""
+        return len(self.blocks) - 1
+
+    def forward_head(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tokens -> class logits ``[B, C]`` from the [CLS] token; ``labels``/``mask_noise`` are unused (no masking)."""
+        return self.head(x[:, 0])
+
+    @torch.no_grad()
+    def class_attention_maps(
+        self, x: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class activation maps ``ReLU(w_c . patch token)`` of the last block's normalised patch tokens.
+
+        Args:
+            x: Images ``[B, in_chans, H, W]``.
+            classes: Optional class indices, ``[K]`` (shared) or ``[B, K]``.
+
+        Returns:
+            maps ``[B, K, h, w]`` and logits ``[B, K]``; K = C without ``classes``.
+        """
+        B = x.shape[0]
+        tokens, (h, w) = self._embed(x)
+        tokens = self.norm(self.blocks(tokens))
+        logits = self.forward_head(tokens)
+        weight = self.head.weight.expand(B, -1, -1)
+        if classes is not None:
+            classes = classes.expand(B, -1) if classes.dim() == 1 else classes
+            weight, logits = self.head.weight[classes], logits.gather(1, classes)
+        patches = tokens[:, 1 : 1 + h * w]
+        maps = F.relu(torch.einsum("bkd,bnd->bkn", weight, patches))
+        return maps.reshape(B, -1, h, w), logits
+
+
+@register_model
+def wsss_cam_vit_tiny_patch8(pretrained: bool = False, **kwargs) -> CamViT:
+    """CAM baseline of ``wsss_vit_tiny_patch8``."""
+    return create_vit(CamViT, "tiny_patch8", pretrained, **kwargs)
+
+
+@register_model
+def wsss_cam_vit_tiny_patch16(pretrained: bool = False, **kwargs) -> CamViT:
+    """CAM baseline of ``wsss_vit_tiny_patch16``."""
+    return create_vit(CamViT, "tiny_patch16", pretrained, **kwargs)
+
+
+@register_model
+def wsss_cam_vit_small_patch16(pretrained: bool = False, **kwargs) -> CamViT:
+    """CAM baseline of ``wsss_vit_small_patch16``."""
+    return create_vit(CamViT, "small_patch16", pretrained, **kwargs)
+
+
+@register_model
+def wsss_cam_vit_base_patch16(pretrained: bool = False, **kwargs) -> CamViT:
+    """CAM baseline of ``wsss_vit_base_patch16``."""
+    return create_vit(CamViT, "base_patch16", pretrained, **kwargs)

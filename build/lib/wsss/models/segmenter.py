@@ -1,0 +1,109 @@
+"""Semantic segmentation network: any timm ``features_only`` encoder + a light FPN decoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FpnDecoder(nn.Module):
+    """Top-down feature pyramid: 1x1 laterals, upsample + sum, one 3x3 conv-BN-ReLU, 1x1 classifier.
+
+    Args:
+        in_channels: channels of the encoder features, finest first.
+        channels: width of the pyramid.
+        num_classes: output classes (including background).
+    """
+
+    def __init__(self, in_channels: list[int], channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Maps encoder features (finest first) to logits at the finest feature resolution."""
+        x = self.laterals[-1](features[-1])
+        for lateral, feature in zip(self.laterals[-2::-1], features[-2::-1], strict=True):
+            # Resize to the exact size (not a fixed x2): ViT encoders give equal strides, odd sizes happen.
+            x = lateral(feature) + F.interpolate(x, size=feature.shape[-2:], mode="nearest")
+        return self.classifier(self.fuse(x))
+
+
+class Segmenter(nn.Module):
+    """Encoder-decoder segmenter producing logits at the input resolution.
+
+    Args:
+        encoder_name: any timm model name that supports ``features_only``.
+        num_classes: K = C + 1 (background included).
+        decoder_channels: width of the FPN decoder.
+        in_chans: input image channels.
+        out_indices: encoder feature levels to use; None = timm's default for that encoder.
+        encoder_kwargs: extra ``timm.create_model`` arguments, e.g. ``{"img_size": 64}`` for a ViT.
+    """
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet18",
+        num_classes: int = 21,
+        decoder_channels: int = 64,
+        in_chans: int = 3,
+        out_indices: tuple[int, ...] | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs = dict(encoder_kwargs or {})
+        if out_indices is not None:
+            kwargs["out_indices"] = tuple(out_indices)
+        try:
+            self.encoder = timm.create_model(
+                encoder_name, features_only=True, pretrained=False, in_chans=in_chans, **kwargs
+            )
+        except (RuntimeError, ValueError, TypeError) as err:  # unknown name, no features_only, bad kwarg
+            raise ValueError(
+                f"encoder {encoder_name!r}: {err} (use a timm model that supports features_only, e.g. resnet18)"
+            ) from None
+        self.decoder = FpnDecoder(self.encoder.feature_info.channels(), decoder_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns logits [B, K, H, W] for images [B, in_chans, H, W]."""
+        logits = self.decoder(self.encoder(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def load_encoder_weights(self, path: str | Path) -> None:
+        """Loads a timm state dict of the same encoder (classification head keys are ignored).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is unreadable, or an encoder key is missing or has another shape.
+        """
+        path = Path(path)
+        try:
+            source = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: encoder weights file not found") from None
+        except Exception as err:  # torch raises many types for corrupt/foreign files
+            raise ValueError(f"{path}: cannot read encoder weights ({err})") from None
+        if not isinstance(source, dict):
+            raise ValueError(f"{path}: expected a state dict, got {type(source).__name__}")
+        state = {}
+        for key, param in self.encoder.state_dict().items():
+            # timm's FeatureGetterNet (ViTs) prefixes the wrapped model's keys with "model.".
+            candidates = (key, key.removeprefix("model."))
+            match = next((source[k] for k in candidates if k in source), None)
+            if match is None:
+                raise ValueError(f"{path}: encoder key {key!r} is missing (pass a timm state dict of this encoder)")
+            if match.shape != param.shape:
+                shapes = f"{tuple(match.shape)}, expected {tuple(param.shape)}"
+                raise ValueError(f"{path}: encoder key {key!r} has shape {shapes}")
+            state[key] = match
+        self.encoder.load_state_dict(state)

@@ -1,0 +1,527 @@
+"""Vision Transformer with one [CLS] token per class, a [REG] token, [CLS] masking and gated heads.
+
+"Know Your Attention Maps: Class-specific Token Masking for Weakly Supervised Semantic Segmentation"
+(ICCV 2025). Token sequence: ``[CLS_1 .. CLS_C] + patches + [REG]``. Built from timm's ``Block`` with a
+gated ``Attention``; registered with timm so ``timm.create_model("wsss_vit_base_patch16", num_classes=20)``
+works.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers.hybrid_embed import HybridEmbed
+from timm.models import load_state_dict, register_model
+from timm.models.vision_transformer import Block
+from timm.models.vision_transformer_hybrid import ConvStem
+from torch import nn
+
+from wsss.models.gates import HardConcreteGate
+
+__all__ = ["VIT_SIZES", "GatedAttention", "TokenMaskingViT", "create_vit", "load_timm_vit_weights"]
+
+GatePenalty = Literal["sum", "layer_mean", "mean"]
+ClassTokens = Literal["joint", "read_only"]
+
+
+class GatedAttention(Attention):
+    """timm ``Attention`` whose heads are scaled by Hard Concrete gates before the output projection.
+
+    Scaling a head's output equals scaling its attention probabilities, so the fused SDPA kernel is
+    kept for training; the gate is folded into ``proj``'s input columns (a ``[D, H*d]`` weight scale, not
+    a ``[B, N, H*d]`` activation pass). :meth:`query_attention` gives explicit attention rows for the maps.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, gates: bool = True, gate_init: float = 3.0, **kwargs) -> None:
+        if kwargs.get("scale_norm") or kwargs.get("gated"):
+            raise ValueError("GatedAttention needs proj to act directly on the heads' outputs (no scale_norm/gated)")
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        self.head_gate = HardConcreteGate(num_heads, init=gate_init) if gates else None
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        B, _, N, _ = q.shape
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
+        )
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        weight = self.proj.weight
+        if self.head_gate is not None:
+            weight = weight * self.head_gate().repeat_interleave(self.head_dim)
+        return self.proj_drop(F.linear(x, weight, self.proj.bias))
+
+    def _pruned_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of a block with every head pruned: the gated block added ``proj(0)``, the bias."""
+        B, N, _ = x.shape
+        if self.proj.bias is None:
+            return x.new_zeros(B, N, self.proj.out_features)
+        return self.proj_drop(self.proj.bias.expand(B, N, -1))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.num_heads == 0:
+            return self._pruned_out(x)
+        return self._attend(*self._qkv(x), attn_mask, is_causal)
+
+    def forward_with_query_attention(
+        self, x: torch.Tensor, num_queries: int, attn_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` and :meth:`query_attention` from one qkv projection."""
+        q, k, v = self._qkv(x)
+        return self._attend(q, k, v, attn_mask, False), self._query_rows(q, k, num_queries, attn_mask, rows)
+
+    def query_attention(
+        self, x: torch.Tensor, num_queries: int, attn_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention probabilities of the first ``num_queries`` tokens over all keys: ``[B, H, Q, N]``.
+
+        Only the query rows that are asked for are computed (the class rows, not the full N x N map).
+
+        Args:
+            x: Normalised tokens ``[B, N, D]``.
+            num_queries: Number of leading tokens whose rows are computed.
+            attn_mask: Boolean ``[N, N]`` mask of the forward pass (True: may attend); masked keys get 0.
+            rows: Optional ``[B, K]`` indices into the first ``num_queries`` tokens; only those rows are
+                computed (``[B, H, K, N]``).
+        """
+        q, k, _ = self._qkv(x)
+        return self._query_rows(q, k, num_queries, attn_mask, rows)
+
+    def _query_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        num_queries: int,
+        attn_mask: torch.Tensor | None,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        q, mask = q[:, :, :num_queries], None if attn_mask is None else attn_mask[:num_queries]
+        if rows is not None:
+            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+            mask = None if mask is None else mask[rows].unsqueeze(1)  # [B, 1, K, N]
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return logits.softmax(dim=-1)
+
+    def open_heads(self) -> torch.Tensor:
+        """Boolean ``[H]``: heads whose deterministic gate is open (all when gates are off)."""
+        if self.head_gate is None:
+            return torch.ones(self.num_heads, dtype=torch.bool, device=self.qkv.weight.device)
+        return self.head_gate.open_mask()
+
+    @torch.no_grad()
+    def prune_heads(self) -> None:
+        """Removes the heads whose eval gate is closed from ``qkv`` and ``proj``; drops the gate.
+
+        The remaining heads are all open (gate 1), so the output equals the gated eval output; with no
+        head left the block adds the ``proj`` bias, as the gated block did.
+        """
+        keep = self.open_heads().nonzero().flatten()
+        d = self.head_dim
+        cols = (keep.unsqueeze(1) * d + torch.arange(d, device=keep.device)).flatten()
+        rows = torch.cat([cols + part * self.attn_dim for part in range(3)])
+        self.qkv.weight = nn.Parameter(self.qkv.weight[rows].clone())
+        if self.qkv.bias is not None:
+            self.qkv.bias = nn.Parameter(self.qkv.bias[rows].clone())
+        self.proj.weight = nn.Parameter(self.proj.weight[:, cols].clone())
+        self.qkv.out_features, self.proj.in_features = len(rows), len(cols)
+        self.num_heads, self.attn_dim = len(keep), len(cols)
+        self.head_gate = None
+
+
+def _gated_attention_layer(gates: bool, gate_init: float) -> type[GatedAttention]:
+    """timm's Block builds its attention from a class; bind the gate settings into one."""
+
+    class _Bound(GatedAttention):
+        def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
+            super().__init__(dim, num_heads=num_heads, gates=gates, gate_init=gate_init, **kwargs)
+
+    _Bound.__name__ = GatedAttention.__name__
+    _Bound.__qualname__ = GatedAttention.__qualname__
+    return _Bound
+
+
+class TokenMaskingViT(nn.Module):
+    """ViT classifier with C class tokens, an optional register token and gated attention heads.
+
+    Args:
+        img_size: Training image size (position embeddings are resampled for other sizes).
+        patch_size: Patch size; the token grid is ``img_size / patch_size``.
+        in_chans: Number of image channels.
+        num_classes: Number of foreground classes C, one [CLS] token each.
+        embed_dim: Token width.
+        depth: Number of transformer blocks.
+        num_heads: Attention heads per block.
+        mlp_ratio: MLP hidden width / embed_dim.
+        qkv_bias: Bias in the qkv projection.
+        stem: ``"linear"`` (ViT patchify, loads timm weights) or ``"conv"`` (3x3 stride-2 conv stem
+            + 1x1 projection, trains from scratch far better on small data).
+        reg_token: Append one [REG] token.
+        head: ``"per_class"`` (logit_c = w_c . CLS_c + b_c) or ``"linear"`` (one Linear over the
+            concatenated class tokens, as the reference).
+        mask_ratio: Training-time probability of zeroing each absent class's [CLS] output.
+        gates: Hard Concrete gate per head per block.
+        gate_init: Initial ``log_alpha`` of every gate.
+        drop_path_rate: Stochastic depth.
+        class_tokens: ``"joint"`` (paper: every token attends to every token) or ``"read_only"``: patch
+            and [REG] tokens do not attend to class tokens and a class token attends to the patches, the
+            [REG] token and itself only, so each class token just reads the image and inference can
+            carry only the classes asked for (cost O(K N) instead of O((N + C)^2)).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 20,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        stem: Literal["linear", "conv"] = "linear",
+        reg_token: bool = True,
+        head: Literal["per_class", "linear"] = "per_class",
+        mask_ratio: float = 0.5,
+        gates: bool = True,
+        gate_init: float = 3.0,
+        drop_path_rate: float = 0.0,
+        class_tokens: ClassTokens = "joint",
+    ) -> None:
+        super().__init__()
+        if class_tokens not in ("joint", "read_only"):
+            raise ValueError(f"class_tokens must be 'joint' or 'read_only', got {class_tokens!r}")
+        if head not in ("per_class", "linear"):
+            raise ValueError(f"head must be 'per_class' or 'linear', got {head!r}")
+        if stem not in ("linear", "conv"):
+            raise ValueError(f"stem must be 'linear' or 'conv', got {stem!r}")
+        self.num_classes = num_classes
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = self.num_features = embed_dim
+        self.mask_ratio = mask_ratio
+        self.head_type = head
+        self.class_token_mode = class_tokens
+        self.num_reg_tokens = 1 if reg_token else 0
+
+        if stem == "conv":
+            levels = int(math.log2(patch_size))
+            if 2**levels != patch_size:
+                raise ValueError(f"conv stem needs a power-of-two patch size, got {patch_size}")
+            backbone = ConvStem(in_chans, depth=levels, channels=embed_dim // 2, stride=(2,) * levels)
+            self.patch_embed = HybridEmbed(
+                backbone, img_size, 1, in_chans=in_chans, embed_dim=embed_dim, output_fmt="NHWC"
+            )
+        else:
+            self.patch_embed = PatchEmbed(
+                img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC", strict_img_size=False
+            )
+        self.grid_size = tuple(s // patch_size for s in (img_size, img_size))
+        self.class_tokens = nn.Parameter(torch.zeros(1, self._num_class_tokens(), embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if reg_token else None
+
+        attn_layer = _gated_attention_layer(gates, gate_init)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(
+            *[
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], attn_layer=attn_layer)
+                for i in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._build_head()
+        self._init_weights()
+
+    def _num_class_tokens(self) -> int:
+        """Leading class tokens of the sequence: one per class."""
+        return self.num_classes
+
+    def _build_head(self) -> None:
+        """The classifier on the class tokens' outputs (``head_type``)."""
+        if self.head_type == "per_class":
+            self.head_weight = nn.Parameter(torch.zeros(self.num_classes, self.embed_dim))
+            self.head_bias = nn.Parameter(torch.zeros(self.num_classes))
+        else:
+            self.head = nn.Linear(self._num_class_tokens() * self.embed_dim, self.num_classes)
+
+    def _init_weights(self) -> None:
+        for param in (self.class_tokens, self.pos_embed, self.reg_token):
+            if param is not None:
+                trunc_normal_(param, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.head_type == "per_class":
+            trunc_normal_(self.head_weight, std=0.02)
+
+    @property
+    def gated(self) -> bool:
+        return self.blocks[0].attn.head_gate is not None
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay besides the 1-d ones (timm's convention)."""
+        return {"class_tokens", "pos_embed", "reg_token", "head_weight"}
+
+    @torch.jit.ignore
+    def gate_parameter_names(self) -> set[str]:
+        """The gates' ``log_alpha``: they need an optimizer group of their own (own lr, no weight decay),
+        since at the model's lr log_alpha barely moves (NOTES §3)."""
+        return {name for name, _ in self.named_parameters() if name.endswith("log_alpha")}
+
+    def gate_modules(self) -> list[HardConcreteGate]:
+        """The Hard Concrete gates, one module (all heads) per block; empty when gates are off."""
+        return [blk.attn.head_gate for blk in self.blocks if blk.attn.head_gate is not None]
+
+    def set_gates_active(self, active: bool) -> None:
+        """Starts (True) or holds (False: all gates 1, no penalty) the stochastic pruning."""
+        for gate in self.gate_modules():
+            gate.active = active
+
+    def gate_penalty(self, normalization: GatePenalty = "sum") -> torch.Tensor:
+        """Expected number of open heads (the L0 penalty), summed, per-layer averaged or head-averaged."""
+        gates = self.gate_modules()
+        if not gates or not gates[0].active:
+            return self.class_tokens.new_zeros(())
+        probs = torch.stack([g.open_probability() for g in gates])
+        if normalization == "sum":
+            return probs.sum()
+        if normalization == "layer_mean":
+            return probs.sum() / len(gates)
+        return probs.mean()
+
+    def open_heads(self) -> torch.Tensor:
+        """Boolean ``[depth, num_heads]`` of open heads under the deterministic (eval) gates.
+
+        Only for unpruned models: after :meth:`prune_heads` blocks have different head counts.
+        """
+        return torch.stack([blk.attn.open_heads() for blk in self.blocks])
+
+    def num_closed_heads(self) -> int:
+        return sum(int((~blk.attn.open_heads()).sum()) for blk in self.blocks)
+
+    def map_layer(self) -> int:
+        """Index of the last block with an open head: maps never come from a fully pruned block."""
+        for i in reversed(range(len(self.blocks))):
+            if self.blocks[i].attn.open_heads().any():
+                return i
+        raise RuntimeError("every attention head is closed; no block can provide attention maps")
+
+    def prune_heads(self) -> TokenMaskingViT:
+        """Physically removes every closed head (inference/export); outputs equal the gated eval model's."""
+        for blk in self.blocks:
+            blk.attn.prune_heads()
+        return self
+
+    def attn_mask(self, num_class_tokens: int, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean ``[N, N]`` mask (True: may attend) for ``read_only`` class tokens; None when joint."""
+        if self.class_token_mode == "joint":
+            return None
+        mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device)
+        mask[:, :num_class_tokens] = False
+        idx = torch.arange(num_class_tokens, device=device)
+        mask[idx, idx] = True
+        return mask
+
+    def _embed(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.patch_embed(x)
+        B, h, w, D = x.shape
+        pos = self.pos_embed
+        if (h, w) != self.grid_size:
+            pos = resample_abs_pos_embed(pos, [h, w], list(self.grid_size), num_prefix_tokens=0)
+        cls = self.class_tokens.expand(B, -1, -1) if classes is None else self.class_tokens[0][classes]
+        tokens = [cls, x.reshape(B, h * w, D) + pos]
+        if self.reg_token is not None:
+            tokens.append(self.reg_token.expand(B, -1, -1))
+        return torch.cat(tokens, dim=1), (h, w)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``[B, in_chans, H, W]`` -> normalised tokens ``[B, C + h*w + R, D]`` (C: class tokens)."""
+        x, _ = self._embed(x)
+        mask = self.attn_mask(self._num_class_tokens(), x.shape[1], x.device)
+        for blk in self.blocks:
+            x = blk(x, attn_mask=mask)
+        return self.norm(x)
+
+    def mask_class_tokens(
+        self, class_tokens: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Zeroes each absent class's [CLS] output with probability ``mask_ratio``; label tokens never.
+
+        ``noise``: optional uniform draws ``[B, C]`` deciding the masking (default: fresh ``torch.rand``).
+        Data-parallel training passes each rank its rows of one global draw, so the masking of an image
+        does not depend on how the batch is split across processes.
+        """
+        if noise is None:
+            noise = torch.rand(labels.shape, device=labels.device)
+        drop = (noise < self.mask_ratio) & (labels <= 0)
+        return class_tokens * (~drop).unsqueeze(-1).to(class_tokens.dtype)
+
+    def forward_head(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Tokens -> class logits ``[B, C]``; masking applies in training when labels are given."""
+        cls = x[:, : self.num_classes]
+        if self.training and labels is not None and self.mask_ratio > 0:
+            cls = self.mask_class_tokens(cls, labels, mask_noise)
+        if self.head_type == "per_class":
+            return (cls * self.head_weight).sum(-1) + self.head_bias
+        return self.head(cls.flatten(1))
+
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x), labels, mask_noise)
+
+    @torch.no_grad()
+    def class_attention_maps(
+        self, x: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[CLS]_c -> patch attention of the last block with open heads, averaged over its open heads.
+
+        Args:
+            x: Images ``[B, in_chans, H, W]``.
+            classes: Optional class indices, ``[K]`` (shared) or ``[B, K]``: only their attention rows
+                (and, with ``read_only`` class tokens and the per-class head, only their tokens) are computed.
+
+        Returns:
+            maps ``[B, K, h, w]`` (unnormalised attention probabilities) and logits ``[B, K]``; K = C
+            without ``classes``.
+        """
+        B = x.shape[0]
+        if classes is not None and classes.dim() == 1:
+            classes = classes.unsqueeze(0).expand(B, -1)
+        # read_only class tokens never influence other tokens, so absent classes can leave the sequence
+        subset = classes is not None and self.class_token_mode == "read_only" and self.head_type == "per_class"
+        layer = self.map_layer()
+        x, (h, w) = self._embed(x, classes if subset else None)
+        Q = x.shape[1] - h * w - self.num_reg_tokens
+        mask = self.attn_mask(Q, x.shape[1], x.device)
+        for blk in self.blocks[:layer]:
+            x = blk(x, attn_mask=mask)
+        blk = self.blocks[layer]
+        # timm Block.forward, with the class rows taken from the same qkv projection
+        out, attn = blk.attn.forward_with_query_attention(blk.norm1(x), Q, mask, None if subset else classes)
+        x = x + blk.drop_path1(blk.ls1(out))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        rows = attn[:, blk.attn.open_heads()].mean(dim=1)
+        maps = rows[:, :, Q : Q + h * w].reshape(B, -1, h, w)
+        for later in self.blocks[layer + 1 :]:
+            x = later(x, attn_mask=mask)
+        x = self.norm(x)
+        if subset:
+            return maps, (x[:, :Q] * self.head_weight[classes]).sum(-1) + self.head_bias[classes]
+        logits = self.forward_head(x)
+        return maps, logits if classes is None else logits.gather(1, classes)
+
+
+def load_timm_vit_weights(model: TokenMaskingViT, path: str | Path) -> list[str]:
+    """Loads a timm ``VisionTransformer`` state dict (file) into ``model``.
+
+    The single [CLS] token (plus its position embedding) initialises every class token (the one of a
+    CamViT), patch position embeddings are resampled to the model's grid, a [REG] token is copied when the
+    checkpoint has one; the classification head and the gates keep their initialisation.
+
+    Returns:
+        Names of the model's parameters that were not in the checkpoint.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a tensor's shape does not fit this model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+    src = load_state_dict(str(path))
+    if "pos_embed" not in src or "cls_token" not in src:
+        raise ValueError(f"{path}: not a timm ViT state dict (no pos_embed/cls_token)")
+    target = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    num_prefix = src["pos_embed"].shape[1] - _grid_tokens(src)
+    cls = src["cls_token"] + (src["pos_embed"][:, :1] if num_prefix > 0 else 0)
+    out["class_tokens"] = cls.expand(-1, model.class_tokens.shape[1], -1).clone()
+    patch_pos = src["pos_embed"][:, num_prefix:]
+    old = int(math.isqrt(patch_pos.shape[1]))
+    out["pos_embed"] = resample_abs_pos_embed(patch_pos, list(model.grid_size), [old, old], num_prefix_tokens=0)
+    if model.reg_token is not None and "reg_token" in src:
+        out["reg_token"] = src["reg_token"][:, :1]
+    for key, value in src.items():
+        if key.startswith(("blocks.", "norm.", "patch_embed.")) and key in target:
+            out[key] = value
+    for key, value in out.items():
+        if key not in target:
+            raise ValueError(f"{path}: {key} has no counterpart in {type(model).__name__}")
+        if value.shape != target[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model needs {tuple(target[key].shape)}")
+    missing = model.load_state_dict(out, strict=False).missing_keys
+    return sorted(missing)
+
+
+def _grid_tokens(state: dict[str, torch.Tensor]) -> int:
+    """Number of patch position embeddings in a timm ViT state dict (square grid assumed)."""
+    n = state["pos_embed"].shape[1]
+    for prefix in (0, 1, 1 + state.get("reg_token", torch.zeros(1, 0, 1)).shape[1]):
+        if math.isqrt(n - prefix) ** 2 == n - prefix:
+            return n - prefix
+    raise ValueError(f"cannot infer the patch grid from pos_embed with {n} tokens")
+
+
+# Sizes shared by the wsss_vit_* models and the wsss_cam_vit_* baselines (models/cam_vit.py).
+VIT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny_patch8": dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, stem="conv"),
+    "tiny_patch16": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "small_patch16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def create_vit(cls: type[TokenMaskingViT], size: str, pretrained: bool, **kwargs) -> TokenMaskingViT:
+    """Builds ``cls`` with the dimensions of ``VIT_SIZES[size]`` (kwargs win); timm's entry point helper."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    if pretrained:
+        raise ValueError(
+            "wsss models have no hub weights; load a local timm ViT file with load_timm_vit_weights "
+            "(params: classifier.pretrained)"
+        )
+    return cls(**{**VIT_SIZES[size], **kwargs})
+
+
+@register_model
+def wsss_vit_tiny_patch8(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
+    """CPU size: 64 px, conv stem, 4 blocks of width 128 with 4 heads."""
+    return create_vit(TokenMaskingViT, "tiny_patch8", pretrained, **kwargs)
+
+
+@register_model
+def wsss_vit_tiny_patch16(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
+    """ViT-Ti/16 dimensions (timm ``vit_tiny_patch16_224``)."""
+    return create_vit(TokenMaskingViT, "tiny_patch16", pretrained, **kwargs)
+
+
+@register_model
+def wsss_vit_small_patch16(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
+    """ViT-S/16 dimensions (timm ``vit_small_patch16_224``)."""
+    return create_vit(TokenMaskingViT, "small_patch16", pretrained, **kwargs)
+
+
+@register_model
+def wsss_vit_base_patch16(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
+    """ViT-B/16 dimensions (timm ``vit_base_patch16_224``), as in the paper."""
+    return create_vit(TokenMaskingViT, "base_patch16", pretrained, **kwargs)

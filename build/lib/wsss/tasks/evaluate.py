@@ -1,0 +1,199 @@
+"""Stage ``evaluate``: mIoU of the pseudo masks (their split) and the segmenters (val); metrics and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from wsss.lib.artifacts import (
+    MODEL_FILE,
+    load_segmenter,
+    predict_images,
+    predict_split,
+    pseudo_mask_path,
+    read_ingested,
+    segmenter_dir,
+)
+from wsss.lib.config import Params
+from wsss.lib.datasets import DatasetIndex, display_rgb, load_split, read_image, read_mask, read_mask_table, to_uint8
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_file, write_json
+from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix
+from wsss.lib.plotting import colorize, image_grid
+from wsss.lib.runtime import setup_runtime
+from wsss.models.segmenter import Segmenter
+
+# The confusion CSVs hold one (actual, predicted) row per pixel for DVC's confusion template; above this
+# many pixels the rows are scaled down proportionally so the file stays small.
+MAX_CONFUSION_ROWS = 10_000
+CONFUSION_PLOTS = {"pseudo_mask": "confusion_pseudo_masks.csv", "segmenter": "confusion_segmenter.csv"}
+
+
+def evaluate_masks(dataset: DatasetIndex, split: str, predictions: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Scores original-size predicted masks against the GT masks of ``split`` (rows without a mask skipped).
+
+    Returns:
+        ``iou`` ({class name: IoU, "background" first; NaN where a class occurs in neither GT nor
+        prediction}), ``pixel_accuracy``, ``miou`` and ``confusion`` (int64 [K, K], rows = GT).
+
+    Raises:
+        WsssError: an id of the split has no prediction, a prediction's size differs from its GT or it
+            holds a label outside 0..C, or the split has no GT masks.
+    """
+    rows = dataset.split(split)
+    if not rows["mask"].map(lambda m: isinstance(m, str)).any():
+        raise WsssError(f"{dataset.root}: split {split!r} has no ground-truth masks to score against")
+    matrix = ConfusionMatrix(dataset.num_classes + 1)
+    for row in rows.itertuples(index=False):
+        if row.id not in predictions:
+            raise WsssError(f"no prediction for id {row.id!r} of split {split!r}")
+        if not isinstance(row.mask, str):
+            continue
+        gt, pred = read_mask(dataset.path(row.mask)), np.asarray(predictions[row.id])
+        if pred.shape != gt.shape:
+            raise WsssError(f"prediction for id {row.id!r} has shape {pred.shape}, ground truth {gt.shape}")
+        try:
+            matrix.update(gt, pred)
+        except ValueError as err:
+            raise WsssError(f"id {row.id!r}: {err}") from None
+    scores = matrix.compute()
+    names = ["background", *dataset.classes]
+    return {
+        "iou": dict(zip(names, scores["iou"].tolist(), strict=True)),
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "miou": scores["miou"],
+        "confusion": matrix.matrix,
+    }
+
+
+def _json_number(value: float) -> float | None:
+    """NaN -> None: JSON has no NaN, and DVC/pandas read null as missing."""
+    return None if math.isnan(value) else value
+
+
+def _read_optional_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WsssError(f"{path}: cannot read JSON ({err})") from None
+
+
+def _write_confusion_csv(path: Path, matrix: np.ndarray, names: list[str]) -> None:
+    scale = min(1.0, MAX_CONFUSION_ROWS / max(int(matrix.sum()), 1))
+    repeats = np.rint(matrix * scale).astype(np.int64)
+    with atomic_file(path, "w") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "predicted"])
+        for (actual, predicted), count in np.ndenumerate(repeats):
+            writer.writerows([[names[actual], names[predicted]]] * count)
+
+
+def _write_plots(
+    plots_dir: Path, results: dict[str, dict[str, Any]], names: list[str], grid: Image.Image | None
+) -> None:
+    with atomic_file(plots_dir / "per_class_iou.csv", "w") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "source", "iou"])
+        for source, result in results.items():
+            for name, iou in result["iou"].items():
+                writer.writerow([name, source, "" if math.isnan(iou) else round(iou, 6)])
+    for source, filename in CONFUSION_PLOTS.items():
+        if source in results:
+            _write_confusion_csv(plots_dir / filename, results[source]["confusion"], names)
+    if grid is not None:
+        with atomic_file(plots_dir / "grid.png") as handle:
+            grid.save(handle, format="PNG")
+
+
+def _grid_image(
+    dataset: DatasetIndex,
+    split: str,
+    pseudo: dict[str, np.ndarray],
+    segmenter: tuple[Segmenter, dict[str, Any]] | None,
+    num_images: int,
+    device: torch.device,
+) -> Image.Image:
+    """image | ground truth | pseudo mask | segmenter prediction, first images of the pseudo-mask split."""
+    rows = dataset.split(split).head(num_images)
+    columns: dict[str, list[np.ndarray]] = {"image": [], "ground truth": [], "pseudo mask": []}
+    for row in rows.itertuples(index=False):
+        image = display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands))
+        gt = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
+        if isinstance(row.mask, str):
+            gt = read_mask(dataset.path(row.mask))
+        columns["image"].append(image)
+        columns["ground truth"].append(colorize(gt))
+        columns["pseudo mask"].append(colorize(pseudo[row.id]))
+    if segmenter is not None:
+        model, record = segmenter
+        subset = DatasetIndex(dataset.root, dataset.classes, rows, dataset.bands)
+        data = load_split(subset, split, record["img_size"], with_masks=False)
+        predictions = predict_images(model, data, device, batch_size=num_images)
+        columns["segmenter"] = [colorize(predictions[i]) for i in rows["id"]]
+    return image_grid(columns)
+
+
+def main(params: Params) -> dict[str, Any]:
+    """CLI entry: scores pseudo masks and (when trained) the segmenters; writes metrics and plots."""
+    device = setup_runtime(params.seed, params.num_threads, params.device)
+    dataset = read_ingested(Path(params.ingest.out))
+    names = ["background", *dataset.classes]
+    split = params.pseudo_masks.split
+    pseudo = read_mask_table(pseudo_mask_path(params))
+    results = {"pseudo_mask": evaluate_masks(dataset, split, pseudo)}
+    segmenter = None
+    for source, mask_source in (("segmenter", "pseudo"), ("segmenter_gt", "gt")):
+        path = segmenter_dir(params, mask_source) / MODEL_FILE
+        if not path.is_file():
+            continue
+        model, record = load_segmenter(path, device)
+        if record["classes"] != dataset.classes:
+            raise WsssError(f"{path}: trained on classes {record['classes']}, data set has {dataset.classes}")
+        batch_size = params.segmenter.batch_size
+        predictions = predict_split(model, dataset, "val", record["img_size"], device, batch_size)
+        results[source] = evaluate_masks(dataset, "val", predictions)
+        if source == "segmenter":
+            segmenter = (model, record)
+
+    metrics: dict[str, Any] = {}
+    for source, result in results.items():
+        metrics[f"{source}_miou"] = _json_number(result["miou"])
+        metrics[f"{source}_pixel_accuracy"] = _json_number(result["pixel_accuracy"])
+    for key, path in (
+        ("pseudo_masks", Path(params.pseudo_masks.out) / "stats.json"),
+        ("classifier", Path(params.classifier.out) / "metrics.json"),
+    ):
+        extra = _read_optional_json(path)
+        if extra is not None:
+            metrics[key] = extra
+    per_class = {name: {s: _json_number(r["iou"][name]) for s, r in results.items()} for name in names}
+
+    metrics_dir, plots_dir = Path(params.evaluate.metrics_dir), Path(params.evaluate.plots_dir)
+    grid = None
+    if params.evaluate.grid_images > 0:
+        grid = _grid_image(dataset, split, pseudo, segmenter, params.evaluate.grid_images, device)
+    _write_plots(plots_dir, results, names, grid)
+    write_json(metrics_dir / "per_class_iou.json", per_class)
+    write_json(metrics_dir / "metrics.json", metrics)
+    _print_table(results, names)
+    return metrics
+
+
+def _print_table(results: dict[str, dict[str, Any]], names: list[str]) -> None:
+    lines = [("IoU", list(results))]
+    lines += [(name, [r["iou"][name] for r in results.values()]) for name in names]
+    lines += [("mIoU", [r["miou"] for r in results.values()])]
+    lines += [("pixel accuracy", [r["pixel_accuracy"] for r in results.values()])]
+    width = max(len(label) for label, _ in lines)
+    for label, cells in lines:
+        text = [f"{c:>12.3f}" if isinstance(c, float) else f"{c:>12}" for c in cells]
+        print(f"{label:<{width}}  " + "  ".join(text))

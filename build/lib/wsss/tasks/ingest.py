@@ -1,0 +1,39 @@
+"""Stage ``ingest``: validates the data set root and writes the canonical manifest the other stages read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wsss.lib.config import Params
+from wsss.lib.datasets import BANDS_FILE, SPLITS, read_dataset, summarize, write_bands, write_classes, write_manifest
+from wsss.lib.io import atomic_dir, write_json
+
+
+def ingest(source: Path, out: Path) -> dict:
+    """The ingest stage: fully validates the data set at ``source`` and writes the canonical ``out/``.
+
+    ``out/`` holds manifest.parquet, classes.json, bands.json (array images only), source.json
+    (``{"root": source}``, against which later stages resolve image paths) and summary.json. Nothing is
+    written when validation fails.
+
+    Raises:
+        WsssError: the first problem in the data set, or a missing train/val split.
+    """
+    dataset = read_dataset(source, check_files=True, splits=SPLITS)
+    summary = summarize(dataset)
+    with atomic_dir(out) as tmp:
+        write_manifest(tmp / "manifest.parquet", dataset.manifest)
+        write_classes(tmp / "classes.json", dataset.classes)
+        if dataset.bands is not None:
+            write_bands(tmp / BANDS_FILE, dataset.bands)
+        write_json(tmp / "source.json", {"root": str(source)})
+        write_json(tmp / "summary.json", summary)
+    return summary
+
+
+def main(params: Params) -> dict:
+    """CLI entry: ingests ``ingest.source`` into ``ingest.out``."""
+    summary = ingest(Path(params.ingest.source), Path(params.ingest.out))
+    sizes = ", ".join(f"{name} {split['images']}" for name, split in summary["splits"].items())
+    print(f"ingested {params.ingest.source}: {summary['num_classes']} classes, images: {sizes}")
+    return summary

@@ -1,0 +1,272 @@
+"""Stage ``pseudo_masks``: segmentation masks straight from the [CLS]_c self-attention.
+
+The rule itself (maps, normalisation, merge, threshold search) is :mod:`wsss.lib.mask_rule`; this stage
+decides it once for the split (thresholds tuned on a subset of the TRAIN split, never val), applies it to
+every image (:func:`pseudo_mask_shard`, the unit the Dask-sharded flow distributes), scores the masks
+against the split's ground truth and writes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from wsss.lib.artifacts import MODEL_FILE, load_map_model, read_ingested
+from wsss.lib.config import Params, PseudoMaskParams
+from wsss.lib.datasets import DatasetIndex, SplitData, load_split, read_mask, write_mask_table
+from wsss.lib.errors import WsssError
+from wsss.lib.io import write_json
+from wsss.lib.mask_rule import (
+    attention_maps,
+    class_specificity,
+    grid_ceiling_mask,
+    merge_maps,
+    normalized_maps,
+    present_classes,
+    tune_thresholds,
+)
+from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
+from wsss.lib.runtime import setup_runtime
+from wsss.models.token_masking_vit import TokenMaskingViT
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """What every shard applies alike, decided once before the shards: thresholds and the map layer."""
+
+    fg_threshold: float
+    bg_threshold: float
+    tuning_miou: float | None  # None: the thresholds are the params' own (not tuned)
+    map_layer: int
+
+
+@dataclass
+class ShardResult:
+    """One contiguous run of a split's images: their masks in split order and additive statistics."""
+
+    ids: list[str]
+    masks: list[np.ndarray]
+    grid: tuple[int, int]
+    pseudo_confusion: np.ndarray  # int64 [C+1, C+1] over the images with ground truth
+    ceiling_confusion: np.ndarray
+    specificity_shares: list[float]
+    area_shares: list[float]
+    scored_images: int  # images with ground truth
+
+
+@dataclass
+class _SplitMaps:
+    """Attention maps and what the rule needs of some images of a split (one shard, or the tuning sample)."""
+
+    data: SplitData
+    maps: torch.Tensor  # [N, C, h, w]
+    probs: torch.Tensor  # [N, C]
+    gt_paths: list[str | None]
+
+
+@contextlib.contextmanager
+def _thread_count_invariant_kernels() -> Iterator[None]:
+    """Turns torch's oneDNN CPU kernels off inside the block.
+
+    oneDNN's 1x1 convolution rounds differently with another thread count (measured: maps 4e-8 apart with 1
+    vs 2 threads on 8-image batches), so 1-thread shard workers would not reproduce the serial stage bit
+    for bit; the native kernels gave identical maps (and cost ~5 % here).
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def _split_maps(
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: PseudoMaskParams,
+    device: torch.device,
+    positions: slice | list[int],
+) -> _SplitMaps:
+    """Loads the images at ``positions`` of ``params.split`` and computes their maps, in that order."""
+    rows = dataset.split(params.split)
+    picked = rows.iloc[positions]
+    subset = dataclasses.replace(dataset, manifest=picked)
+    data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, with_masks=False)
+    with _thread_count_invariant_kernels():
+        maps, probs = attention_maps(model, data.images, device, params.batch_size, params.scales, params.flip)
+    gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
+    return _SplitMaps(data, maps, probs, gt_paths)
+
+
+def _image_maps(split_maps: _SplitMaps, i: int, has_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(normalised maps of the present classes at the image's own size, those classes, probabilities)."""
+    probs = split_maps.probs[i].numpy()
+    classes = present_classes(split_maps.data.labels[i].numpy() if has_labels else None, probs)
+    return normalized_maps(split_maps.maps[i, classes], split_maps.data.original_sizes[i]), classes, probs
+
+
+def decide_rule(
+    model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
+) -> MaskRule:
+    """The params' thresholds, or with ``tune_thresholds`` the ones grid-searched on the first
+    ``tune_images`` images of the split that have ground truth (a single step: it needs the whole sample)."""
+    if not any(blk.attn.open_heads().any() for blk in model.blocks):
+        raise WsssError("the classifier closed every attention head: no block can provide attention maps")
+    rule = MaskRule(params.fg_threshold, params.bg_threshold, None, model.map_layer())
+    rows = dataset.split(params.split)
+    with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)]
+    if not params.tune_thresholds or not with_gt:
+        return rule
+    sample = _split_maps(model, dataset, params, device, with_gt[: params.tune_images])
+    has_labels = params.split == "train"
+    samples = [
+        (*_image_maps(sample, i, has_labels), read_mask(dataset.root / path)) for i, path in enumerate(sample.gt_paths)
+    ]
+    fg, bg, tuned_miou = tune_thresholds(samples, dataset.num_classes)
+    return MaskRule(fg, bg, tuned_miou, rule.map_layer)
+
+
+def shard_ranges(num_images: int, shards: int, batch_size: int) -> list[tuple[int, int]]:
+    """Cuts ``num_images`` into at most ``shards`` contiguous ``[start, stop)`` runs of whole batches.
+
+    Shard edges fall on multiples of ``batch_size``, so every model batch holds the same images as in the
+    serial run: the maps cannot differ by batch composition.
+    """
+    batches = -(-num_images // batch_size)
+    count = min(shards, batches)
+    edges = [min(num_images, round(k * batches / count) * batch_size) for k in range(count + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def pseudo_mask_shard(
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: PseudoMaskParams,
+    rule: MaskRule,
+    start: int,
+    stop: int,
+    device: torch.device,
+) -> ShardResult:
+    """Pseudo masks and their statistics for images ``[start, stop)`` of ``params.split`` under ``rule``.
+
+    A pure function of its inputs: the serial stage runs it once over the whole split, the sharded flow
+    once per shard, and :func:`gather` joins the results into the same artifact.
+    """
+    split_maps = _split_maps(model, dataset, params, device, slice(start, stop))
+    num_classes = dataset.num_classes
+    grid = tuple(split_maps.maps.shape[-2:])
+    has_labels = params.split == "train"
+    masks = []
+    pseudo_cm, ceiling_cm = ConfusionMatrix(num_classes + 1), ConfusionMatrix(num_classes + 1)
+    shares, areas = [], []
+    for i in tqdm(range(len(split_maps.data.ids)), desc="pseudo masks", leave=False, mininterval=2.0):
+        mask = merge_maps(*_image_maps(split_maps, i, has_labels), rule.fg_threshold, rule.bg_threshold)
+        masks.append(mask)
+        gt_path = split_maps.gt_paths[i]
+        if gt_path is None:
+            continue
+        gt = read_mask(dataset.root / gt_path)
+        pseudo_cm.update(gt, mask)
+        ceiling_cm.update(gt, grid_ceiling_mask(gt, grid, num_classes))
+        gt_classes = np.unique(gt[(gt != 0) & (gt != IGNORE_INDEX)]).astype(int) - 1
+        if len(gt_classes) >= 2:
+            raw = F.interpolate(
+                split_maps.maps[i, gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False
+            )
+            s, a = class_specificity(raw[0].numpy(), gt, gt_classes)
+            shares += s
+            areas += a
+    scored = sum(path is not None for path in split_maps.gt_paths)
+    return ShardResult(
+        list(split_maps.data.ids), masks, grid, pseudo_cm.matrix, ceiling_cm.matrix, shares, areas, scored
+    )
+
+
+def gather(
+    shards: list[ShardResult], params: PseudoMaskParams, rule: MaskRule
+) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
+    """Joins shard results (in split order) into the stage's ids, masks and ``stats.json`` content.
+
+    Confusion matrices add exactly and the share lists concatenate in split order, so any sharding
+    gives the statistics of the serial run bit for bit.
+    """
+    if not shards:
+        raise ValueError("gather needs at least one shard")
+    grids = {shard.grid for shard in shards}
+    if len(grids) != 1:
+        raise ValueError(f"shards disagree on the token grid: {sorted(grids)}")
+    ids = [i for shard in shards for i in shard.ids]
+    masks = [m for shard in shards for m in shard.masks]
+    shares = [s for shard in shards for s in shard.specificity_shares]
+    areas = [a for shard in shards for a in shard.area_shares]
+    stats: dict[str, Any] = {
+        "split": params.split,
+        "images": len(masks),
+        "grid": list(shards[0].grid),
+        "map_layer": rule.map_layer,
+        "fg_threshold": rule.fg_threshold,
+        "bg_threshold": rule.bg_threshold,
+        "thresholds_tuned": rule.tuning_miou is not None,
+        "tuning_miou": rule.tuning_miou,
+    }
+    if sum(shard.scored_images for shard in shards):
+        pseudo = scores_from_confusion(sum(shard.pseudo_confusion for shard in shards))
+        ceiling = scores_from_confusion(sum(shard.ceiling_confusion for shard in shards))
+        stats.update(
+            miou=float(pseudo["miou"]),
+            pixel_accuracy=float(pseudo["pixel_accuracy"]),
+            ceiling_miou=float(ceiling["miou"]),
+            class_specificity=float(np.mean(shares)) if shares else None,
+            area_share=float(np.mean(areas)) if areas else None,
+            multi_class_images_scored=len(shares),
+        )
+    return ids, masks, stats
+
+
+def generate_pseudo_masks(
+    model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
+) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
+    """Pseudo masks (original image size) for every image of ``params.split`` plus statistics, serially.
+
+    The statistics score the masks against the split's ground truth where it exists: mIoU, the token-grid
+    ceiling and the attention class-specificity on multi-class images.
+    """
+    rule = decide_rule(model, dataset, params, device)
+    whole = pseudo_mask_shard(model, dataset, params, rule, 0, len(dataset.split(params.split)), device)
+    return gather([whole], params, rule)
+
+
+def write_pseudo_masks(params: PseudoMaskParams, ids: list[str], masks: list[np.ndarray], stats: dict) -> None:
+    """The stage's artifact: ``<out>/<split>.parquet`` (all masks in one table) and ``<out>/stats.json``."""
+    out = Path(params.out)
+    write_mask_table(out / f"{params.split}.parquet", ids, masks)
+    write_json(out / "stats.json", stats)
+    if "miou" in stats:
+        print(
+            f"pseudo masks ({stats['split']}, {stats['images']} images): mIoU {stats['miou']:.3f}  "
+            f"ceiling {stats['ceiling_miou']:.3f}  class specificity {stats['class_specificity'] or float('nan'):.3f} "
+            f"(area share {stats['area_share'] or float('nan'):.3f})  thresholds fg {stats['fg_threshold']} "
+            f"bg {stats['bg_threshold']}"
+        )
+
+
+def main(params: Params) -> dict[str, Any]:
+    """CLI entry: pseudo masks of ``pseudo_masks.split`` from the trained classifier, closed heads pruned,
+    in this process. (``dask.shards`` > 1: the CLI runs the Prefect flow ``pseudo-masks-sharded`` of
+    pipelines/pseudo_masks.py instead, which writes the same artifact bit for bit.)"""
+    device = setup_runtime(params.seed, params.num_threads, params.device)
+    dataset = read_ingested(Path(params.ingest.out))
+    model = load_map_model(Path(params.classifier.out) / MODEL_FILE, device)
+    ids, masks, stats = generate_pseudo_masks(model, dataset, params.pseudo_masks, device)
+    write_pseudo_masks(params.pseudo_masks, ids, masks, stats)
+    return stats

@@ -1,0 +1,263 @@
+"""Stage ``train_classifier``: the token-masking ViT, trained with BCE + lambda * L0 gate penalty."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import wsss.models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* models with timm)
+from wsss.lib.artifacts import MODEL_FILE, read_ingested
+from wsss.lib.checkpoint import fingerprint, tensor_digest
+from wsss.lib.config import ClassifierParams, Params
+from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, normalize
+from wsss.lib.distributed import (
+    World,
+    data_parallel,
+    global_batch_norm,
+    launch,
+    needs_launch,
+    process_group,
+    seed_step,
+    shard_loader,
+)
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_file, write_csv, write_json
+from wsss.lib.metrics import f1_scores, mean_average_precision
+from wsss.lib.training import Loop, fit, param_groups
+from wsss.models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
+
+
+def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int = 3) -> TokenMaskingViT:
+    """Creates the registered timm model named by ``params.model`` (plus local weights when given).
+
+    ``wsss_vit_*`` is the token-masking ViT, ``wsss_cam_vit_*`` its single-[CLS] CAM baseline.
+    """
+    known = timm.list_models("wsss_vit_*") + timm.list_models("wsss_cam_vit_*")
+    if params.model not in known:
+        raise WsssError(f"classifier.model: unknown model {params.model!r} (known: {', '.join(known)})")
+    try:
+        model = timm.create_model(params.model, **model_kwargs(params, num_classes, in_chans))
+    except ValueError as err:  # e.g. a CAM baseline with mask_ratio > 0
+        raise WsssError(f"classifier ({params.model}): {err}") from None
+    if params.pretrained:
+        try:
+            load_timm_vit_weights(model, params.pretrained)
+        except (FileNotFoundError, ValueError) as err:
+            raise WsssError(f"classifier.pretrained: {err}") from None
+    return model
+
+
+def model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """The registered model's arguments from the params (saved in ``model.pt`` to rebuild it)."""
+    return dict(
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=params.img_size,
+        mask_ratio=params.mask_ratio,
+        reg_token=params.reg_token,
+        head=params.head,
+        class_tokens=params.class_tokens,
+        gates=params.gates,
+        gate_init=params.gate_init,
+    )
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: TokenMaskingViT, data: SplitData, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """Sigmoid class probabilities ``[N, C]`` for a loaded split (eval mode, no masking)."""
+    model.eval()
+    out = [
+        torch.sigmoid(model(normalize(data.images[i : i + batch_size]).to(device))).cpu()
+        for i in range(0, len(data.ids), batch_size)
+    ]
+    return torch.cat(out)
+
+
+def classification_metrics(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """mAP and F1 at 0.5 of multi-label predictions."""
+    f1 = f1_scores(probs.numpy(), targets.numpy())
+    return {
+        "map": float(mean_average_precision(probs.numpy(), targets.numpy())),
+        "f1_macro": float(f1["macro"]),
+        "f1_micro": float(f1["micro"]),
+    }
+
+
+def gate_report(model: TokenMaskingViT) -> dict[str, Any]:
+    """Closed heads in total and per layer, and the block the attention maps come from."""
+    open_heads = model.open_heads()
+    closed_per_layer = (~open_heads).sum(dim=1).tolist()
+    return {
+        "closed_heads": int(sum(closed_per_layer)),
+        "total_heads": int(open_heads.numel()),
+        "closed_fraction": float((~open_heads).float().mean()),
+        "closed_per_layer": closed_per_layer,
+        # None: every head closed (e.g. mask_ratio 1 at gate_lambda 0.01); the pseudo-mask stage then stops.
+        "map_layer": model.map_layer() if open_heads.any() else None,
+        "log_alpha": [g.log_alpha.detach().cpu().tolist() for g in model.gate_modules()],
+    }
+
+
+def train_classifier(
+    dataset: DatasetIndex,
+    params: ClassifierParams,
+    out: Path,
+    seed: int,
+    device: torch.device,
+    world: World | None = None,
+) -> dict[str, Any]:
+    """Trains the classifier on the train split, scores the val split each epoch, writes ``out/``.
+
+    Writes ``checkpoint.pt`` and ``history.csv`` every epoch, then ``model.pt``, ``gates.json`` and
+    ``metrics.json`` (each file atomically). Continues from ``checkpoint.pt`` when it holds an unfinished
+    run with the same params and data (lib/checkpoint.py). With several ranks (``world``), every rank
+    trains on its share of each global batch and rank 0 alone evaluates and writes. Returns the final
+    metrics (on every rank).
+    """
+    world = world or World()
+    out = Path(out)
+    train = load_split(dataset, "train", params.img_size, with_masks=False)
+    val = load_split(dataset, "val", params.img_size, with_masks=False)
+    if (train.labels.sum(dim=1) == 0).any():
+        bad = train.ids[int((train.labels.sum(dim=1) == 0).nonzero()[0])]
+        raise WsssError(f"{dataset.root}: train image {bad} has no labels (every training image needs ≥ 1)")
+    in_chans = train.images.shape[1]
+    run_id = fingerprint(
+        params={k: v for k, v in vars(params).items() if k != "out"},
+        seed=seed,
+        classes=dataset.classes,
+        train_ids=train.ids,
+        train_labels=tensor_digest(train.labels),
+        in_chans=in_chans,
+    )
+    torch.manual_seed(seed)
+    model = build_classifier(params, dataset.num_classes, in_chans=in_chans)
+    if world.distributed:
+        model = global_batch_norm(model, device)
+    model.to(device)
+    augmented = AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed)
+    loader = shard_loader(augmented, params.batch_size, seed, world)
+    optimizer = torch.optim.AdamW(param_groups(model, params.lr, params.weight_decay, params.gate_lr))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume overwrites them
+    loop = Loop("classifier", model, optimizer, loader, params.epochs, out, run_id, world, device)
+    loop.resume()
+    network = data_parallel(model, device, world, find_unused=bool(model.gate_modules()))
+    total_steps = params.epochs * loop.steps_per_epoch
+    warmup_steps = max(1, int(params.warmup_epochs * loop.steps_per_epoch))
+    gate_start_step = int(params.gate_start * total_steps)
+
+    def step(index: int, batch: tuple[torch.Tensor, torch.Tensor, Any]) -> torch.Tensor:
+        images, labels, _ = batch
+        # Masking and gate samples come from (seed, step): equal on every rank and after a resume.
+        seed_step(seed, index)
+        mask_noise = world.local_rows(torch.rand(len(labels) * world.size, labels.shape[1]))
+        model.set_gates_active(index >= gate_start_step)
+        factor = _lr_factor(index, total_steps, warmup_steps)
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            # Gates are trained at a constant lr once pruning starts: the cosine tail would freeze them.
+            group["lr"] = base if group.get("is_gate") else base * factor
+        images, labels = images.to(device), labels.to(device)
+        logits = network(images, labels, mask_noise=mask_noise.to(device))
+        bce = F.binary_cross_entropy_with_logits(logits, labels)
+        penalty = model.gate_penalty(params.gate_penalty)
+        loss = bce + params.gate_lambda * penalty
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return torch.stack([loss.detach(), bce.detach(), penalty.detach()])
+
+    def validate(totals: torch.Tensor) -> dict[str, Any]:
+        # Each rank's mean is over an equal share of the global batch: the global mean is their mean.
+        means = (totals / (world.size * loop.steps_per_epoch)).tolist()
+        metrics = classification_metrics(predict_probabilities(model, val, device), val.labels)
+        return {
+            **dict(zip(("loss", "bce", "penalty"), means, strict=True)),
+            "val_map": metrics["map"],
+            "val_f1_macro": metrics["f1_macro"],
+            "closed_heads": model.num_closed_heads(),
+        }
+
+    def describe(row: dict[str, Any]) -> str:
+        return (
+            f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  val mAP {row['val_map']:.3f}  "
+            f"F1 {row['val_f1_macro']:.3f}  closed heads {row['closed_heads']}/{model.open_heads().numel()}  "
+            f"{row['seconds']:.1f}s"
+        )
+
+    fit(loop, step, validate, describe)
+    result = None
+    if world.is_main:
+        result = _write_outputs(model, dataset, params, out, val, device, loop.history, in_chans)
+        result["train_seconds"] = loop.train_seconds()
+        write_json(out / "metrics.json", result)
+        loop.finish()
+    return world.broadcast(result)
+
+
+def _write_outputs(
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: ClassifierParams,
+    out: Path,
+    val: SplitData,
+    device: torch.device,
+    history: list[dict[str, Any]],
+    in_chans: int,
+) -> dict[str, Any]:
+    """Writes ``model.pt``, ``history.csv`` and ``gates.json``; returns the final metrics."""
+    final = classification_metrics(predict_probabilities(model, val, device), val.labels)
+    gates = gate_report(model)
+    record = {
+        "model_name": params.model,
+        "model_kwargs": model_kwargs(params, dataset.num_classes, in_chans),
+        "state_dict": model.state_dict(),
+        "classes": dataset.classes,
+        "params": vars(params),
+    }
+    with atomic_file(out / MODEL_FILE) as handle:
+        torch.save(record, handle)
+    write_csv(out / "history.csv", history)
+    write_json(out / "gates.json", gates)
+    return {
+        "val_map": final["map"],
+        "val_f1_macro": final["f1_macro"],
+        "val_f1_micro": final["f1_micro"],
+        "closed_heads": gates["closed_heads"],
+        "closed_fraction": gates["closed_fraction"],
+        "closed_per_layer": gates["closed_per_layer"],
+        "map_layer": gates["map_layer"],
+    }
+
+
+def main(params: Params) -> dict[str, Any] | None:
+    """CLI entry: reads the ingested data set and trains with the ``classifier`` params section.
+
+    With ``trainer.nproc > 1`` outside torchrun it re-launches itself under torchrun and returns None
+    (rank 0 of the workers prints the result).
+    """
+    if needs_launch(params.trainer.nproc):
+        launch(["train-classifier"], params)
+        return None
+    with process_group(params) as (device, world):
+        dataset = read_ingested(Path(params.ingest.out))
+        result = train_classifier(dataset, params.classifier, Path(params.classifier.out), params.seed, device, world)
+    if world.is_main:
+        print(
+            f"classifier: val mAP {result['val_map']:.3f}  F1 {result['val_f1_macro']:.3f}  "
+            f"closed heads {result['closed_heads']} ({result['closed_fraction']:.0%}) per layer "
+            f"{result['closed_per_layer']}  maps from block {result['map_layer']}"
+        )
+    return result

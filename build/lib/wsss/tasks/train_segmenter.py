@@ -1,0 +1,191 @@
+"""Stage ``train_segmenter``: a FPN segmenter trained on pseudo masks (or GT: the upper bound)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, predict_images, pseudo_mask_path, read_ingested, segmenter_dir
+from wsss.lib.checkpoint import fingerprint, tensor_digest
+from wsss.lib.config import Params, SegmenterParams
+from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, read_mask, read_mask_table
+from wsss.lib.distributed import (
+    World,
+    data_parallel,
+    global_batch_norm,
+    launch,
+    needs_launch,
+    process_group,
+    seed_step,
+    shard_loader,
+)
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_file, write_csv
+from wsss.lib.metrics import IGNORE_INDEX, mean_iou
+from wsss.lib.training import Loop, fit
+from wsss.models.segmenter import Segmenter
+
+MASK_SOURCES = ("pseudo", "gt")
+
+
+def _resize_masks(data: SplitData, masks: dict[str, np.ndarray], num_classes: int) -> torch.Tensor:
+    """Original-size masks (in ``data.ids`` order) -> uint8 [N, S, S], nearest-exact like ``load_split``."""
+    size = data.images.shape[-1]
+    out = torch.empty((len(data.ids), size, size), dtype=torch.uint8)
+    for i, (image_id, shape) in enumerate(zip(data.ids, data.original_sizes, strict=True)):
+        if image_id not in masks:
+            raise WsssError(f"training mask for id {image_id!r} is missing")
+        mask = np.asarray(masks[image_id])
+        if mask.shape != shape:
+            raise WsssError(f"training mask for id {image_id!r} has shape {mask.shape}, image is {shape}")
+        if ((mask > num_classes) & (mask != IGNORE_INDEX)).any():
+            raise WsssError(f"training mask for id {image_id!r} has a value above {num_classes} (not 255)")
+        mask = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
+        out[i] = F.interpolate(mask, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8)
+    return out
+
+
+def _ground_truth(dataset: DatasetIndex, split: str) -> dict[str, np.ndarray]:
+    """Original-size GT masks of the rows that have one."""
+    rows = dataset.split(split).dropna(subset=["mask"])
+    return {r.id: read_mask(dataset.path(r.mask)) for r in rows.itertuples(index=False)}
+
+
+def train_segmenter(
+    dataset: DatasetIndex,
+    masks: dict[str, np.ndarray] | None,
+    params: SegmenterParams,
+    out: Path,
+    seed: int,
+    device: torch.device | str,
+    world: World | None = None,
+) -> dict[str, Any]:
+    """Trains on the train split, scores val mIoU against GT each epoch, writes ``out/``.
+
+    Continues from ``checkpoint.pt`` when it holds an unfinished run with the same params and training
+    masks (lib/checkpoint.py). With several ranks every rank trains on its share of each global batch
+    (BatchNorm over the global batch) and rank 0 alone evaluates and writes.
+
+    Args:
+        dataset: the ingested data set.
+        masks: original-size training masks ``{id: HxW}`` (the pseudo masks); None = the train split's GT
+            masks (the fully supervised upper bound).
+        params: the ``segmenter`` params section.
+        out: output folder; gets ``checkpoint.pt`` and ``history.csv`` every epoch, then ``model.pt``.
+        seed: seeds the weights, the loader order and the augmentation.
+        device: "cpu", "cuda" or a torch.device.
+        world: this process's rank among the training processes (default: the only one).
+
+    Returns:
+        ``{"val_miou", "epochs", "seconds"}`` (on every rank).
+    """
+    world = world or World()
+    device = torch.device(device)
+    out = Path(out)
+    num_classes = dataset.num_classes + 1
+    train = load_split(dataset, "train", params.img_size, with_masks=masks is None)
+    if masks is not None:
+        train = dataclasses.replace(train, masks=_resize_masks(train, masks, dataset.num_classes))
+    val = load_split(dataset, "val", params.img_size, with_masks=False)
+    val_gt = _ground_truth(dataset, "val")
+
+    model_kwargs = {
+        "encoder_name": params.encoder,
+        "num_classes": num_classes,
+        "decoder_channels": params.decoder_channels,
+        "in_chans": train.images.shape[1],
+    }
+    run_id = fingerprint(
+        params={k: v for k, v in dataclasses.asdict(params).items() if k != "out"},
+        seed=seed,
+        model_kwargs=model_kwargs,
+        train_ids=train.ids,
+        train_masks=tensor_digest(train.masks),
+    )
+    torch.manual_seed(seed)
+    try:
+        model = Segmenter(**model_kwargs)
+        if params.pretrained:
+            model.load_encoder_weights(params.pretrained)
+    except (FileNotFoundError, ValueError) as err:  # models/ raises plain errors; the app's are one line
+        raise WsssError(f"segmenter: {err}") from None
+    if world.distributed:
+        model = global_batch_norm(model, device)
+    model.to(device)
+    augmented = AugmentedSplit(train, train=True, seed=seed)
+    loader = shard_loader(augmented, params.batch_size, seed, world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * len(loader))
+    loop = Loop(
+        "segmenter", model, optimizer, loader, params.epochs, out, run_id, world, device,
+        scheduler=scheduler, extra_state={"params": dataclasses.asdict(params)},
+    )  # fmt: skip
+    loop.resume()
+    network = data_parallel(model, device, world)
+
+    def step(index: int, batch: tuple[torch.Tensor, Any, torch.Tensor]) -> torch.Tensor:
+        images, _, targets = batch
+        seed_step(seed, index)  # any random layer draws alike on all ranks
+        images, targets = images.to(device), targets.to(device)
+        # Sum / valid pixels of the global batch instead of the mean: a batch that is all "ignore"
+        # gives 0, not NaN, and ranks with more ignored pixels do not weigh more.
+        valid = world.sum((targets != IGNORE_INDEX).sum()).clamp(min=1)
+        loss = F.cross_entropy(network(images), targets, ignore_index=IGNORE_INDEX, reduction="sum") / valid
+        optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; this rank's share of the global loss is summed instead.
+        (loss * world.size).backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.detach()
+
+    def validate(total_loss: torch.Tensor) -> dict[str, Any]:
+        predictions = predict_images(model, val, device, params.batch_size)
+        return {
+            "loss": float(total_loss) / loop.steps_per_epoch,
+            "val_miou": mean_iou(((gt, predictions[i]) for i, gt in val_gt.items()), num_classes),
+        }
+
+    def describe(row: dict[str, Any]) -> str:
+        return f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  val mIoU {row['val_miou']:.3f}  {row['seconds']:.1f}s"
+
+    fit(loop, step, validate, describe)
+    result = None
+    if world.is_main:
+        record = {
+            "model_kwargs": model_kwargs,
+            "state_dict": model.state_dict(),
+            "classes": dataset.classes,
+            "img_size": params.img_size,
+        }
+        with atomic_file(out / MODEL_FILE) as handle:
+            torch.save(record, handle)
+        write_csv(out / HISTORY_FILE, loop.history)
+        loop.finish()
+        result = {"val_miou": loop.history[-1]["val_miou"], "epochs": params.epochs, "seconds": loop.train_seconds()}
+    return world.broadcast(result)
+
+
+def main(params: Params, mask_source: str = "pseudo") -> dict[str, Any] | None:
+    """CLI entry: trains on the pseudo masks (``mask_source="pseudo"``) or on the train GT (``"gt"``).
+
+    With ``trainer.nproc > 1`` outside torchrun it re-launches itself under torchrun and returns None
+    (rank 0 of the workers prints the result).
+    """
+    if mask_source not in MASK_SOURCES:
+        raise WsssError(f"mask source {mask_source!r} is not one of {', '.join(MASK_SOURCES)}")
+    if needs_launch(params.trainer.nproc):
+        launch(["train-segmenter", "--masks", mask_source], params)
+        return None
+    with process_group(params) as (device, world):
+        dataset = read_ingested(Path(params.ingest.out))
+        masks = read_mask_table(pseudo_mask_path(params)) if mask_source == "pseudo" else None
+        out = segmenter_dir(params, mask_source)
+        result = train_segmenter(dataset, masks, params.segmenter, out, params.seed, device, world)
+    if world.is_main:
+        print(f"segmenter ({mask_source} masks): val mIoU {result['val_miou']:.3f} in {result['seconds']:.0f}s")
+    return result

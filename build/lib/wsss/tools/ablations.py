@@ -1,0 +1,343 @@
+"""``wsss ablations``: the ablation grid of ``ablations.yaml`` run through the pipeline's own stage functions.
+
+Each cell (scale x variant x seed) is params.yaml plus the scale's and the variant's overrides plus
+``seed=<seed>``; it runs train-classifier, pseudo-masks and train-segmenter exactly as the DVC stages do,
+into ``<root>/<scale>/<variant>/seed<seed>/``, and writes one ``result.json`` row (the numbers the report
+tabulates). Classifiers are keyed by what decides them (classifier params, seed, data set), so variants
+that change only the pseudo-mask stage (``multiscale_flip``) reuse the one trained for ``full``. A cell
+whose ``result.json`` holds its fingerprint is not rerun; a killed cell resumes from its checkpoints.
+Runs are keyed by the data set's path, not its content (the grid is an experiment beside the versioned
+pipeline): after changing the data at the same path, give the grid a fresh ``--root``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsss.lib.config import ConfigError, Params, load_params, read_yaml
+from wsss.lib.errors import WsssError
+from wsss.lib.io import write_json
+
+ABLATIONS_FILE = Path("ablations.yaml")
+DEFAULT_ROOT = Path("artifacts/ablations")
+REPORT_ROOT = Path("reports/ablations")
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """The grid: seeds, run lengths (``scales``) and variants, each a list of params overrides.
+
+    ``scale_variants``: the variants a scale runs when none are named (every variant for a scale not in it);
+    ``paired``: variant -> the variant the report's paired table subtracts from it (default ``full``).
+    """
+
+    seeds: list[int]
+    scales: dict[str, list[str]]
+    variants: dict[str, list[str]]
+    mask_ratio_sweep: list[str]
+    scale_variants: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    paired: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its resolved params and where it writes."""
+
+    scale: str
+    variant: str
+    seed: int
+    overrides: tuple[str, ...]  # scale + variant + seed, as given to load_params (no output paths)
+    params: Params
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.scale}/{self.variant}/seed{self.seed}"
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the cell's numbers: every param except output folders and how it runs."""
+        from wsss.lib.checkpoint import fingerprint  # imports torch: not at `wsss --help` time
+
+        settings = self.params.to_dict()
+        for section in ("classifier", "pseudo_masks", "segmenter", "ingest"):
+            settings[section].pop("out")
+        for how in ("dask", "trainer", "num_threads", "evaluate", "embedded"):
+            settings.pop(how)
+        return fingerprint(**settings)
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of section.key=value strings, got {value!r}")
+    return list(value)
+
+
+def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
+    """Reads and checks ``ablations.yaml``.
+
+    Raises:
+        ConfigError: unreadable file or a malformed entry (the message names the file and key).
+    """
+    path = Path(path)
+    tree = read_yaml(path, "ablation grid")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping with seeds, scales, variants, got {tree!r}")
+    known = ("mask_ratio_sweep", "paired", "scale_variants", "scales", "seeds", "variants")
+    unknown = sorted(set(tree) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
+    seeds = tree.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ConfigError(f"{path}: seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
+    sections = {}
+    for key in ("scales", "variants"):
+        entries = tree.get(key)
+        if not isinstance(entries, dict) or not entries:
+            raise ConfigError(f"{path}: {key}: expected a non-empty mapping of name -> overrides")
+        sections[key] = {str(name): _string_list(value, f"{path}: {key}.{name}") for name, value in entries.items()}
+    sweep = _string_list(tree.get("mask_ratio_sweep"), f"{path}: mask_ratio_sweep")
+    _check_names(sweep, sections["variants"], f"{path}: mask_ratio_sweep names unknown variant")
+    scale_variants = tree.get("scale_variants") or {}
+    if not isinstance(scale_variants, dict):
+        raise ConfigError(f"{path}: scale_variants: expected a mapping of scale -> variants, got {scale_variants!r}")
+    for scale, names in scale_variants.items():
+        _check_names([scale], sections["scales"], f"{path}: scale_variants names unknown scale")
+        names = _string_list(names, f"{path}: scale_variants.{scale}")
+        _check_names(names, sections["variants"], f"{path}: scale_variants.{scale} names unknown variant")
+        scale_variants[scale] = names
+    paired = tree.get("paired") or {}
+    if not isinstance(paired, dict) or not all(isinstance(v, str) for v in paired.values()):
+        raise ConfigError(f"{path}: paired: expected a mapping of variant -> reference variant, got {paired!r}")
+    _check_names([*paired, *paired.values()], sections["variants"], f"{path}: paired names unknown variant")
+    return AblationConfig(seeds, sections["scales"], sections["variants"], sweep, scale_variants, paired)
+
+
+def _check_names(names: Sequence[str], known: dict[str, Any], message: str) -> None:
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise ConfigError(f"{message} {missing[0]!r}")
+
+
+def _pick(requested: Sequence[str] | None, known: dict[str, Any], what: str) -> list[str]:
+    if not requested:
+        return list(known)
+    unknown = [name for name in requested if name not in known]
+    if unknown:
+        raise WsssError(f"unknown {what} {unknown[0]!r} (known: {', '.join(known)})")
+    return list(dict.fromkeys(requested))
+
+
+def classifier_dir(params: Params, root: Path, scale: str) -> Path:
+    """Where the classifier of ``params`` lives: keyed by its params, the seed and the data set."""
+    from wsss.lib.checkpoint import fingerprint
+
+    settings = {k: v for k, v in dataclasses.asdict(params.classifier).items() if k != "out"}
+    key = fingerprint(classifier=settings, seed=params.seed, source=params.ingest.source, device=params.device)
+    return root / scale / "classifiers" / key[:16]
+
+
+def plan(
+    config: AblationConfig,
+    params_file: str | Path,
+    root: str | Path = DEFAULT_ROOT,
+    scale: str | None = None,
+    variants: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    base_overrides: Sequence[str] = (),
+) -> list[Cell]:
+    """The cells of one scale (default: the first) for the given variants and seeds (default: the scale's
+    variants of ``scale_variants``, else all; every seed).
+
+    Raises:
+        WsssError: an unknown scale or variant; ConfigError: an override that does not apply.
+    """
+    root = Path(root)
+    (scale,) = _pick([scale] if scale else [next(iter(config.scales))], config.scales, "scale")
+    cells = []
+    names = _pick(variants or config.scale_variants.get(scale), config.variants, "variant")
+    # Seed-major: a grid stopped early holds whole seeds of every variant.
+    for seed in seeds if seeds else config.seeds:
+        for variant in names:
+            overrides = (*base_overrides, *config.scales[scale], *config.variants[variant], f"seed={seed}")
+            try:
+                params = load_params(params_file, overrides)
+            except ConfigError as err:
+                raise ConfigError(f"ablation {scale}/{variant}: {err}") from None
+            run_dir = root / scale / variant / f"seed{seed}"
+            params = dataclasses.replace(
+                params,
+                ingest=dataclasses.replace(params.ingest, out=str(root / "dataset")),
+                pseudo_masks=dataclasses.replace(params.pseudo_masks, out=str(run_dir / "pseudo_masks")),
+                segmenter=dataclasses.replace(params.segmenter, out=str(run_dir / "segmenter")),
+            )
+            params.classifier = dataclasses.replace(params.classifier, out=str(classifier_dir(params, root, scale)))
+            cells.append(Cell(scale, variant, seed, overrides, params, run_dir))
+    return cells
+
+
+def prepare(cells: Sequence[Cell]) -> None:
+    """Ingests the data set once for all cells (and builds the embedded one when it is the source and missing)."""
+    from wsss.tasks.ingest import ingest
+    from wsss.tools.embedded import build_embedded_dataset
+
+    params = cells[0].params
+    source, out = Path(params.ingest.source), Path(params.ingest.out)
+    if source == Path(params.embedded.out) and not (source / "manifest.parquet").is_file():
+        build_embedded_dataset(params.embedded, source)
+    if not (out / "manifest.parquet").is_file():
+        ingest(source, out)
+
+
+def read_result(cell: Cell) -> dict[str, Any] | None:
+    """The cell's finished row, or None when it has not run with its current params."""
+    path = cell.run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return row if row.get("fingerprint") == cell.fingerprint else None
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """Runs (or resumes, or reuses) one cell and returns its result row (also written to ``result.json``)."""
+    from wsss.tasks import pseudo_masks, train_classifier, train_segmenter
+
+    done = read_result(cell)
+    if done is not None:
+        return done
+    params = cell.params
+    classifier_metrics = Path(params.classifier.out) / "metrics.json"
+    if not classifier_metrics.is_file():  # written last: its presence means a finished classifier
+        train_classifier.main(params)
+    classifier = json.loads(classifier_metrics.read_text())
+    if classifier["map_layer"] is None:  # every head closed: a result of the variant, without maps
+        stats = {key: None for key in ("miou", "ceiling_miou", "class_specificity", "area_share", "map_layer")}
+        segmenter = {"val_miou": None, "seconds": 0.0}
+    else:
+        stats = pseudo_masks.main(params)
+        segmenter = train_segmenter.main(params, mask_source="pseudo")
+        if segmenter is None or "miou" not in stats:
+            split = params.pseudo_masks.split
+            raise WsssError(f"ablation {cell.name}: needs trainer.nproc=1 and ground truth on {split}")
+    row = {
+        "scale": cell.scale,
+        "variant": cell.variant,
+        "seed": cell.seed,
+        "model": params.classifier.model,
+        "mask_ratio": params.classifier.mask_ratio,
+        "pseudo_miou": stats["miou"],
+        "pseudo_ceiling_miou": stats["ceiling_miou"],
+        "class_specificity": stats["class_specificity"],
+        "area_share": stats["area_share"],
+        "segmenter_miou": segmenter["val_miou"],
+        "val_map": classifier["val_map"],
+        "closed_heads": classifier["closed_heads"],
+        "closed_fraction": classifier["closed_fraction"],
+        "map_layer": stats["map_layer"],
+        "classifier_seconds": classifier["train_seconds"],
+        "segmenter_seconds": segmenter["seconds"],
+        "classifier_dir": params.classifier.out,
+        "device": _device_name(params.device),
+        "overrides": list(cell.overrides),
+        "fingerprint": cell.fingerprint,
+    }
+    write_json(cell.run_dir / RESULT_FILE, row)
+    return row
+
+
+def _device_name(device: str) -> str:
+    """The hardware the numbers come from (GPU runs are not bitwise CPU runs)."""
+    import torch
+
+    from wsss.lib.runtime import resolve_device
+
+    resolved = resolve_device(device)
+    return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "cpu"
+
+
+def run_grid(cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Runs the cells one after the other in this process (one training job at a time)."""
+    prepare(cells)
+    rows = []
+    for i, cell in enumerate(cells, 1):
+        log(f"ablation {i}/{len(cells)}: {cell.name}")
+        rows.append(run_cell(cell))
+        row = rows[-1]
+        if row["pseudo_miou"] is None:
+            log(f"ablation {cell.name}: every head closed (val mAP {row['val_map']:.3f}), no maps")
+            continue
+        log(
+            f"ablation {cell.name}: pseudo-mask mIoU {row['pseudo_miou']:.3f}  segmenter mIoU "
+            f"{row['segmenter_miou']:.3f}  val mAP {row['val_map']:.3f}"
+        )
+    return rows
+
+
+def classifier_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """Cells grouped by classifier: a group must run in order (its first cell trains what the others reuse)."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.params.classifier.out, []).append(cell)
+    return list(groups.values())
+
+
+def cell_command(group: Sequence[Cell], grid_args: Sequence[str] = ()) -> list[str]:
+    """The ``wsss ablations`` command that runs one classifier group in its own process.
+
+    ``grid_args``: the options that located the grid (``--params``, ``--config``, ``--root``, ``-S``...).
+    """
+    cmd = [sys.executable, "-m", "wsss.tools.cli", "ablations", *grid_args, "--scale", group[0].scale, "--no-report"]
+    for cell in group:
+        cmd += ["--variant", cell.variant]
+    return [*cmd, "--seed", str(group[0].seed)]
+
+
+def run_parallel(cells: Sequence[Cell], jobs: int, grid_args: Sequence[str] = ()) -> None:
+    """Runs the classifier groups as ``jobs`` concurrent processes, each logging to ``<variant>/seed<N>.log``.
+
+    Raises:
+        WsssError: a group failed (its log's last line is quoted); the others still finish.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepare(cells)
+
+    def run(group: list[Cell]) -> str | None:
+        log = group[0].run_dir.with_name(f"seed{group[0].seed}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as handle:
+            cmd = cell_command(group, grid_args)
+            code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
+        lines = log.read_text().strip().splitlines()
+        names = " + ".join(c.name for c in group)
+        print(f"ablation {names}: {'done' if code == 0 else 'FAILED'} ({log})", flush=True)
+        return None if code == 0 else f"{names}: {lines[-1] if lines else f'exit code {code}'}"
+
+    with ThreadPoolExecutor(jobs) as pool:
+        failures = [f for f in pool.map(run, classifier_groups(cells)) if f]
+    if failures:
+        raise WsssError(f"{len(failures)} ablation run(s) failed, first: {failures[0]}")
+
+
+def dvc_commands(cells: Sequence[Cell]) -> list[str]:
+    """The grid as queued DVC experiments of the main pipeline (same overrides), then the queue's commands."""
+    lines = []
+    for cell in cells:
+        sets = " ".join(f"-S {shlex.quote(o)}" for o in cell.overrides)
+        lines.append(f"dvc exp run --queue -n {cell.variant}-{cell.scale}-s{cell.seed} {sets}")
+    lines += ["dvc queue start --jobs 1", "dvc exp show --only-changed --drop 'Created|State|Executor'"]
+    return lines

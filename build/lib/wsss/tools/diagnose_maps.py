@@ -1,0 +1,129 @@
+"""``wsss diagnose-maps``: in which block and which heads a classifier's class-token attention is class-specific.
+
+For training images with at least two ground-truth classes, every block's [CLS]_c -> patch attention rows
+are scored with the pseudo-mask stage's class-specificity measure (share of CLS_c's attention mass on class
+c's pixels among the image's foreground pixels; equal to the area share when the map does not tell the
+classes apart). Per block: the mean over open heads (what the pseudo masks use in the map block), over
+all heads (do closed heads hide a signal?) and the best single head; and the pseudo-mask mIoU that the
+open-head maps of each block would give on these images (thresholds tuned per block, as the stage does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from wsss.lib.datasets import DatasetIndex, load_split, normalize, read_mask
+from wsss.lib.errors import WsssError
+from wsss.lib.mask_rule import class_specificity, normalized_maps, tune_thresholds
+from wsss.models.token_masking_vit import TokenMaskingViT
+
+
+@torch.no_grad()
+def block_class_rows(model: TokenMaskingViT, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's class-token -> patch attention, ``[B, H, C, h, w]`` per block (gates not applied)."""
+    model.eval()
+    x, (h, w) = model._embed(normalize(images))
+    Q = model.num_classes
+    mask = model.attn_mask(Q, x.shape[1], x.device)
+    rows = []
+    for blk in model.blocks:
+        attn = blk.attn.query_attention(blk.norm1(x), Q, mask)
+        rows.append(attn[..., Q : Q + h * w].reshape(*attn.shape[:3], h, w))
+        x = blk(x, attn_mask=mask)
+    return rows
+
+
+def multi_class_train_images(dataset: DatasetIndex, limit: int) -> tuple[DatasetIndex, list[np.ndarray]]:
+    """The first ``limit`` training images whose ground truth holds >= 2 classes: their index and masks.
+
+    Raises:
+        WsssError: no such image.
+    """
+    rows = dataset.split("train")
+    positions, gts = [], []
+    for position, path in enumerate(rows["mask"].tolist()):
+        if isinstance(path, str):
+            gt = read_mask(dataset.root / path)
+            if len(np.setdiff1d(np.unique(gt), [0, 255])) >= 2:
+                positions.append(position)
+                gts.append(gt)
+        if len(gts) == limit:
+            break
+    if not gts:
+        raise WsssError(f"{dataset.root}: no training image with ground truth and two classes")
+    return DatasetIndex(dataset.root, dataset.classes, rows.iloc[positions], dataset.bands), gts
+
+
+@torch.no_grad()
+def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_images: int = 300) -> pd.DataFrame:
+    """One row per block: open heads, specificity of the open-head mean, the all-head mean, the best head.
+
+    Raises:
+        WsssError: the model has one shared [CLS] token, or no training image has two classes.
+    """
+    if not isinstance(model, TokenMaskingViT) or model.class_tokens.shape[1] != model.num_classes:
+        raise WsssError("diagnose-maps needs a classifier with one [CLS] token per class (wsss_vit_*)")
+    subset, gts = multi_class_train_images(dataset, max_images)
+    data = load_split(subset, "train", model.grid_size[0] * model.patch_size, with_masks=False)
+    open_heads = [blk.attn.open_heads().cpu() for blk in model.blocks]
+    num_heads = model.blocks[0].attn.num_heads
+    # per block: lists of (attention share, area share) for open-mean, all-mean and each head
+    scores = [{key: [] for key in ("open", "all", *range(num_heads))} for _ in model.blocks]
+    areas = []
+    mask_samples = [[] for _ in model.blocks]  # (normalised maps, classes, probabilities, gt) per block
+    for start in range(0, len(gts), 64):
+        images = data.images[start : start + 64]
+        batch_rows = block_class_rows(model, images)
+        probs = torch.sigmoid(model(normalize(images))).numpy()
+        for i, gt in enumerate(gts[start : start + 64]):
+            classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
+            for block, attn in enumerate(batch_rows):
+                heads = attn[i][:, classes]  # [H, K, h, w]
+                views = {"all": heads.mean(0), **{head: heads[head] for head in range(num_heads)}}
+                if open_heads[block].any():
+                    views["open"] = heads[open_heads[block]].mean(0)
+                    maps = normalized_maps(views["open"], gt.shape)
+                    mask_samples[block].append((maps, classes, probs[i], gt))
+                for key, maps in views.items():
+                    up = F.interpolate(maps[None], size=gt.shape, mode="bilinear", align_corners=False)[0]
+                    shares, area = class_specificity(up.numpy(), gt, classes)
+                    scores[block][key] += shares
+                    if block == 0 and key == "all":
+                        areas += area
+    table = []
+    for block, per_key in enumerate(scores):
+        heads = [float(np.mean(per_key[h])) for h in range(num_heads)]
+        table.append(
+            {
+                "block": block,
+                "open_heads": int(open_heads[block].sum()),
+                "open_mean": float(np.mean(per_key["open"])) if per_key["open"] else float("nan"),
+                "all_heads_mean": float(np.mean(per_key["all"])),
+                "best_head": int(np.argmax(heads)),
+                "best_head_share": max(heads),
+                "area_share": float(np.mean(areas)),
+                "tuned_miou": tune_thresholds(mask_samples[block], model.num_classes)[2]
+                if mask_samples[block]
+                else float("nan"),
+            }
+        )
+    return pd.DataFrame(table)
+
+
+def main(classifier: str | Path, dataset_dir: str | Path, max_images: int, out: str | Path | None) -> pd.DataFrame:
+    """CLI entry: prints the per-block table (and writes it as CSV to ``out``)."""
+    from wsss.lib.artifacts import load_classifier, read_ingested
+    from wsss.lib.io import atomic_file
+
+    model, _ = load_classifier(Path(classifier), "cpu")
+    table = specificity_by_block(model, read_ingested(Path(dataset_dir)), max_images)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if out is not None:
+        with atomic_file(out, "w") as handle:
+            table.to_csv(handle, index=False, float_format="%.6g")
+    return table

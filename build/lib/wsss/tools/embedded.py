@@ -1,0 +1,213 @@
+"""The embedded default data set (``wsss import embedded``), built offline from package files.
+
+Embedded set: animal-mnist silhouettes pasted on toned-down scikit-image textures. Classes differ only
+by shape (each object gets a random colour), train and val draw from disjoint silhouette pools, and the
+image labels are derived from the final mask so the two always agree.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import gzip
+import pickle
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import skimage.data
+from PIL import Image
+from scipy import ndimage
+
+from wsss.lib.config import EmbeddedParams
+from wsss.lib.datasets import (
+    IGNORE_INDEX,
+    LABELLED_SPLITS,
+    SPLITS,
+    read_dataset,
+    write_classes,
+    write_manifest,
+    write_mask_png,
+)
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_dir
+
+ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+# CC0 images bundled with scikit-image (no download). chelsea/cat and horse are left out: they show animals.
+TEXTURES = ("brick", "grass", "gravel", "moon", "coffee", "rocket", "astronaut", "immunohistochemistry")
+SILHOUETTE_THRESHOLD = 100
+# A class is labelled only if this many of its pixels stay visible after occlusion (else they become 255).
+MIN_VISIBLE_PIXELS = 20
+# Below this a silhouette often has fewer than MIN_VISIBLE_PIXELS pixels and would never be labelled.
+MIN_OBJECT_SIZE = 12
+TRAIN_POOL_FRACTION = 0.8
+
+
+def load_silhouettes() -> tuple[np.ndarray, np.ndarray]:
+    """Animal-MNIST v3: uint8 [10000, 28, 28] grey silhouettes and int labels indexing ANIMAL_CLASSES."""
+    folder = resources.files("animal_mnist") / "data" / "Animal_MNIST"
+    arrays = []
+    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        with resources.as_file(folder / name) as path, gzip.open(path, "rb") as handle:
+            arrays.append(np.asarray(pickle.load(handle)))
+    return arrays[0].astype(np.uint8), arrays[1].astype(np.int64)
+
+
+def split_pools(
+    labels: np.ndarray, class_ids: Sequence[int], train_fraction: float = TRAIN_POOL_FRACTION
+) -> dict[str, list[np.ndarray]]:
+    """Disjoint silhouette pools: per split, one index array per requested class.
+
+    The first ``train_fraction`` of each class's silhouettes (in file order) go to train, the rest to val,
+    so no val object was ever seen in training.
+    """
+    pools: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for k in class_ids:
+        indices = np.flatnonzero(labels == k)
+        cut = round(len(indices) * train_fraction)
+        pools["train"].append(indices[:cut])
+        pools["val"].append(indices[cut:])
+    return pools
+
+
+def _load_textures() -> list[np.ndarray]:
+    """The background images as float32 RGB in [0, 1]."""
+    textures = []
+    for name in TEXTURES:
+        image = np.asarray(getattr(skimage.data, name)(), dtype=np.float32)[..., :3] / 255
+        textures.append(np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image)
+    return textures
+
+
+def _background(rng: np.random.Generator, textures: list[np.ndarray], size: int) -> np.ndarray:
+    """A random crop (random scale, flip) of a texture, desaturated and low-contrast so objects stand out."""
+    texture = textures[rng.integers(len(textures))]
+    side = rng.integers(min(texture.shape[:2]) // 6, min(texture.shape[:2]) // 2 + 1)
+    top = rng.integers(texture.shape[0] - side + 1)
+    left = rng.integers(texture.shape[1] - side + 1)
+    crop = (texture[top : top + side, left : left + side] * 255).astype(np.uint8)
+    image = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    grey = image.mean(axis=-1, keepdims=True)
+    image = grey + rng.uniform(0.1, 0.4) * (image - grey)
+    image = rng.uniform(0.25, 0.5) + rng.uniform(0.3, 0.6) * (image - image.mean())
+    return np.clip(image, 0, 1)
+
+
+def _silhouette(grey: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resizes a silhouette so its longer side is ``size``; returns (grey float32, filled object mask)."""
+    ys, xs = np.nonzero(grey > SILHOUETTE_THRESHOLD)
+    crop = grey[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    scale = size / max(crop.shape)
+    h, w = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+    resized = np.asarray(Image.fromarray(crop).resize((w, h), Image.BILINEAR), dtype=np.float32)
+    # Fill enclosed dark stripes (zebra) so the object is one region; the shading still shows them.
+    return resized, ndimage.binary_fill_holes(resized > SILHOUETTE_THRESHOLD)
+
+
+def ignore_band(instances: np.ndarray) -> np.ndarray:
+    """1-px VOC-style boundary: pixels with a 4-neighbour belonging to an object painted later (on top).
+
+    The band lies outside each visible object, on the background or occluded-object side.
+    """
+    padded = np.pad(instances, 1)
+    centre = padded[1:-1, 1:-1]
+    band = np.zeros(instances.shape, dtype=bool)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        band |= padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx] > centre
+    return band
+
+
+def _compose(
+    rng: np.random.Generator,
+    params: EmbeddedParams,
+    silhouettes: np.ndarray,
+    pools: list[np.ndarray],
+    textures: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image: returns (RGB uint8 [S, S, 3], mask uint8 [S, S], labels int8 [C])."""
+    size = params.image_size
+    image = _background(rng, textures, size)
+    classes = np.zeros((size, size), dtype=np.uint8)
+    instances = np.zeros((size, size), dtype=np.int32)
+    for instance in range(1, rng.integers(1, params.max_objects + 1) + 1):
+        k = rng.integers(len(pools))
+        grey, shape = _silhouette(
+            silhouettes[rng.choice(pools[k])],
+            rng.integers(params.min_object_size, params.max_object_size + 1),
+        )
+        h, w = shape.shape
+        top, left = rng.integers(size - h + 1), rng.integers(size - w + 1)
+        # One random bright colour per object, not per class: classes must be told apart by shape.
+        colour = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.85, 1.0)))
+        shading = 0.3 + 0.7 * np.clip(grey[shape] / 255, 0, 1)
+        image[top : top + h, left : left + w][shape] = shading[:, None] * colour
+        classes[top : top + h, left : left + w][shape] = k + 1
+        instances[top : top + h, left : left + w][shape] = instance
+    mask = np.where(ignore_band(instances), np.uint8(IGNORE_INDEX), classes)
+    counts = np.bincount(mask.ravel(), minlength=256)[1 : len(pools) + 1]
+    labels = (counts >= MIN_VISIBLE_PIXELS).astype(np.int8)
+    # Barely visible objects are unlabelled, so their pixels must not count as background either.
+    mask[np.isin(mask, np.flatnonzero(counts < MIN_VISIBLE_PIXELS) + 1)] = IGNORE_INDEX
+    return (image * 255).round().astype(np.uint8), mask, labels
+
+
+def _check_recipe(params: EmbeddedParams) -> None:
+    unknown = [c for c in params.classes if c not in ANIMAL_CLASSES]
+    if unknown:
+        known = ", ".join(ANIMAL_CLASSES)
+        raise WsssError(f"embedded.classes: unknown class {unknown[0]!r} (known: {known})")
+    if not params.classes or len(set(params.classes)) != len(params.classes):
+        raise WsssError("embedded.classes: must be a non-empty list without duplicates")
+    if params.min_object_size < MIN_OBJECT_SIZE:
+        size = params.min_object_size
+        raise WsssError(f"embedded.min_object_size: must be >= {MIN_OBJECT_SIZE}, got {size}")
+    if params.max_object_size > params.image_size:
+        raise WsssError(f"embedded.max_object_size: {params.max_object_size} exceeds image_size {params.image_size}")
+
+
+def build_embedded_dataset(params: EmbeddedParams, out: Path) -> Path:
+    """Generates the embedded data set into ``out`` (atomically), deterministically from ``params.seed``.
+
+    Same params give byte-identical files. Returns ``out``.
+
+    Raises:
+        WsssError: a recipe that cannot be built (unknown class, object larger than the image, ...).
+    """
+    _check_recipe(params)
+    silhouettes, animal_labels = load_silhouettes()
+    pools = split_pools(animal_labels, [ANIMAL_CLASSES.index(c) for c in params.classes])
+    textures = _load_textures()
+    rows = []
+    with atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        counts = (params.train_images, params.val_images)
+        for split_index, (split, count) in enumerate(zip(SPLITS, counts, strict=True)):
+            # One stream per split: changing val_images leaves the train images unchanged.
+            rng = np.random.default_rng([params.seed, split_index])
+            for i in range(count):
+                image, mask, labels = _compose(rng, params, silhouettes, pools[split], textures)
+                # Occlusion can hide every object; a training image without labels is invalid, so redraw.
+                while split in LABELLED_SPLITS and not labels.any():
+                    image, mask, labels = _compose(rng, params, silhouettes, pools[split], textures)
+                image_id = f"{split}_{i:05d}"
+                Image.fromarray(image).save(tmp / "images" / f"{image_id}.png")
+                write_mask_png(tmp / "masks" / f"{image_id}.png", mask)
+                rows.append(
+                    {
+                        "id": image_id,
+                        "split": split,
+                        "image": f"images/{image_id}.png",
+                        "mask": f"masks/{image_id}.png",
+                        "labels": labels,
+                        "width": params.image_size,
+                        "height": params.image_size,
+                    }
+                )
+        write_classes(tmp / "classes.json", params.classes)
+        write_manifest(tmp / "manifest.parquet", pd.DataFrame(rows))
+        read_dataset(tmp)  # the generator must honour the contract it shares with every importer
+    return out

@@ -1,0 +1,240 @@
+"""``wsss predict``: palette PNG masks for new images, from the segmenter or the classifier's attention alone.
+
+A model is an MLflow URI (``models:/wsss-segmenter@champion``, ``models:/NAME/VERSION``, ``runs:/...``;
+the store is the one ``wsss register`` writes to, see :func:`wsss.lib.tracking.tracking_uri`) or a
+``model.pt`` file (or the folder holding it). Each image is resized to the model's training size
+(checkpoint record, the registered run's params, or ``--img-size``); the logits or attention maps are
+resized back bilinearly, so every mask has its image's size. With ``--from-attention`` the classifier's
+[CLS]_c attention is painted by the pseudo-mask rule of :mod:`wsss.lib.mask_rule` for the classes it
+predicts, with ``pseudo_masks.fg_threshold``/``bg_threshold`` and the test-time views of
+``pseudo_masks.scales``/``flip`` (scales of the image size the model is given).
+
+``OUT/<image name>.png`` is the mask (VOC palette, 0 = background, k + 1 = class k); ``--overlay`` adds
+``OUT/<image name>_overlay.png``. ``OUT`` is written as a whole (temporary folder, renamed at the end).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import imgviz
+import numpy as np
+import torch
+from PIL import Image
+
+from wsss.lib.config import Params
+from wsss.lib.datasets import (
+    BANDS_FILE,
+    Bands,
+    SplitData,
+    display_rgb,
+    image_tensor,
+    one_line,
+    read_bands,
+    read_image,
+    to_uint8,
+    write_mask_png,
+)
+from wsss.lib.errors import WsssError
+from wsss.lib.io import atomic_dir, atomic_file
+from wsss.lib.runtime import setup_runtime
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
+
+
+def is_uri(ref: str) -> bool:
+    """Whether a model reference is an MLflow URI rather than a file path."""
+    return ref.startswith(("models:/", "runs:/")) or "://" in ref
+
+
+def _registered_params(uri: str) -> dict[str, str]:
+    """Params of the MLflow run that logged the model at ``uri`` (empty when unknown)."""
+    from mlflow.exceptions import MlflowException
+
+    from wsss.lib import tracking
+
+    client = tracking.get_client()
+    try:
+        if match := _MODELS_URI.match(uri):
+            if match["alias"]:
+                version = client.get_model_version_by_alias(match["name"], match["alias"])
+            else:
+                version = client.get_model_version(match["name"], match["version"])
+            run_id = version.run_id
+        elif match := _RUNS_URI.match(uri):
+            run_id = match["run_id"]
+        else:
+            return {}
+        return dict(client.get_run(run_id).data.params)
+    except MlflowException:
+        return {}
+
+
+def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Module, int | None]:
+    """Loads a segmenter (``kind="segmenter"``) or classifier from a URI or checkpoint.
+
+    Returns:
+        (model in eval mode, its training image size when known).
+
+    Raises:
+        WsssError: the model cannot be found or loaded.
+    """
+    if is_uri(ref):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from wsss.lib import tracking
+
+        tracking.get_client()  # points mlflow at the project's store
+        try:
+            model = mlflow.pytorch.load_model(ref, map_location=device)
+        except (MlflowException, OSError) as err:
+            raise WsssError(f"{ref}: cannot load model ({one_line(err)})") from None
+        size = _registered_params(ref).get(f"{kind}.img_size")
+        return model.to(device).eval(), int(size) if size else None
+    path = Path(ref)
+    if path.is_dir():
+        path = path / "model.pt"
+    if kind == "segmenter":
+        from wsss.lib.artifacts import load_segmenter
+
+        model, record = load_segmenter(path, device)
+        return model, int(record["img_size"])
+    from wsss.lib.artifacts import load_classifier
+
+    model, _ = load_classifier(path, device)
+    return model, None
+
+
+def _in_chans(model: torch.nn.Module) -> int:
+    """Input channels of a model: those of its first convolution."""
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+
+
+@torch.no_grad()
+def _attention_masks(
+    model: torch.nn.Module,
+    data: SplitData,
+    device: torch.device,
+    thresholds: tuple[float, float],
+    batch_size: int,
+    scales: Sequence[float],
+    flip: bool,
+) -> dict[str, np.ndarray]:
+    """Masks painted from the [CLS]_c attention of the classes the classifier predicts."""
+    from wsss.lib.mask_rule import attention_maps, merge_maps, normalized_maps, present_classes
+
+    # As in the pseudo-mask stage: closed heads removed, same maps and logits at less cost.
+    maps, probs = attention_maps(model.prune_heads(), data.images, device, batch_size, scales, flip)
+    masks = {}
+    for i, image_id in enumerate(data.ids):
+        p = probs[i].numpy()
+        classes = present_classes(None, p)
+        norm = normalized_maps(maps[i, classes], data.original_sizes[i])
+        masks[image_id] = merge_maps(norm, classes, p, *thresholds)
+    return masks
+
+
+def predict(
+    images: list[Path],
+    model_ref: str,
+    out: Path,
+    device: torch.device,
+    from_attention: bool = False,
+    overlay: bool = False,
+    img_size: int | None = None,
+    bands: Bands | None = None,
+    thresholds: tuple[float, float] = (0.5, 0.2),
+    batch_size: int = 16,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> list[Path]:
+    """Writes one palette PNG mask per image into ``out`` (see module docstring); returns the mask paths.
+
+    Raises:
+        WsssError: unreadable image, two images with the same name, an image whose channel count the model
+            does not take, or a model that cannot be loaded.
+    """
+    names = [path.stem for path in images]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise WsssError(f"two input images are named {duplicate!r}: their masks would overwrite each other")
+    pixels = []
+    for path in images:
+        image = read_image(path)
+        try:
+            pixels.append(to_uint8(image, bands))
+        except WsssError as err:
+            raise WsssError(f"{path}: {err}; pass --bands DATA_SET/{BANDS_FILE}") from None
+    kind = "classifier" if from_attention else "segmenter"
+    model, trained_size = load_model(model_ref, kind, device)
+    if from_attention:
+        trained_size = model.grid_size[0] * model.patch_size
+    size = img_size or trained_size
+    if size is None:
+        raise WsssError(f"{model_ref}: training image size unknown (not in the run's params); pass --img-size")
+    channels = _in_chans(model)
+    for path, image in zip(images, pixels, strict=True):
+        if image.shape[-1] != channels:
+            raise WsssError(f"{path}: image has {image.shape[-1]} channels, the model takes {channels}")
+    data = SplitData(
+        ids=names,
+        images=torch.stack([image_tensor(image, size) for image in pixels]),
+        labels=torch.zeros(len(names), 0),
+        masks=None,
+        original_sizes=[image.shape[:2] for image in pixels],
+    )
+    if from_attention:
+        masks = _attention_masks(model, data, device, thresholds, batch_size, scales, flip)
+    else:
+        from wsss.lib.artifacts import predict_images
+
+        masks = predict_images(model, data, device, batch_size)
+    written = []
+    with atomic_dir(out) as tmp:
+        for name, image in zip(names, pixels, strict=True):
+            write_mask_png(tmp / f"{name}.png", masks[name])
+            written.append(out / f"{name}.png")
+            if overlay:
+                picture = imgviz.label2rgb(masks[name], image=display_rgb(image), alpha=0.5)
+                with atomic_file(tmp / f"{name}_overlay.png") as handle:
+                    Image.fromarray(picture).save(handle, format="PNG")
+    return written
+
+
+def main(
+    params: Params,
+    images: list[str],
+    model: str,
+    out: str,
+    from_attention: bool = False,
+    overlay: bool = False,
+    img_size: int | None = None,
+    bands: str | None = None,
+) -> list[Path]:
+    """CLI entry (``wsss predict``): device/threads from params, thresholds and views from ``pseudo_masks``."""
+    device = setup_runtime(params.seed, params.num_threads, params.device)
+    scaling = None
+    if bands is not None:
+        scaling = read_bands(Path(bands))
+        if scaling is None:
+            raise WsssError(f"{bands}: file not found")
+    settings = params.pseudo_masks
+    written = predict(
+        [Path(i) for i in images],
+        model,
+        Path(out),
+        device,
+        from_attention,
+        overlay,
+        img_size,
+        scaling,
+        (settings.fg_threshold, settings.bg_threshold),
+        scales=settings.scales,
+        flip=settings.flip,
+    )
+    print(f"{len(written)} masks written to {out}")
+    return written

@@ -7,6 +7,7 @@ The CLI, DVC (``params:`` deps) and Prefect (deployment parameters) all read the
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -63,7 +64,7 @@ class ClassifierParams:
     crop_scale_min: float = 0.8
     mask_ratio: float = 0.5
     reg_token: bool = True
-    head: str = "per_class"
+    head: str = "linear"
     class_tokens: str = "joint"
     gates: bool = True
     gate_lambda: float = 0.01
@@ -76,14 +77,18 @@ class ClassifierParams:
 
 @dataclass
 class PseudoMaskParams:
-    """Pseudo masks from the class-token attention of the last layer with open heads.
+    """Pseudo masks from the class-token attention.
 
+    ``map_blocks``: which blocks' class -> patch attention is summed into the maps: ``last`` (the last block
+    with an open head), ``lastK`` (the last K such blocks), ``all`` (every block with an open head, the
+    reference's aggregation) or ``auto`` (chosen with the thresholds on the training tuning sample).
     ``scales``/``flip``: test-time views (input size times each scale, and their mirror images) whose maps
     and probabilities are averaged; ``[1.0]`` without flip is the single plain pass.
     """
 
     split: str = "train"
     batch_size: int = 128
+    map_blocks: str = "auto"
     fg_threshold: float = 0.5
     bg_threshold: float = 0.2
     tune_thresholds: bool = True
@@ -246,6 +251,9 @@ def _validate(params: Params) -> None:
     for key in _POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
+    blocks = params.pseudo_masks.map_blocks
+    if blocks not in ("auto", "all") and not re.fullmatch(r"last([1-9][0-9]*)?", blocks):
+        raise ConfigError(f"pseudo_masks.map_blocks: {blocks!r} is not one of auto, all, last, lastK (K >= 1)")
     scales = params.pseudo_masks.scales
     if not scales or min(scales) <= 0:
         raise ConfigError(f"pseudo_masks.scales: expected a non-empty list of scales > 0, got {scales!r}")

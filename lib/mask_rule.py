@@ -19,6 +19,7 @@ Rule (the paper's, with an explicit background, see README):
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +35,28 @@ from wsss.models.token_masking_vit import TokenMaskingViT
 # Marks a pixel no rule step has decided yet (filled from the nearest decided pixel). It shares 255 with
 # IGNORE_INDEX only by value: a finished mask never holds it.
 UNASSIGNED = 255
+# `pseudo_masks.map_blocks` values besides auto/all: last, last2, last3, ...
+MAP_BLOCKS = re.compile(r"last([1-9][0-9]*)?")
+
+
+def map_block_count(spec: str) -> int | None:
+    """``pseudo_masks.map_blocks`` as the model's ``blocks`` argument: ``last`` -> 1, ``lastK`` -> K, ``all``
+    -> None (every block with an open head, the reference's sum over layers). ``auto`` is decided by the
+    pseudo-mask stage on its tuning sample; any other consumer, which has no ground truth to tune on, takes
+    the paper's ``all``."""
+    if spec in ("all", "auto"):
+        return None
+    if MAP_BLOCKS.fullmatch(spec):
+        return int(spec[4:] or 1)
+    raise ValueError(f"map_blocks must be auto, all, last or lastK (K >= 1), got {spec!r}")
+
+
+def block_candidates(model: TokenMaskingViT) -> dict[str, int | None]:
+    """What ``map_blocks: auto`` chooses among: ``last``, ``last2``, ... and ``all``, one name per distinct set of
+    map blocks (a fully pruned block is skipped, so ``lastK`` over K usable blocks is ``all``)."""
+    usable = len(model.map_layers(None))
+    names = {"last" if k == 1 else f"last{k}": k for k in range(1, usable)}
+    return names | {"all": None}
 
 
 @torch.no_grad()
@@ -44,10 +67,14 @@ def attention_maps(
     batch_size: int = 128,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    blocks: int | None = 1,
+    per_block: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-attention maps ``[N, C, h, w]`` and class probabilities ``[N, C]`` of uint8 images.
 
-    With several ``scales`` or ``flip``, the maps and probabilities are averaged over the views of
+    ``blocks``/``per_block`` are the model's (:meth:`TokenMaskingViT.class_attention_maps`): the maps of the
+    last ``blocks`` blocks with an open head summed (None: all), or kept apart (``[N, L, C, h, w]``). With
+    several ``scales`` or ``flip``, maps and probabilities are averaged over the views of
     :func:`multi_view_maps`; ``h, w`` stay the grid of the images' own size.
     """
     model.eval()
@@ -55,17 +82,22 @@ def attention_maps(
     for i in tqdm(range(0, len(images), batch_size), desc="attention maps", leave=False, mininterval=2.0):
         batch = normalize(images[i : i + batch_size]).to(device)
         if list(scales) == [1.0] and not flip:
-            m, logits = model.class_attention_maps(batch)
+            m, logits = model.class_attention_maps(batch, blocks=blocks, per_block=per_block)
             p = torch.sigmoid(logits)
         else:
-            m, p = multi_view_maps(model, batch, scales, flip)
+            m, p = multi_view_maps(model, batch, scales, flip, blocks, per_block)
         maps.append(m.float().cpu())
         probs.append(p.float().cpu())
     return torch.cat(maps), torch.cat(probs)
 
 
 def multi_view_maps(
-    model: TokenMaskingViT, batch: torch.Tensor, scales: Sequence[float], flip: bool
+    model: TokenMaskingViT,
+    batch: torch.Tensor,
+    scales: Sequence[float],
+    flip: bool,
+    blocks: int | None = 1,
+    per_block: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps and probabilities of a normalised batch averaged over its scaled (and mirrored) views.
 
@@ -82,10 +114,13 @@ def multi_view_maps(
         if size != tuple(batch.shape[-2:]):
             scaled = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
         for mirrored in (False, True) if flip else (False,):
-            m, logits = model.class_attention_maps(scaled.flip(-1) if mirrored else scaled)
+            view = scaled.flip(-1) if mirrored else scaled
+            m, logits = model.class_attention_maps(view, blocks=blocks, per_block=per_block)
             m = m.flip(-1) if mirrored else m
             if tuple(m.shape[-2:]) != base:
-                m = F.interpolate(m, size=base, mode="bilinear", align_corners=False)
+                lead = m.shape[:-2]  # [B, C] or, per block, [B, L, C]
+                flat = m.flatten(0, 1) if per_block else m
+                m = F.interpolate(flat, size=base, mode="bilinear", align_corners=False).reshape(*lead, *base)
             map_sum, prob_sum, views = map_sum + m, prob_sum + torch.sigmoid(logits), views + 1
     return map_sum / views, prob_sum / views
 
@@ -173,26 +208,42 @@ def class_specificity(attention: np.ndarray, gt: np.ndarray, classes: np.ndarray
     return shares, areas
 
 
+# Coarse grid of the threshold search; the search then refines around the best pair (FINE_STEPS), so the
+# chosen values are not bound to this grid (nor to its edges).
+FG_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.1), 2))
+BG_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+FINE_STEPS = (-0.05, -0.025, 0.0, 0.025, 0.05)
+
+
 def tune_thresholds(
-    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int, refine: bool = True
 ) -> tuple[float, float, float]:
-    """Grid search of (fg, bg) thresholds by pseudo-mask mIoU on training images with ground truth.
+    """Search of (fg, bg) thresholds by pseudo-mask mIoU on training images with ground truth.
+
+    A coarse grid over [0, 1] (``FG_GRID`` x ``BG_GRID``, bg <= fg), then with ``refine`` a finer one of
+    +-0.05 in steps of 0.025 around the best pair. Ties keep the pair found first.
 
     Args:
         samples: ``(normalised maps, classes, probs, gt)`` per image.
+        refine: also search the finer grid.
 
     Returns:
         (fg_threshold, bg_threshold, mIoU at them).
     """
     gts = [s[3] for s in samples]
-    best = (0.5, 0.2, -1.0)
-    fg_grid = np.round(np.arange(0.1, 0.81, 0.1), 2)
-    bg_grid = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
-    for fg, bg in itertools.product(fg_grid, bg_grid):
-        if bg > fg:
-            continue
-        preds = [merge_maps(m, c, p, fg, bg) for m, c, p, _ in samples]
-        score = mean_iou(zip(gts, preds, strict=True), num_classes + 1)
-        if score > best[2]:
-            best = (float(fg), float(bg), score)
-    return best
+    scores: dict[tuple[float, float], float] = {}
+
+    def search(pairs) -> tuple[float, float, float]:
+        for fg, bg in pairs:
+            fg, bg = round(float(fg), 4), round(float(bg), 4)
+            if bg > fg or (fg, bg) in scores or not (bg >= 0.0 and fg <= 1.0):
+                continue
+            preds = [merge_maps(m, c, p, fg, bg) for m, c, p, _ in samples]
+            scores[(fg, bg)] = mean_iou(zip(gts, preds, strict=True), num_classes + 1)
+        (fg, bg), score = max(scores.items(), key=lambda item: item[1])  # max keeps the first of equal scores
+        return fg, bg, score
+
+    fg, bg, score = search(itertools.product(FG_GRID, BG_GRID))
+    if refine:
+        fg, bg, score = search((fg + a, max(0.0, bg + b)) for a, b in itertools.product(FINE_STEPS, FINE_STEPS))
+    return fg, bg, score

@@ -53,9 +53,9 @@ class CamViT(TokenMaskingViT):
     def _build_head(self) -> None:
         self.head = nn.Linear(self.embed_dim, self.num_classes)
 
-    def map_layer(self) -> int:
-        """The last block: CAM reads its patch features whatever its heads."""
-        return len(self.blocks) - 1
+    def map_layers(self, blocks: int | None = 1) -> list[int]:
+        """The last block: CAM reads its patch features whatever its heads (``blocks`` is ignored)."""
+        return [len(self.blocks) - 1]
 
     def forward_head(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
@@ -65,13 +65,15 @@ class CamViT(TokenMaskingViT):
 
     @torch.no_grad()
     def class_attention_maps(
-        self, x: torch.Tensor, classes: torch.Tensor | None = None
+        self, x: torch.Tensor, classes: torch.Tensor | None = None, blocks: int | None = 1, per_block: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Class activation maps ``ReLU(w_c . patch token)`` of the last block's normalised patch tokens.
 
         Args:
             x: Images ``[B, in_chans, H, W]``.
             classes: Optional class indices, ``[K]`` (shared) or ``[B, K]``.
+            blocks: Ignored: CAM reads the last block's features, whatever the aggregation asked for.
+            per_block: Return ``[B, 1, K, h, w]`` (the one map block), as :class:`TokenMaskingViT` does.
 
         Returns:
             maps ``[B, K, h, w]`` and logits ``[B, K]``; K = C without ``classes``.
@@ -85,8 +87,8 @@ class CamViT(TokenMaskingViT):
             classes = classes.expand(B, -1) if classes.dim() == 1 else classes
             weight, logits = self.head.weight[classes], logits.gather(1, classes)
         patches = tokens[:, 1 : 1 + h * w]
-        maps = F.relu(torch.einsum("bkd,bnd->bkn", weight, patches))
-        return maps.reshape(B, -1, h, w), logits
+        maps = F.relu(torch.einsum("bkd,bnd->bkn", weight, patches)).reshape(B, -1, h, w)
+        return (maps[:, None] if per_block else maps), logits
 
 
 @register_model

@@ -316,12 +316,20 @@ class TokenMaskingViT(nn.Module):
     def num_closed_heads(self) -> int:
         return sum(int((~blk.attn.open_heads()).sum()) for blk in self.blocks)
 
+    def map_layers(self, blocks: int | None = 1) -> list[int]:
+        """Blocks whose class -> patch attention the maps aggregate, in order: the last ``blocks`` blocks that
+        have an open head (None: every such block, as the reference sums all layers). Fully pruned blocks
+        never provide a map."""
+        if blocks is not None and blocks < 1:
+            raise ValueError(f"blocks must be >= 1 or None (all), got {blocks}")
+        usable = [i for i, blk in enumerate(self.blocks) if blk.attn.open_heads().any()]
+        if not usable:
+            raise RuntimeError("every attention head is closed; no block can provide attention maps")
+        return usable if blocks is None else usable[-blocks:]
+
     def map_layer(self) -> int:
         """Index of the last block with an open head: maps never come from a fully pruned block."""
-        for i in reversed(range(len(self.blocks))):
-            if self.blocks[i].attn.open_heads().any():
-                return i
-        raise RuntimeError("every attention head is closed; no block can provide attention maps")
+        return self.map_layers(1)[-1]
 
     def prune_heads(self) -> TokenMaskingViT:
         """Physically removes every closed head (inference/export); outputs equal the gated eval model's."""
@@ -391,39 +399,49 @@ class TokenMaskingViT(nn.Module):
 
     @torch.no_grad()
     def class_attention_maps(
-        self, x: torch.Tensor, classes: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        classes: torch.Tensor | None = None,
+        blocks: int | None = 1,
+        per_block: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[CLS]_c -> patch attention of the last block with open heads, averaged over its open heads.
+        """[CLS]_c -> patch attention averaged over each map block's open heads, summed over the map blocks.
+
+        One forward pass: the map blocks (:meth:`map_layers`) take their class rows from the qkv projection
+        the block computes anyway, and only the class rows (no N x N map).
 
         Args:
             x: Images ``[B, in_chans, H, W]``.
             classes: Optional class indices, ``[K]`` (shared) or ``[B, K]``: only their attention rows
                 (and, with ``read_only`` class tokens and the per-class head, only their tokens) are computed.
+            blocks: How many of the last blocks with an open head to aggregate (1: the last one; None: all).
+            per_block: Return every map block's maps ``[B, L, K, h, w]`` instead of their sum.
 
         Returns:
-            maps ``[B, K, h, w]`` (unnormalised attention probabilities) and logits ``[B, K]``; K = C
-            without ``classes``.
+            maps ``[B, K, h, w]`` (sums of attention probabilities) and logits ``[B, K]``; K = C without
+            ``classes``.
         """
         B = x.shape[0]
         if classes is not None and classes.dim() == 1:
             classes = classes.unsqueeze(0).expand(B, -1)
         # read_only class tokens never influence other tokens, so absent classes can leave the sequence
         subset = classes is not None and self.class_token_mode == "read_only" and self.head_type == "per_class"
-        layer = self.map_layer()
+        layers = set(self.map_layers(blocks))
         x, (h, w) = self._embed(x, classes if subset else None)
         Q = x.shape[1] - h * w - self.num_reg_tokens
         mask = self.attn_mask(Q, x.shape[1], x.device)
-        for blk in self.blocks[:layer]:
-            x = blk(x, attn_mask=mask)
-        blk = self.blocks[layer]
-        # timm Block.forward, with the class rows taken from the same qkv projection
-        out, attn = blk.attn.forward_with_query_attention(blk.norm1(x), Q, mask, None if subset else classes)
-        x = x + blk.drop_path1(blk.ls1(out))
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        rows = attn[:, blk.attn.open_heads()].mean(dim=1)
-        maps = rows[:, :, Q : Q + h * w].reshape(B, -1, h, w)
-        for later in self.blocks[layer + 1 :]:
-            x = later(x, attn_mask=mask)
+        block_maps = []
+        for i, blk in enumerate(self.blocks):
+            if i not in layers:
+                x = blk(x, attn_mask=mask)
+                continue
+            # timm Block.forward, with the class rows taken from the same qkv projection
+            out, attn = blk.attn.forward_with_query_attention(blk.norm1(x), Q, mask, None if subset else classes)
+            x = x + blk.drop_path1(blk.ls1(out))
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            rows = attn[:, blk.attn.open_heads()].mean(dim=1)
+            block_maps.append(rows[:, :, Q : Q + h * w].reshape(B, -1, h, w))
+        maps = torch.stack(block_maps, dim=1) if per_block else sum(block_maps[1:], block_maps[0])
         x = self.norm(x)
         if subset:
             return maps, (x[:, :Q] * self.head_weight[classes]).sum(-1) + self.head_bias[classes]

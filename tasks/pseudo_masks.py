@@ -28,8 +28,10 @@ from wsss.lib.errors import WsssError
 from wsss.lib.io import write_json
 from wsss.lib.mask_rule import (
     attention_maps,
+    block_candidates,
     class_specificity,
     grid_ceiling_mask,
+    map_block_count,
     merge_maps,
     normalized_maps,
     present_classes,
@@ -42,12 +44,15 @@ from wsss.models.token_masking_vit import TokenMaskingViT
 
 @dataclass(frozen=True)
 class MaskRule:
-    """What every shard applies alike, decided once before the shards: thresholds and the map layer."""
+    """What every shard applies alike, decided once before the shards: thresholds and the map blocks."""
 
     fg_threshold: float
     bg_threshold: float
     tuning_miou: float | None  # None: the thresholds are the params' own (not tuned)
-    map_layer: int
+    map_blocks: str  # the aggregation applied: last, lastK or all (auto resolved to one of them)
+    map_layers: tuple[int, ...]  # the blocks it sums
+    # map_blocks: auto -> tuning mIoU of each candidate at its best thresholds (coarse grid); else None
+    block_scores: dict[str, float] | None = None
 
 
 @dataclass
@@ -96,14 +101,19 @@ def _split_maps(
     params: PseudoMaskParams,
     device: torch.device,
     positions: slice | list[int],
+    blocks: int | None,
+    per_block: bool = False,
 ) -> _SplitMaps:
-    """Loads the images at ``positions`` of ``params.split`` and computes their maps, in that order."""
+    """Loads the images at ``positions`` of ``params.split`` and computes their maps, in that order
+    (``blocks``/``per_block``: see :func:`wsss.lib.mask_rule.attention_maps`)."""
     rows = dataset.split(params.split)
     picked = rows.iloc[positions]
     subset = dataclasses.replace(dataset, manifest=picked)
     data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, with_masks=False)
     with _thread_count_invariant_kernels():
-        maps, probs = attention_maps(model, data.images, device, params.batch_size, params.scales, params.flip)
+        maps, probs = attention_maps(
+            model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block
+        )
     gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
     return _SplitMaps(data, maps, probs, gt_paths)
 
@@ -115,25 +125,54 @@ def _image_maps(split_maps: _SplitMaps, i: int, has_labels: bool) -> tuple[np.nd
     return normalized_maps(split_maps.maps[i, classes], split_maps.data.original_sizes[i]), classes, probs
 
 
+def _tuning_samples(
+    sample: _SplitMaps, maps: torch.Tensor, dataset: DatasetIndex, has_labels: bool
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(normalised maps, classes, probabilities, ground truth) of each tuning image under ``maps``."""
+    view = dataclasses.replace(sample, maps=maps)
+    return [
+        (*_image_maps(view, i, has_labels), read_mask(dataset.root / path)) for i, path in enumerate(sample.gt_paths)
+    ]
+
+
 def decide_rule(
     model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
 ) -> MaskRule:
-    """The params' thresholds, or with ``tune_thresholds`` the ones grid-searched on the first
-    ``tune_images`` images of the split that have ground truth (a single step: it needs the whole sample)."""
+    """The map blocks and thresholds every image gets (a single step: it needs the whole tuning sample).
+
+    With ``tune_thresholds`` the thresholds are searched on the first ``tune_images`` images of the split that
+    have ground truth (the TRAIN split: never val); ``map_blocks: auto`` also picks the aggregation there:
+    each candidate (:func:`wsss.lib.mask_rule.block_candidates`) is scored at its best thresholds of the
+    coarse grid, the best one (ties: the one with more blocks, the paper's direction) then gets the fine
+    search. One forward pass serves every candidate: the per-block maps of the sample are summed per
+    candidate in the order the model sums them, so the maps equal those of the final pass.
+    Without tuning (or without ground truth) ``auto`` is the paper's ``all``.
+    """
     if not any(blk.attn.open_heads().any() for blk in model.blocks):
         raise WsssError("the classifier closed every attention head: no block can provide attention maps")
-    rule = MaskRule(params.fg_threshold, params.bg_threshold, None, model.map_layer())
     rows = dataset.split(params.split)
     with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)]
-    if not params.tune_thresholds or not with_gt:
-        return rule
-    sample = _split_maps(model, dataset, params, device, with_gt[: params.tune_images])
+    tune = params.tune_thresholds and bool(with_gt)
+    spec = params.map_blocks if params.map_blocks != "auto" or tune else "all"
+    if not tune:
+        layers = tuple(model.map_layers(map_block_count(spec)))
+        return MaskRule(params.fg_threshold, params.bg_threshold, None, spec, layers)
+    candidates = block_candidates(model) if spec == "auto" else {spec: map_block_count(spec)}
     has_labels = params.split == "train"
-    samples = [
-        (*_image_maps(sample, i, has_labels), read_mask(dataset.root / path)) for i, path in enumerate(sample.gt_paths)
-    ]
-    fg, bg, tuned_miou = tune_thresholds(samples, dataset.num_classes)
-    return MaskRule(fg, bg, tuned_miou, rule.map_layer)
+    sample = _split_maps(model, dataset, params, device, with_gt[: params.tune_images], None, per_block=True)
+    usable = model.map_layers(None)
+    scores, best = {}, None
+    for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):
+        per_block = sample.maps[:, len(usable) - len(model.map_layers(count)) :].unbind(1)
+        samples = _tuning_samples(sample, sum(per_block[1:], per_block[0]), dataset, has_labels)
+        if len(candidates) == 1:
+            fg, bg, score = tune_thresholds(samples, dataset.num_classes)
+            return MaskRule(fg, bg, score, name, tuple(model.map_layers(count)))
+        scores[name] = tune_thresholds(samples, dataset.num_classes, refine=False)[2]
+        if best is None or scores[name] > scores[best[0]]:  # strictly better: ties keep more blocks
+            best = (name, samples)
+    fg, bg, score = tune_thresholds(best[1], dataset.num_classes)
+    return MaskRule(fg, bg, score, best[0], tuple(model.map_layers(candidates[best[0]])), scores)
 
 
 def shard_ranges(num_images: int, shards: int, batch_size: int) -> list[tuple[int, int]]:
@@ -162,7 +201,8 @@ def pseudo_mask_shard(
     A pure function of its inputs: the serial stage runs it once over the whole split, the sharded flow
     once per shard, and :func:`gather` joins the results into the same artifact.
     """
-    split_maps = _split_maps(model, dataset, params, device, slice(start, stop))
+    blocks = len(rule.map_layers) if rule.map_blocks != "all" else None
+    split_maps = _split_maps(model, dataset, params, device, slice(start, stop), blocks)
     num_classes = dataset.num_classes
     grid = tuple(split_maps.maps.shape[-2:])
     has_labels = params.split == "train"
@@ -213,7 +253,10 @@ def gather(
         "split": params.split,
         "images": len(masks),
         "grid": list(shards[0].grid),
-        "map_layer": rule.map_layer,
+        "map_layer": rule.map_layers[-1],
+        "map_blocks": rule.map_blocks,
+        "map_layers": list(rule.map_layers),
+        "map_blocks_tuning": rule.block_scores,
         "fg_threshold": rule.fg_threshold,
         "bg_threshold": rule.bg_threshold,
         "thresholds_tuned": rule.tuning_miou is not None,
@@ -256,7 +299,7 @@ def write_pseudo_masks(params: PseudoMaskParams, ids: list[str], masks: list[np.
             f"pseudo masks ({stats['split']}, {stats['images']} images): mIoU {stats['miou']:.3f}  "
             f"ceiling {stats['ceiling_miou']:.3f}  class specificity {stats['class_specificity'] or float('nan'):.3f} "
             f"(area share {stats['area_share'] or float('nan'):.3f})  thresholds fg {stats['fg_threshold']} "
-            f"bg {stats['bg_threshold']}"
+            f"bg {stats['bg_threshold']}  maps {stats['map_blocks']} (blocks {stats['map_layers']})"
         )
 
 

@@ -301,9 +301,16 @@ def test_diagnose_maps_scores_every_block(finished_grid, capsys):
     rows = {p.parent.parent.name: json.loads(p.read_text()) for p in root.glob("tiny/*/seed0/result.json")}
     model, _ = load_classifier(Path(rows["full"]["classifier_dir"]) / "model.pt")
     table = specificity_by_block(model, read_ingested(root / "dataset"), max_images=8)
-    assert list(table["block"]) == [0, 1, 2, 3] and (table["open_heads"] == 4).all()
+    blocks, aggregated = table.iloc[:4], table.iloc[4:]
+    assert list(blocks["block"]) == [0, 1, 2, 3] and (blocks["open_heads"] == 4).all()
     for column in ("open_mean", "all_heads_mean", "best_head_share", "area_share", "tuned_miou"):
-        assert table[column].between(0, 1).all(), column
+        assert blocks[column].between(0, 1).all(), column
+    # the aggregations map_blocks can choose: last (= block 3), last2, last3, all (every block, 16 heads)
+    assert list(aggregated["block"]) == ["last [3]", "last2 [2, 3]", "last3 [1, 2, 3]", "all [0, 1, 2, 3]"]
+    assert list(aggregated["open_heads"]) == [4, 8, 12, 16]
+    assert aggregated.iloc[0]["open_mean"] == pytest.approx(blocks.iloc[3]["open_mean"])
+    for column in ("open_mean", "tuned_miou"):
+        assert aggregated[column].between(0, 1).all(), column
     cam, _ = load_classifier(Path(rows["cam_baseline"]["classifier_dir"]) / "model.pt")
     with pytest.raises(WsssError, match=r"one \[CLS\] token per class"):
         specificity_by_block(cam, read_ingested(root / "dataset"))

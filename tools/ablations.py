@@ -225,7 +225,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         train_classifier.main(params)
     classifier = json.loads(classifier_metrics.read_text())
     if classifier["map_layer"] is None:  # every head closed: a result of the variant, without maps
-        stats = {key: None for key in ("miou", "ceiling_miou", "class_specificity", "area_share", "map_layer")}
+        keys = ("miou", "ceiling_miou", "class_specificity", "area_share", "map_layer", "map_blocks")
+        stats = {key: None for key in (*keys, "fg_threshold", "bg_threshold")}
         segmenter = {"val_miou": None, "seconds": 0.0}
     else:
         stats = pseudo_masks.main(params)
@@ -248,6 +249,9 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "closed_heads": classifier["closed_heads"],
         "closed_fraction": classifier["closed_fraction"],
         "map_layer": stats["map_layer"],
+        "map_blocks": stats.get("map_blocks"),
+        "fg_threshold": stats["fg_threshold"],
+        "bg_threshold": stats["bg_threshold"],
         "classifier_seconds": classifier["train_seconds"],
         "segmenter_seconds": segmenter["seconds"],
         "classifier_dir": params.classifier.out,

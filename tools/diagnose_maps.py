@@ -6,6 +6,8 @@ c's pixels among the image's foreground pixels; equal to the area share when the
 classes apart). Per block: the mean over open heads (what the pseudo masks use in the map block), over
 all heads (do closed heads hide a signal?) and the best single head; and the pseudo-mask mIoU that the
 open-head maps of each block would give on these images (thresholds tuned per block, as the stage does).
+Then one row per aggregation ``pseudo_masks.map_blocks`` can choose (``last``, ``last2``, ..., ``all``):
+the open-head maps summed over those blocks, scored the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from wsss.lib.datasets import DatasetIndex, load_split, normalize, read_mask
 from wsss.lib.errors import WsssError
-from wsss.lib.mask_rule import class_specificity, normalized_maps, tune_thresholds
+from wsss.lib.mask_rule import block_candidates, class_specificity, normalized_maps, tune_thresholds
 from wsss.models.token_masking_vit import TokenMaskingViT
 
 
@@ -76,6 +78,9 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     scores = [{key: [] for key in ("open", "all", *range(num_heads))} for _ in model.blocks]
     areas = []
     mask_samples = [[] for _ in model.blocks]  # (normalised maps, classes, probabilities, gt) per block
+    candidates = {name: model.map_layers(count) for name, count in block_candidates(model).items()}
+    agg_scores = {name: [] for name in candidates}
+    agg_samples = {name: [] for name in candidates}
     for start in range(0, len(gts), 64):
         images = data.images[start : start + 64]
         batch_rows = block_class_rows(model, images)
@@ -90,11 +95,14 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
                     maps = normalized_maps(views["open"], gt.shape)
                     mask_samples[block].append((maps, classes, probs[i], gt))
                 for key, maps in views.items():
-                    up = F.interpolate(maps[None], size=gt.shape, mode="bilinear", align_corners=False)[0]
-                    shares, area = class_specificity(up.numpy(), gt, classes)
+                    shares, area = _specificity(maps, gt, classes)
                     scores[block][key] += shares
                     if block == 0 and key == "all":
                         areas += area
+            for name, layers in candidates.items():
+                summed = sum(batch_rows[b][i][open_heads[b]][:, classes].mean(0) for b in layers)
+                agg_scores[name] += _specificity(summed, gt, classes)[0]
+                agg_samples[name].append((normalized_maps(summed, gt.shape), classes, probs[i], gt))
     table = []
     for block, per_key in enumerate(scores):
         heads = [float(np.mean(per_key[h])) for h in range(num_heads)]
@@ -112,7 +120,23 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
                 else float("nan"),
             }
         )
+    for name, layers in candidates.items():
+        table.append(
+            {
+                "block": f"{name} {layers}",
+                "open_heads": int(sum(open_heads[b].sum() for b in layers)),
+                "open_mean": float(np.mean(agg_scores[name])),
+                "area_share": float(np.mean(areas)),
+                "tuned_miou": tune_thresholds(agg_samples[name], model.num_classes)[2],
+            }
+        )
     return pd.DataFrame(table)
+
+
+def _specificity(maps: torch.Tensor, gt: np.ndarray, classes: np.ndarray) -> tuple[list[float], list[float]]:
+    """:func:`class_specificity` of ``[K, h, w]`` maps upsampled (bilinear) to the ground truth's size."""
+    up = F.interpolate(maps[None], size=gt.shape, mode="bilinear", align_corners=False)[0]
+    return class_specificity(up.numpy(), gt, classes)
 
 
 def main(classifier: str | Path, dataset_dir: str | Path, max_images: int, out: str | Path | None) -> pd.DataFrame:

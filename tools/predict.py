@@ -123,12 +123,13 @@ def _attention_masks(
     batch_size: int,
     scales: Sequence[float],
     flip: bool,
+    map_blocks: int | None,
 ) -> dict[str, np.ndarray]:
     """Masks painted from the [CLS]_c attention of the classes the classifier predicts."""
     from wsss.lib.mask_rule import attention_maps, merge_maps, normalized_maps, present_classes
 
     # As in the pseudo-mask stage: closed heads removed, same maps and logits at less cost.
-    maps, probs = attention_maps(model.prune_heads(), data.images, device, batch_size, scales, flip)
+    maps, probs = attention_maps(model.prune_heads(), data.images, device, batch_size, scales, flip, map_blocks)
     masks = {}
     for i, image_id in enumerate(data.ids):
         p = probs[i].numpy()
@@ -151,6 +152,7 @@ def predict(
     batch_size: int = 16,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    map_blocks: int | None = None,
 ) -> list[Path]:
     """Writes one palette PNG mask per image into ``out`` (see module docstring); returns the mask paths.
 
@@ -188,7 +190,7 @@ def predict(
         original_sizes=[image.shape[:2] for image in pixels],
     )
     if from_attention:
-        masks = _attention_masks(model, data, device, thresholds, batch_size, scales, flip)
+        masks = _attention_masks(model, data, device, thresholds, batch_size, scales, flip, map_blocks)
     else:
         from wsss.lib.artifacts import predict_images
 
@@ -215,7 +217,10 @@ def main(
     img_size: int | None = None,
     bands: str | None = None,
 ) -> list[Path]:
-    """CLI entry (``wsss predict``): device/threads from params, thresholds and views from ``pseudo_masks``."""
+    """CLI entry (``wsss predict``): device/threads from params, thresholds, views and map blocks from
+    ``pseudo_masks`` (``map_blocks: auto`` is the paper's ``all`` here: new images have no ground truth)."""
+    from wsss.lib.mask_rule import map_block_count
+
     device = setup_runtime(params.seed, params.num_threads, params.device)
     scaling = None
     if bands is not None:
@@ -235,6 +240,7 @@ def main(
         (settings.fg_threshold, settings.bg_threshold),
         scales=settings.scales,
         flip=settings.flip,
+        map_blocks=map_block_count(settings.map_blocks),
     )
     print(f"{len(written)} masks written to {out}")
     return written

@@ -197,6 +197,11 @@ def _heatmap(values: np.ndarray) -> np.ndarray:
     return (colormaps["viridis"](values)[..., :3] * 255).astype(np.uint8)
 
 
+def _run_dir(root: Path, row: pd.Series) -> Path:
+    """A finished cell's folder (``<root>/<scale>/<variant>/seed<k>``) from its row (indexed by variant)."""
+    return Path(root, row["scale"], row.name, f"seed{row['seed']}")
+
+
 def qualitative_grid(
     runs: pd.DataFrame, root: Path, num_images: int, device: torch.device, order: Sequence[str] = ()
 ) -> Any:
@@ -206,7 +211,7 @@ def qualitative_grid(
 
     from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
     from wsss.lib.datasets import display_rgb, load_split, read_image, read_mask_table, to_uint8
-    from wsss.lib.mask_rule import attention_maps, normalized_maps
+    from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps
     from wsss.lib.plotting import colorize, image_grid
     from wsss.tools.diagnose_maps import multi_class_train_images
 
@@ -219,14 +224,16 @@ def qualitative_grid(
     images = [display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands)) for row in picked]
     columns: dict[str, list[np.ndarray]] = {"image": images, "ground truth": [colorize(gt) for gt in gts]}
     for variant, row in first.iterrows():
-        run_dir = Path(root, row["scale"], variant, f"seed{row['seed']}")
-        table = read_mask_table(run_dir / "pseudo_masks" / "train.parquet")
+        table = read_mask_table(_run_dir(root, row) / "pseudo_masks" / "train.parquet")
         columns[variant] = [colorize(table[p.id]) for p in picked]
     for variant in (v for v in MAP_VARIANTS if v in first.index):
         model, record = load_classifier(Path(first.loc[variant, "classifier_dir"]) / MODEL_FILE, device)
         # the model's own input (all bands, its size), as the pseudo-mask stage feeds it
         data = load_split(subset, "train", model.grid_size[0] * model.patch_size, with_masks=False)
-        maps, _ = attention_maps(model, data.images, device)
+        # the blocks the run's pseudo masks were made from (map_blocks: auto resolved by the stage)
+        stats = json.loads((_run_dir(root, first.loc[variant]) / "pseudo_masks" / "stats.json").read_text())
+        blocks = map_block_count(stats.get("map_blocks", "last"))
+        maps, _ = attention_maps(model, data.images, device, blocks=blocks)
         for k in range(MAPS_PER_IMAGE):
             cells = []
             for i, gt in enumerate(gts):

@@ -373,6 +373,9 @@ def escapes_root(relative: str) -> bool:
 
 # Splits whose images are trained on with their image-level labels: each image needs at least one.
 LABELLED_SPLITS = ("train",)
+# The top-level entries of a data set root as the importers and the embedded generator write it: a root
+# holding anything else is never replaced by them (lib/io.check_replaceable).
+DATASET_ENTRIES = ("manifest.parquet", "classes.json", "bands.json", "images", "masks")
 # Splits every data set must have (``wsss ingest`` and the importers check them).
 SPLITS = ("train", "val")
 

@@ -8,9 +8,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from wsss.lib.errors import WsssError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -18,8 +20,12 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yields a fresh temporary directory that replaces ``target`` only if the block succeeds."""
-    target = Path(target)
+    """Yields a fresh temporary directory that replaces ``target`` only if the block succeeds.
+
+    For folders the pipeline owns whole (stage outputs). A folder a user names goes through
+    :func:`check_replaceable` first: replacing it must not delete a file the command did not write.
+    """
+    target = Path(target).resolve()  # "." and "out/" have a name to put the temporary sibling beside
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -35,6 +41,26 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(target: str | Path, owned: Iterable[str], what: str) -> None:
+    """Refuses a ``target`` folder that holds anything but the top-level entries ``owned`` (what the command
+    writes there): replacing it would delete them.
+
+    Raises:
+        WsssError: ``target`` is a file, or a folder holding another entry (named in the message).
+    """
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise WsssError(f"{target}: exists and is not a folder (the {what} is written as a folder)")
+    foreign = sorted(entry.name for entry in target.iterdir() if entry.name not in set(owned))
+    if foreign:
+        raise WsssError(
+            f"{target}: holds {foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which "
+            f"is not part of a {what}: the {what} replaces its folder as a whole, so name a new or empty folder"
+        )
 
 
 @contextlib.contextmanager

@@ -177,7 +177,7 @@ def test_coco_import_renders_masks_and_maps_category_ids(tmp_path: Path, capsys)
     out = tmp_path / "out"
     code, stdout, err = run_cli(capsys, "import", "coco", train_json, images, "--val", val_json, images, "--out", out)
     assert code == 0, err
-    assert "1 training images without labels skipped" in stdout
+    assert "(1 training image without labels skipped: img2)" in stdout
     dataset = read_dataset(out, check_files=True)
     assert dataset.classes == ["person", "airplane", "toothbrush"]  # sorted by category id: 1, 5, 90
     assert dataset.manifest["id"].tolist() == ["img0", "img1", "img3"]
@@ -478,3 +478,32 @@ def test_imported_voc_set_runs_through_the_stages(voc: Path, tmp_path: Path, tin
     assert 0.0 <= metrics["segmenter_miou"] <= 1.0
     per_class = json.loads((Path(tiny_params.evaluate.metrics_dir) / "per_class_iou.json").read_text())
     assert list(per_class) == ["background", *VOC_CLASSES]
+
+
+def test_import_never_replaces_a_folder_holding_other_files(voc: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, stdout, err = run_cli(capsys, "import", "voc", voc, "--out", out)
+    assert code == 1 and stdout == "" and err.count("\n") == 1
+    assert "holds 'notes.txt'" in err and "name a new or empty folder" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # a data set written earlier is replaced (that is what --out promises)
+    fresh = tmp_path / "voc"
+    assert run_cli(capsys, "import", "voc", voc, "--out", fresh)[0] == 0
+    assert run_cli(capsys, "import", "voc", voc, "--out", fresh)[0] == 0
+    # `--out .` in a folder with other files: one line, not a traceback
+    monkeypatch.chdir(out)
+    code, _, err = run_cli(capsys, "import", "voc", voc, "--out", ".")
+    assert code == 1 and err.count("\n") == 1 and "holds 'notes.txt'" in err
+
+
+def test_import_voc_names_a_missing_root(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(capsys, "import", "voc", tmp_path / "nonexistent", "--out", tmp_path / "out")
+    assert (
+        code == 1
+        and err
+        == f"wsss import voc: error: {tmp_path / 'nonexistent'}: VOC root does not exist "
+        "(expected VOCdevkit/VOC2012 or VOCdevkit)\n"
+    )
+    assert not (tmp_path / "out").exists()

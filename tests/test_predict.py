@@ -61,7 +61,7 @@ def test_predict_from_a_segmenter_checkpoint(trained: Path, photo: Path, tmp_pat
     out = tmp_path / "masks"
     code, stdout, err = run_cli(capsys, "predict", photo, "--model", trained / "segmenter", "--out", out, "--overlay")
     assert code == 0, err
-    assert stdout == f"1 masks written to {out}\n"
+    assert stdout == f"1 mask written to {out}\n"
     assert sorted(p.name for p in out.iterdir()) == ["voc_photo.png", "voc_photo_overlay.png"]
     assert_palette_mask(out / "voc_photo.png", num_classes=3)
     with Image.open(out / "voc_photo_overlay.png") as overlay:
@@ -136,3 +136,32 @@ def test_predict_errors_are_one_line_and_write_nothing(
     assert code == 1 and stdout == "" and err.count("\n") == 1
     assert err.startswith("wsss predict: error: ") and expected in err, err
     assert not out.exists()
+
+
+def test_predict_into_a_folder_keeps_what_is_there_and_never_replaces_an_input(
+    trained: Path, photo: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = photo.parent
+    other = folder / "other.jpg"
+    other.write_bytes(b"not mine")
+    segmenter = trained / "segmenter"
+    code, _, err = run_cli(capsys, "predict", photo, "--model", segmenter, "--out", folder)
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["other.jpg", "voc_photo.jpg", "voc_photo.png"]
+    assert other.read_bytes() == b"not mine"
+    # a second run would replace the mask: refused without --overwrite, one line, nothing changed
+    before = (folder / "voc_photo.png").read_bytes()
+    code, stdout, err = run_cli(capsys, "predict", photo, "--model", segmenter, "--out", folder)
+    assert code == 1 and stdout == "" and err.count("\n") == 1 and "pass --overwrite" in err
+    assert (folder / "voc_photo.png").read_bytes() == before
+    assert run_cli(capsys, "predict", photo, "--model", segmenter, "--out", folder, "--overwrite")[0] == 0
+    # a PNG input predicted into its own folder: its mask would be the photo itself
+    png = folder / "shot.png"
+    Image.open(photo).save(png)
+    code, _, err = run_cli(capsys, "predict", png, "--model", segmenter, "--out", folder)
+    assert code == 1 and "is an input image" in err and err.count("\n") == 1
+    # --out . is a folder like any other (no traceback)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "predict", photo, "--model", segmenter, "--out", ".")
+    assert code == 0, err
+    assert (tmp_path / "voc_photo.png").is_file()

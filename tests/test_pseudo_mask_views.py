@@ -100,3 +100,49 @@ def test_pruned_model_gives_the_gated_models_masks_and_stats(tiny_params: Params
         k: v for k, v in stats.items() if k not in floats
     }
     assert pruned_stats["class_specificity"] == pytest.approx(stats["class_specificity"], rel=1e-6)
+
+
+def naive_block_maps(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Oracle: every block's [CLS]_c -> patch rows from an explicit softmax(q k^T / sqrt(d)) over the whole
+    sequence, open heads averaged; blocks run as timm runs them."""
+    with torch.no_grad():
+        tokens, (h, w) = model._embed(normalize(x))
+        Q, maps = model.num_classes, []
+        for blk in model.blocks:
+            attn = blk.attn
+            B, N, _ = tokens.shape
+            qkv = attn.qkv(blk.norm1(tokens)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = qkv[0], qkv[1]
+            full = (q @ k.transpose(-2, -1) / attn.head_dim**0.5).softmax(-1)  # [B, H, N, N]
+            rows = full[:, attn.open_heads(), :Q, Q : Q + h * w].mean(1)
+            maps.append(rows.reshape(B, Q, h, w) if attn.open_heads().any() else None)
+            tokens = blk(tokens)
+    return maps
+
+
+@pytest.mark.parametrize("blocks", [1, 2, None])
+def test_aggregated_maps_equal_the_naive_sum_over_open_blocks_and_the_pruned_model(blocks):
+    model, x = tiny_model().eval(), images()
+    close_heads(model, 3, [0, 1, 2, 3])  # block 3 fully pruned: never a map block
+    close_heads(model, 1, [2])
+    assert model.map_layers(blocks) == {1: [2], 2: [1, 2], None: [0, 1, 2]}[blocks]
+    naive = naive_block_maps(model, x)
+    expected = sum(naive[i] for i in model.map_layers(blocks))
+    maps, _ = model.class_attention_maps(normalize(x), blocks=blocks)
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
+    per_block, _ = model.class_attention_maps(normalize(x), blocks=blocks, per_block=True)
+    assert per_block.shape[1] == len(model.map_layers(blocks))
+    torch.testing.assert_close(per_block.sum(1), maps)
+    pruned = copy.deepcopy(model).prune_heads()
+    pruned_maps, _ = pruned.class_attention_maps(normalize(x), blocks=blocks)
+    torch.testing.assert_close(pruned_maps, maps, rtol=1e-5, atol=1e-6)
+
+
+def test_map_blocks_param_values():
+    from wsss.lib.mask_rule import map_block_count
+
+    assert load_params(DEFAULT_PARAMS).pseudo_masks.map_blocks == "auto"
+    assert [map_block_count(s) for s in ("last", "last3", "all", "auto")] == [1, 3, None, None]
+    for bad in ("last0", "first", "2"):
+        with pytest.raises(ConfigError, match="pseudo_masks.map_blocks"):
+            load_params(DEFAULT_PARAMS, [f"pseudo_masks.map_blocks={bad}"])

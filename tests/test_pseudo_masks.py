@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from wsss.lib.mask_rule import (
@@ -71,3 +72,19 @@ def test_class_specificity_hand_computed():
     shares, areas = class_specificity(attention, gt, np.array([0, 1]))
     assert np.allclose(shares, [0.6 / 0.8, 0.6 / 0.8])
     assert np.allclose(areas, [2 / 3, 1 / 3])
+
+
+def test_threshold_search_refines_off_the_coarse_grid():
+    from wsss.lib.mask_rule import FG_GRID, tune_thresholds
+
+    # One image, one class: its map is a ramp 0..1 along x; the object covers x >= 0.6 of the width.
+    width = 41
+    ramp = np.tile(np.linspace(0.0, 1.0, width), (8, 1))[None]
+    gt = np.where(ramp[0] >= 0.6, 1, 0).astype(np.uint8)
+    samples = [(ramp, np.array([0]), np.array([0.9]), gt)]
+    coarse_fg, _, coarse = tune_thresholds(samples, num_classes=1, refine=False)
+    fg, bg, score = tune_thresholds(samples, num_classes=1)
+    assert coarse_fg in FG_GRID and coarse < 1.0
+    # the coarse grid steps over the object's edge (0.55 / 0.65); the refined pairs hit it
+    assert fg not in FG_GRID and 0.575 < fg <= 0.625 and score == pytest.approx(1.0)
+    assert 0.0 <= bg <= fg

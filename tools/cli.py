@@ -36,8 +36,11 @@ def _import(params: Params, args: argparse.Namespace) -> None:
         classes = importers.read_class_names(args.classes)
         summary = importers.import_folder(Path(args.manifest), classes, out)
     sizes = ", ".join(f"{name} {split['images']}" for name, split in summary["splits"].items())
-    skipped = summary["skipped_unlabelled_train_images"]
-    note = f" ({skipped} training images without labels skipped)" if skipped else ""
+    skipped, ids = summary["skipped_unlabelled_train_images"], summary["skipped_unlabelled_ids"]
+    named = ", ".join(ids) + (", ..." if skipped > len(ids) else "")
+    note = (
+        f" ({skipped} training image{'' if skipped == 1 else 's'} without labels skipped: {named})" if skipped else ""
+    )
     print(f"{args.source} data set written to {out}: {summary['num_classes']} classes, images: {sizes}{note}")
 
 
@@ -54,7 +57,9 @@ def _add_importers(imp_sub: argparse._SubParsersAction, common: argparse.Argumen
     folder.add_argument("--manifest", required=True, help="CSV/parquet: image, split, labels[, mask, id]")
     folder.add_argument("--classes", required=True, nargs="+", help="class names, or one .txt/.json file")
     for parser in (voc, coco, folder):
-        parser.add_argument("--out", required=True, help="output data set root (replaced as a whole)")
+        parser.add_argument(
+            "--out", required=True, help="output data set root (new, empty, or a data set it replaces as a whole)"
+        )
         parser.set_defaults(handler=_import)
 
 
@@ -62,7 +67,10 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
     from wsss.tools.predict import main
 
     model = args.from_attention or args.model
-    main(params, args.images, model, args.out, bool(args.from_attention), args.overlay, args.img_size, args.bands)
+    main(
+        params, args.images, model, args.out, bool(args.from_attention), args.overlay, args.img_size, args.bands,
+        args.overwrite,
+    )  # fmt: skip
 
 
 def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -72,7 +80,8 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="segmenter: models:/wsss-segmenter@champion, runs:/..., or model.pt")
     source.add_argument("--from-attention", metavar="CLASSIFIER", help="classifier URI or model.pt: attention masks")
-    predict.add_argument("--out", required=True, help="output folder (replaced as a whole)")
+    predict.add_argument("--out", required=True, help="output folder (created if missing; other files are kept)")
+    predict.add_argument("--overwrite", action="store_true", help="replace masks of the same names already in --out")
     predict.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     predict.add_argument("--img-size", type=_positive_int, help="model input size (default: its training size)")
     predict.add_argument("--bands", help="bands.json of the training data set (multi-band .tif/.npy images)")

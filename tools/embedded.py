@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from wsss.lib.config import EmbeddedParams
 from wsss.lib.datasets import (
+    DATASET_ENTRIES,
     IGNORE_INDEX,
     LABELLED_SPLITS,
     SPLITS,
@@ -31,7 +32,7 @@ from wsss.lib.datasets import (
     write_mask_png,
 )
 from wsss.lib.errors import WsssError
-from wsss.lib.io import atomic_dir
+from wsss.lib.io import atomic_dir, check_replaceable
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 # CC0 images bundled with scikit-image (no download). chelsea/cat and horse are left out: they show animals.
@@ -181,6 +182,7 @@ def build_embedded_dataset(params: EmbeddedParams, out: Path) -> Path:
     pools = split_pools(animal_labels, [ANIMAL_CLASSES.index(c) for c in params.classes])
     textures = _load_textures()
     rows = []
+    check_replaceable(out, DATASET_ENTRIES, "data set")
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()

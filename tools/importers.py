@@ -25,6 +25,7 @@ import pandas as pd
 
 from wsss.lib.datasets import (
     BANDS_FILE,
+    DATASET_ENTRIES,
     LABELLED_SPLITS,
     SPLITS,
     Bands,
@@ -45,7 +46,7 @@ from wsss.lib.datasets import (
     write_mask_png,
 )
 from wsss.lib.errors import WsssError
-from wsss.lib.io import atomic_dir
+from wsss.lib.io import atomic_dir, check_replaceable
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -57,6 +58,7 @@ FOLDER_REQUIRED = ("image", "split", "labels")
 FOLDER_OPTIONAL = ("id", "mask")
 # Separator of class names in a folder manifest's labels cell (CSV); parquet may also hold a list.
 LABEL_SEPARATOR = ";"
+SKIPPED_IDS_SHOWN = 5  # the summary names this many of the skipped images
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -73,7 +75,7 @@ class _Builder:
     classes: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
     channels: int | None = None
-    skipped_unlabelled: int = 0
+    skipped_unlabelled: list[str] = field(default_factory=list)  # ids of training images without labels
 
     def __post_init__(self) -> None:
         (self.root / "images").mkdir()
@@ -111,7 +113,7 @@ class _Builder:
         if labels is None:
             labels = labels_from_mask(decoded, len(self.classes))
             if split in LABELLED_SPLITS and not labels.any():
-                self.skipped_unlabelled += 1
+                self.skipped_unlabelled.append(image_id)
                 return
         image_file = f"images/{file_stem}{image.suffix.lower()}"
         shutil.copyfile(image, self.root / image_file)
@@ -141,7 +143,8 @@ class _Builder:
         write_manifest(self.root / "manifest.parquet", dataset.manifest)
         if bands is not None:
             write_bands(self.root / BANDS_FILE, bands)
-        return summarize(dataset) | {"skipped_unlabelled_train_images": self.skipped_unlabelled}
+        skipped = {"skipped_unlabelled_train_images": len(self.skipped_unlabelled)}
+        return summarize(dataset) | skipped | {"skipped_unlabelled_ids": self.skipped_unlabelled[:SKIPPED_IDS_SHOWN]}
 
 
 def _read_list(path: Path) -> list[tuple[str, str]]:
@@ -186,6 +189,9 @@ def import_voc(root: Path, out: Path, aug: Path | None = None) -> dict[str, Any]
     Returns:
         the summary of the imported data set (as ``wsss ingest`` writes it).
     """
+    check_replaceable(out, DATASET_ENTRIES, "data set")
+    if not root.is_dir():
+        raise WsssError(f"{root}: VOC root does not exist (expected VOCdevkit/VOC2012 or VOCdevkit)")
     voc = root / "VOC2012" if (root / "VOC2012").is_dir() else root
     lists = voc / "ImageSets" / "Segmentation"
     entries = {split: _read_list(lists / f"{split}.txt") for split in SPLITS}
@@ -280,6 +286,7 @@ def import_coco(annotations: Path, images_dir: Path, out: Path, val: tuple[Path,
     masks are rendered with pycocotools, crowd regions are 255 (ignore) unless an instance covers them;
     image labels are every annotated category. Ids are the file names without suffix.
     """
+    check_replaceable(out, DATASET_ENTRIES, "data set")
     sources = [("train", annotations, images_dir)] + ([("val", *val)] if val is not None else [])
     files = {json_path: _read_coco(json_path) for _, json_path, _ in sources}
     categories = sorted(files[annotations]["categories"], key=lambda c: c["id"])
@@ -294,7 +301,7 @@ def import_coco(annotations: Path, images_dir: Path, out: Path, val: tuple[Path,
                 height, width = int(record.get("height", 0)), int(record.get("width", 0))
                 mask, labels = _coco_mask(anns, height, width, category_index, name)
                 if split in LABELLED_SPLITS and not labels.any():
-                    builder.skipped_unlabelled += 1
+                    builder.skipped_unlabelled.append(Path(record["file_name"]).stem)
                     continue
                 stem = Path(record["file_name"]).stem
                 builder.add(name, stem, split, folder / record["file_name"], stem, json_path, mask, labels)
@@ -351,6 +358,7 @@ def import_folder(manifest_path: Path, classes: list[str], out: Path) -> dict[st
     image file name without suffix). Images are PNG/JPEG (RGB) or .tif/.tiff/.npy arrays with any number
     of bands; for arrays the train split's per-band 1st/99th percentiles are stored in ``bands.json``.
     """
+    check_replaceable(out, DATASET_ENTRIES, "data set")
     frame = _read_folder_manifest(manifest_path)
     base = manifest_path.parent
     index = {name: k for k, name in enumerate(classes)}

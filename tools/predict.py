@@ -38,7 +38,7 @@ from wsss.lib.datasets import (
     write_mask_png,
 )
 from wsss.lib.errors import WsssError
-from wsss.lib.io import atomic_dir, atomic_file
+from wsss.lib.io import atomic_file
 from wsss.lib.runtime import setup_runtime
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -139,6 +139,22 @@ def _attention_masks(
     return masks
 
 
+def _check_outputs(files: list[Path], images: list[Path], overwrite: bool) -> None:
+    """Masks go into ``--out`` beside whatever is there; nothing but a mask of an earlier run is replaced.
+
+    Raises:
+        WsssError: an output would replace an input image, or (without ``overwrite``) an existing file.
+    """
+    inputs = {path.resolve() for path in images}
+    for target in files:
+        if target.resolve() in inputs:
+            raise WsssError(f"{target}: is an input image, its mask would replace it; name another --out")
+    existing = [target for target in files if target.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise WsssError(f"{existing[0]}: exists{more}; pass --overwrite to replace it or name another --out")
+
+
 def predict(
     images: list[Path],
     model_ref: str,
@@ -153,12 +169,17 @@ def predict(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     map_blocks: int | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Writes one palette PNG mask per image into ``out`` (see module docstring); returns the mask paths.
 
+    ``out`` is created when missing; files already in it are left alone (``overwrite``: existing masks of
+    the same names are replaced). Each mask is written atomically.
+
     Raises:
         WsssError: unreadable image, two images with the same name, an image whose channel count the model
-            does not take, or a model that cannot be loaded.
+            does not take, a model that cannot be loaded, or an output that would replace an input image or
+            (without ``overwrite``) an existing file.
     """
     names = [path.stem for path in images]
     if len(set(names)) != len(names):
@@ -195,15 +216,18 @@ def predict(
         from wsss.lib.artifacts import predict_images
 
         masks = predict_images(model, data, device, batch_size)
+    files = {name: [out / f"{name}.png"] + ([out / f"{name}_overlay.png"] if overlay else []) for name in names}
+    _check_outputs([f for group in files.values() for f in group], images, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
-    with atomic_dir(out) as tmp:
-        for name, image in zip(names, pixels, strict=True):
-            write_mask_png(tmp / f"{name}.png", masks[name])
-            written.append(out / f"{name}.png")
-            if overlay:
-                picture = imgviz.label2rgb(masks[name], image=display_rgb(image), alpha=0.5)
-                with atomic_file(tmp / f"{name}_overlay.png") as handle:
-                    Image.fromarray(picture).save(handle, format="PNG")
+    for name, image in zip(names, pixels, strict=True):
+        with atomic_file(files[name][0]) as handle:
+            write_mask_png(handle, masks[name])
+        written.append(files[name][0])
+        if overlay:
+            picture = imgviz.label2rgb(masks[name], image=display_rgb(image), alpha=0.5)
+            with atomic_file(files[name][1]) as handle:
+                Image.fromarray(picture).save(handle, format="PNG")
     return written
 
 
@@ -216,6 +240,7 @@ def main(
     overlay: bool = False,
     img_size: int | None = None,
     bands: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """CLI entry (``wsss predict``): device/threads from params, thresholds, views and map blocks from
     ``pseudo_masks`` (``map_blocks: auto`` is the paper's ``all`` here: new images have no ground truth)."""
@@ -241,6 +266,7 @@ def main(
         scales=settings.scales,
         flip=settings.flip,
         map_blocks=map_block_count(settings.map_blocks),
+        overwrite=overwrite,
     )
-    print(f"{len(written)} masks written to {out}")
+    print(f"{len(written)} mask{'' if len(written) == 1 else 's'} written to {out}")
     return written

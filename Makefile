@@ -42,9 +42,11 @@ s3-server: setup
 repro: data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# Prefect UI/API in the foreground (same PREFECT_HOME as `make run`, so past flow runs are there).
+# Prefect UI/API in the foreground (same PREFECT_HOME as `make run`, so past flow runs are there). The UI is
+# told its API's port: by default it would call 4200 whatever --port says.
 prefect-server: setup
-	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start --host 127.0.0.1 --port $${PREFECT_PORT:-4200}
+	port=$${PREFECT_PORT:-4200}; PREFECT_HOME=$(CURDIR)/.prefect PREFECT_SERVER_API_PORT=$$port \
+	PREFECT_UI_API_URL=http://127.0.0.1:$$port/api $(BIN)/prefect server start --host 127.0.0.1 --port $$port
 
 # A worker for the `local` pool against that server (for `prefect deployment run wsss/full` by hand).
 prefect-worker: setup

@@ -72,7 +72,9 @@ if healthy; then
   say "reusing the Prefect server at $PREFECT_API_URL"
 else
   say "starting a Prefect server on 127.0.0.1:$PORT (log: $LOGS/server.log)"
-  setsid prefect server start --host 127.0.0.1 --port "$PORT" >"$LOGS/server.log" 2>&1 &
+  # The UI asks the API at PREFECT_UI_API_URL (default: port 4200 whatever --port says): point it at ours.
+  PREFECT_SERVER_API_PORT="$PORT" PREFECT_UI_API_URL="$PREFECT_API_URL" \
+    setsid prefect server start --host 127.0.0.1 --port "$PORT" >"$LOGS/server.log" 2>&1 &
   STARTED+=("$!")
   disown
   for _ in $(seq 240); do

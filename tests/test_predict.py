@@ -98,15 +98,28 @@ def test_predict_from_the_registry_matches_the_checkpoint(
     mlflow.MlflowClient().set_registered_model_alias("wsss-segmenter", "champion", info.registered_model_version)
 
     uri = "models:/wsss-segmenter@champion"
+    elsewhere = tmp_path / "elsewhere"  # no params.yaml here: predict needs none, and creates no store
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     code, _, err = run_cli(capsys, "predict", photo, "--model", uri, "--out", tmp_path / "registry")
     assert code == 0, err
+    assert list(elsewhere.iterdir()) == []
     assert run_cli(capsys, "predict", photo, "--model", trained / "segmenter", "--out", tmp_path / "file")[0] == 0
     from_registry = assert_palette_mask(tmp_path / "registry" / "voc_photo.png", num_classes=3)
     np.testing.assert_array_equal(from_registry, read_mask(tmp_path / "file" / "voc_photo.png"))
 
     code, _, err = run_cli(capsys, "predict", photo, "--model", "models:/wsss-segmenter@gone", "--out", tmp_path / "x")
     assert code == 1 and err.count("\n") == 1 and not (tmp_path / "x").exists()
-    assert err.startswith("wsss predict: error: models:/wsss-segmenter@gone: cannot load model (")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert err.startswith(
+        f"wsss predict: error: models:/wsss-segmenter@gone: cannot load model from the store {store} ("
+    )
+
+    # The default store (./mlflow.db) is absent here: one line naming it, and no empty store left behind.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    code, _, err = run_cli(capsys, "predict", photo, "--model", uri, "--out", tmp_path / "y")
+    assert code == 1 and err.count("\n") == 1 and f"no MLflow store at sqlite:///{elsewhere / 'mlflow.db'}" in err
+    assert list(elsewhere.iterdir()) == []
 
 
 @pytest.mark.parametrize(

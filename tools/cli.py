@@ -272,6 +272,10 @@ def _add_diagnose_maps(sub: argparse._SubParsersAction, common: argparse.Argumen
     diag.set_defaults(handler=_diagnose_maps)
 
 
+# Commands that work outside a wsss repo: without a params.yaml in the working directory they use the defaults.
+REPO_FREE = ("predict", "bench")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -318,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "s3":
         command = f"s3 {args.action}"
     try:
-        params = load_params(args.params, args.overrides)
+        params_file = args.params
+        if args.command in REPO_FREE and args.params == str(DEFAULT_PARAMS) and not DEFAULT_PARAMS.is_file():
+            params_file = None  # outside the repo: the defaults (and -S overrides)
+        params = load_params(params_file, args.overrides)
         args.handler(params, args)
     except WsssError as err:
         print(f"wsss {command}: error: {err}", file=sys.stderr)

@@ -88,11 +88,18 @@ def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Modu
 
         from wsss.lib import tracking
 
+        uri = tracking.tracking_uri()
+        # Reading must not create a store: MLflow would make an empty sqlite file and then not find the model.
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            raise WsssError(
+                f"{ref}: no MLflow store at {uri} (run from the repo that registered the model, or set "
+                "MLFLOW_TRACKING_URI)"
+            )
         tracking.get_client()  # points mlflow at the project's store
         try:
             model = mlflow.pytorch.load_model(ref, map_location=device)
         except (MlflowException, OSError) as err:
-            raise WsssError(f"{ref}: cannot load model ({one_line(err)})") from None
+            raise WsssError(f"{ref}: cannot load model from the store {uri} ({one_line(err)})") from None
         size = _registered_params(ref).get(f"{kind}.img_size")
         return model.to(device).eval(), int(size) if size else None
     path = Path(ref)

@@ -7,6 +7,7 @@ The CLI, DVC (``params:`` deps) and Prefect (deployment parameters) all read the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -229,7 +230,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown parameter {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise ConfigError(f"unknown parameter {prefix}{unknown[0]} ({hint}known: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

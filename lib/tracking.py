@@ -36,6 +36,10 @@ SEGMENTER_MODEL = "wsss-segmenter"
 CHAMPION = "champion"
 SCORE_KEY = "segmenter_miou"
 INPUTS_TAG = "wsss.inputs_hash"
+# MLflow 3's UI opens an experiment on its GenAI overview (traces) unless it is marked as model development,
+# then on its runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def tracking_uri(root: str | Path = ".") -> str:
@@ -77,6 +81,8 @@ def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) ->
     store = storage.store_from_env()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         if store is not None and not experiment.artifact_location.startswith(store.mlflow_url):
             raise WsssError(
                 f"MLflow experiment {name!r} keeps its artifacts at {experiment.artifact_location}, not in "
@@ -90,7 +96,7 @@ def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) ->
     elif not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (Path(root) / "mlruns").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:  # created meanwhile by a concurrent run
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

@@ -271,7 +271,7 @@ def gather(
             ceiling_miou=float(ceiling["miou"]),
             class_specificity=float(np.mean(shares)) if shares else None,
             area_share=float(np.mean(areas)) if areas else None,
-            multi_class_images_scored=len(shares),
+            image_class_pairs_scored=len(shares),  # one per class of each multi-class image
         )
     return ids, masks, stats
 

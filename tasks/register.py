@@ -134,11 +134,18 @@ class _Run:
 
         client = self.client
         logging.getLogger("mlflow.pytorch").addFilter(_QuietPickleWarning())
-        with mlflow.start_run(experiment_id=self.experiment_id, run_name=os.environ.get("DVC_EXP_NAME")) as run:
+        git = tracking.git_tags(self.root)
+        # e.g. "embedded-1a2b3c4-5f3e9d0c": data set, code commit, digest of the models, metrics and params
+        name = f"{Path(self.params.ingest.source).name}-{git['git.commit'][:7]}-{self.inputs_hash[:8]}"
+        # The run covers the pipeline: it starts when the data set was ingested, not when this stage began.
+        ingested = Path(self.params.ingest.out) / "summary.json"
+        start = int(ingested.stat().st_mtime * 1000) if ingested.is_file() else None
+        created = client.create_run(
+            self.experiment_id, start_time=start, run_name=os.environ.get("DVC_EXP_NAME") or name
+        )
+        with mlflow.start_run(run_id=created.info.run_id) as run:
             run_id = run.info.run_id
-            mlflow.set_tags(
-                {tracking.INPUTS_TAG: self.inputs_hash, **tracking.git_tags(self.root), **tracking.dvc_tags(self.root)}
-            )
+            mlflow.set_tags({tracking.INPUTS_TAG: self.inputs_hash, **git, **tracking.dvc_tags(self.root)})
             mlflow.log_params({k: str(v) for k, v in flat_params.items()})
             self._log_metrics(run_id, metrics)
             self._log_files()

@@ -83,6 +83,8 @@ class PseudoMaskParams:
     ``map_blocks``: which blocks' class -> patch attention is summed into the maps: ``last`` (the last block
     with an open head), ``lastK`` (the last K such blocks), ``all`` (every block with an open head, the
     reference's aggregation) or ``auto`` (chosen with the thresholds on the training tuning sample).
+    ``refine``: ``affinity`` applies MCTformer's patch-affinity refinement ``refine_iterations`` times (a
+    peer's addition, not the paper's; off by default).
     ``scales``/``flip``: test-time views (input size times each scale, and their mirror images) whose maps
     and probabilities are averaged; ``[1.0]`` without flip is the single plain pass.
     """
@@ -90,6 +92,8 @@ class PseudoMaskParams:
     split: str = "train"
     batch_size: int = 128
     map_blocks: str = "auto"
+    refine: str = "none"
+    refine_iterations: int = 1
     fg_threshold: float = 0.5
     bg_threshold: float = 0.2
     tune_thresholds: bool = True
@@ -169,6 +173,7 @@ _CHOICES = {
     "classifier.head": ("per_class", "linear"),
     "classifier.class_tokens": ("joint", "read_only"),
     "classifier.gate_penalty": ("sum", "layer_mean", "mean"),
+    "pseudo_masks.refine": ("none", "affinity"),
 }
 _UNIT_INTERVAL = {
     "classifier.mask_ratio",
@@ -189,6 +194,7 @@ _POSITIVE = {
     "classifier.lr",
     "pseudo_masks.batch_size",
     "pseudo_masks.tune_images",
+    "pseudo_masks.refine_iterations",
     "segmenter.img_size",
     "segmenter.epochs",
     "segmenter.batch_size",

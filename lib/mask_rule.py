@@ -69,10 +69,11 @@ def attention_maps(
     flip: bool = False,
     blocks: int | None = 1,
     per_block: bool = False,
+    refine: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-attention maps ``[N, C, h, w]`` and class probabilities ``[N, C]`` of uint8 images.
 
-    ``blocks``/``per_block`` are the model's (:meth:`TokenMaskingViT.class_attention_maps`): the maps of the
+    ``blocks``/``per_block``/``refine`` are the model's (:meth:`TokenMaskingViT.class_attention_maps`): the maps of the
     last ``blocks`` blocks with an open head summed (None: all), or kept apart (``[N, L, C, h, w]``). With
     several ``scales`` or ``flip``, maps and probabilities are averaged over the views of
     :func:`multi_view_maps`; ``h, w`` stay the grid of the images' own size.
@@ -82,10 +83,10 @@ def attention_maps(
     for i in tqdm(range(0, len(images), batch_size), desc="attention maps", leave=False, mininterval=2.0):
         batch = normalize(images[i : i + batch_size]).to(device)
         if list(scales) == [1.0] and not flip:
-            m, logits = model.class_attention_maps(batch, blocks=blocks, per_block=per_block)
+            m, logits = model.class_attention_maps(batch, blocks=blocks, per_block=per_block, refine=refine)
             p = torch.sigmoid(logits)
         else:
-            m, p = multi_view_maps(model, batch, scales, flip, blocks, per_block)
+            m, p = multi_view_maps(model, batch, scales, flip, blocks, per_block, refine)
         maps.append(m.float().cpu())
         probs.append(p.float().cpu())
     return torch.cat(maps), torch.cat(probs)
@@ -98,8 +99,10 @@ def multi_view_maps(
     flip: bool,
     blocks: int | None = 1,
     per_block: bool = False,
+    refine: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps and probabilities of a normalised batch averaged over its scaled (and mirrored) views.
+    """Maps and probabilities of a normalised batch averaged over its scaled (and mirrored) views (each view
+    refined on its own grid when ``refine``).
 
     Each view is the batch resized (bilinear) to the multiple of the patch size nearest to ``scale`` times
     its size (at least one patch); its maps are resized (bilinear) to the grid of scale 1, a mirrored
@@ -115,7 +118,7 @@ def multi_view_maps(
             scaled = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
         for mirrored in (False, True) if flip else (False,):
             view = scaled.flip(-1) if mirrored else scaled
-            m, logits = model.class_attention_maps(view, blocks=blocks, per_block=per_block)
+            m, logits = model.class_attention_maps(view, blocks=blocks, per_block=per_block, refine=refine)
             m = m.flip(-1) if mirrored else m
             if tuple(m.shape[-2:]) != base:
                 lead = m.shape[:-2]  # [B, C] or, per block, [B, L, C]

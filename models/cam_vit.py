@@ -65,7 +65,12 @@ class CamViT(TokenMaskingViT):
 
     @torch.no_grad()
     def class_attention_maps(
-        self, x: torch.Tensor, classes: torch.Tensor | None = None, blocks: int | None = 1, per_block: bool = False
+        self,
+        x: torch.Tensor,
+        classes: torch.Tensor | None = None,
+        blocks: int | None = 1,
+        per_block: bool = False,
+        refine: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Class activation maps ``ReLU(w_c . patch token)`` of the last block's normalised patch tokens.
 
@@ -74,10 +79,13 @@ class CamViT(TokenMaskingViT):
             classes: Optional class indices, ``[K]`` (shared) or ``[B, K]``.
             blocks: Ignored: CAM reads the last block's features, whatever the aggregation asked for.
             per_block: Return ``[B, 1, K, h, w]`` (the one map block), as :class:`TokenMaskingViT` does.
+            refine: must be 0: the affinity refinement is defined on class-token attention maps.
 
         Returns:
             maps ``[B, K, h, w]`` and logits ``[B, K]``; K = C without ``classes``.
         """
+        if refine:
+            raise ValueError("refine: the CAM baseline has no class-token attention to refine (use refine none)")
         B = x.shape[0]
         tokens, (h, w) = self._embed(x)
         tokens = self.norm(self.blocks(tokens))

@@ -404,6 +404,7 @@ class TokenMaskingViT(nn.Module):
         classes: torch.Tensor | None = None,
         blocks: int | None = 1,
         per_block: bool = False,
+        refine: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[CLS]_c -> patch attention averaged over each map block's open heads, summed over the map blocks.
 
@@ -416,6 +417,12 @@ class TokenMaskingViT(nn.Module):
                 (and, with ``read_only`` class tokens and the per-class head, only their tokens) are computed.
             blocks: How many of the last blocks with an open head to aggregate (1: the last one; None: all).
             per_block: Return every map block's maps ``[B, L, K, h, w]`` instead of their sum.
+            refine: MCTformer's patch-affinity refinement (a peer's addition, not the paper's), applied this
+                many times: every block with an open head adds its open heads' mean patch -> patch attention
+                to an affinity ``A`` (rows normalised to a transition matrix), and each map ``m`` becomes
+                ``A m`` (a patch takes the attention-weighted map of the patches it attends to). Linear, so
+                refining per block and summing equals refining the sum. Costs the patch rows (P x N per block).
+                Patch rows sum to less than 1 (the rest is on class and [REG] tokens): normalised over patches.
 
         Returns:
             maps ``[B, K, h, w]`` (sums of attention probabilities) and logits ``[B, K]``; K = C without
@@ -427,20 +434,34 @@ class TokenMaskingViT(nn.Module):
         # read_only class tokens never influence other tokens, so absent classes can leave the sequence
         subset = classes is not None and self.class_token_mode == "read_only" and self.head_type == "per_class"
         layers = set(self.map_layers(blocks))
+        usable = set(self.map_layers(None)) if refine else set()
         x, (h, w) = self._embed(x, classes if subset else None)
         Q = x.shape[1] - h * w - self.num_reg_tokens
         mask = self.attn_mask(Q, x.shape[1], x.device)
-        block_maps = []
+        block_maps, affinity = [], 0.0
         for i, blk in enumerate(self.blocks):
-            if i not in layers:
+            if i not in layers and i not in usable:
                 x = blk(x, attn_mask=mask)
                 continue
-            # timm Block.forward, with the class rows taken from the same qkv projection
-            out, attn = blk.attn.forward_with_query_attention(blk.norm1(x), Q, mask, None if subset else classes)
+            heads = blk.attn.open_heads()
+            # timm Block.forward, with the attention rows taken from the same qkv projection
+            if refine:  # class and patch rows: the patch -> patch block is this block's affinity
+                out, attn = blk.attn.forward_with_query_attention(blk.norm1(x), Q + h * w, mask)
+                affinity = affinity + attn[:, heads, Q:, Q : Q + h * w].mean(dim=1)
+                attn = attn[:, :, :Q]
+                if classes is not None and not subset:
+                    attn = attn.gather(2, classes[:, None, :, None].expand(-1, attn.shape[1], -1, attn.shape[-1]))
+            else:
+                out, attn = blk.attn.forward_with_query_attention(blk.norm1(x), Q, mask, None if subset else classes)
+            if i in layers:
+                rows = attn[:, heads].mean(dim=1)
+                block_maps.append(rows[:, :, Q : Q + h * w].reshape(B, -1, h, w))
             x = x + blk.drop_path1(blk.ls1(out))
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-            rows = attn[:, blk.attn.open_heads()].mean(dim=1)
-            block_maps.append(rows[:, :, Q : Q + h * w].reshape(B, -1, h, w))
+        if refine:
+            transition = affinity / affinity.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            for _ in range(refine):
+                block_maps = [(m.flatten(2) @ transition.transpose(1, 2)).reshape(m.shape) for m in block_maps]
         maps = torch.stack(block_maps, dim=1) if per_block else sum(block_maps[1:], block_maps[0])
         x = self.norm(x)
         if subset:

@@ -112,10 +112,16 @@ def _split_maps(
     data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, with_masks=False)
     with _thread_count_invariant_kernels():
         maps, probs = attention_maps(
-            model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block
-        )
+            model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block,
+            refine_steps(params),
+        )  # fmt: skip
     gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
     return _SplitMaps(data, maps, probs, gt_paths)
+
+
+def refine_steps(params: PseudoMaskParams) -> int:
+    """How many times the maps are refined with the patch affinity (0: ``refine: none``)."""
+    return params.refine_iterations if params.refine == "affinity" else 0
 
 
 def _image_maps(split_maps: _SplitMaps, i: int, has_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,6 +156,8 @@ def decide_rule(
     """
     if not any(blk.attn.open_heads().any() for blk in model.blocks):
         raise WsssError("the classifier closed every attention head: no block can provide attention maps")
+    if refine_steps(params) and model.class_tokens.shape[1] != model.num_classes:
+        raise WsssError("pseudo_masks.refine: affinity refines class-token attention; this classifier has one [CLS]")
     rows = dataset.split(params.split)
     with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)]
     tune = params.tune_thresholds and bool(with_gt)
@@ -257,6 +265,8 @@ def gather(
         "map_blocks": rule.map_blocks,
         "map_layers": list(rule.map_layers),
         "map_blocks_tuning": rule.block_scores,
+        "refine": params.refine,
+        "refine_iterations": refine_steps(params),
         "fg_threshold": rule.fg_threshold,
         "bg_threshold": rule.bg_threshold,
         "thresholds_tuned": rule.tuning_miou is not None,

@@ -146,3 +146,38 @@ def test_map_blocks_param_values():
     for bad in ("last0", "first", "2"):
         with pytest.raises(ConfigError, match="pseudo_masks.map_blocks"):
             load_params(DEFAULT_PARAMS, [f"pseudo_masks.map_blocks={bad}"])
+
+
+def naive_affinity(model, x: torch.Tensor) -> torch.Tensor:
+    """Oracle: the open heads' mean patch -> patch attention (explicit softmax over every key), summed over
+    the blocks with an open head, rows normalised over the patches."""
+    with torch.no_grad():
+        tokens, (h, w) = model._embed(normalize(x))
+        Q, P, total = model.num_classes, h * w, 0.0
+        for blk in model.blocks:
+            attn = blk.attn
+            B, N, _ = tokens.shape
+            qkv = attn.qkv(blk.norm1(tokens)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            full = (qkv[0] @ qkv[1].transpose(-2, -1) / attn.head_dim**0.5).softmax(-1)
+            if attn.open_heads().any():
+                total = total + full[:, attn.open_heads(), Q : Q + P, Q : Q + P].mean(1)
+            tokens = blk(tokens)
+    return total / total.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_affinity_refinement_applies_the_normalised_patch_affinity(steps):
+    model, x = tiny_model().eval(), images()
+    close_heads(model, 3, [0, 1, 2, 3])  # a fully pruned block adds no affinity
+    close_heads(model, 1, [2])
+    plain, logits = model.class_attention_maps(normalize(x), blocks=None)
+    refined, refined_logits = model.class_attention_maps(normalize(x), blocks=None, refine=steps)
+    transition = naive_affinity(model, x)
+    expected = plain.flatten(2)
+    for _ in range(steps):
+        expected = torch.einsum("bpq,bkq->bkp", transition, expected)  # m'(p) = sum_q A[p, q] m(q)
+    torch.testing.assert_close(refined, expected.reshape(plain.shape), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(refined_logits, logits)  # the logits are not refined
+    pruned = copy.deepcopy(model).prune_heads()
+    per_block, _ = pruned.class_attention_maps(normalize(x), blocks=None, per_block=True, refine=steps)
+    torch.testing.assert_close(per_block.sum(1), refined, rtol=1e-4, atol=1e-6)  # linear: per block = summed

@@ -131,12 +131,15 @@ def _attention_masks(
     scales: Sequence[float],
     flip: bool,
     map_blocks: int | None,
+    refine: int,
 ) -> dict[str, np.ndarray]:
     """Masks painted from the [CLS]_c attention of the classes the classifier predicts."""
     from wsss.lib.mask_rule import attention_maps, merge_maps, normalized_maps, present_classes
 
     # As in the pseudo-mask stage: closed heads removed, same maps and logits at less cost.
-    maps, probs = attention_maps(model.prune_heads(), data.images, device, batch_size, scales, flip, map_blocks)
+    maps, probs = attention_maps(
+        model.prune_heads(), data.images, device, batch_size, scales, flip, map_blocks, refine=refine
+    )
     masks = {}
     for i, image_id in enumerate(data.ids):
         p = probs[i].numpy()
@@ -176,6 +179,7 @@ def predict(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     map_blocks: int | None = None,
+    refine: int = 0,
     overwrite: bool = False,
 ) -> list[Path]:
     """Writes one palette PNG mask per image into ``out`` (see module docstring); returns the mask paths.
@@ -218,7 +222,7 @@ def predict(
         original_sizes=[image.shape[:2] for image in pixels],
     )
     if from_attention:
-        masks = _attention_masks(model, data, device, thresholds, batch_size, scales, flip, map_blocks)
+        masks = _attention_masks(model, data, device, thresholds, batch_size, scales, flip, map_blocks, refine)
     else:
         from wsss.lib.artifacts import predict_images
 
@@ -273,6 +277,7 @@ def main(
         scales=settings.scales,
         flip=settings.flip,
         map_blocks=map_block_count(settings.map_blocks),
+        refine=settings.refine_iterations if settings.refine == "affinity" else 0,
         overwrite=overwrite,
     )
     print(f"{len(written)} mask{'' if len(written) == 1 else 's'} written to {out}")

@@ -233,7 +233,8 @@ def qualitative_grid(
         # the blocks the run's pseudo masks were made from (map_blocks: auto resolved by the stage)
         stats = json.loads((_run_dir(root, first.loc[variant]) / "pseudo_masks" / "stats.json").read_text())
         blocks = map_block_count(stats.get("map_blocks", "last"))
-        maps, _ = attention_maps(model, data.images, device, blocks=blocks)
+        refine = stats.get("refine_iterations", 0)
+        maps, _ = attention_maps(model, data.images, device, blocks=blocks, refine=refine)
         for k in range(MAPS_PER_IMAGE):
             cells = []
             for i, gt in enumerate(gts):

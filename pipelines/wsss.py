@@ -25,8 +25,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from wsss.pipelines.commands import StageError, dvc_command, is_transient, run_logged, stage_failure, tool_env
+from wsss.pipelines.commands import StageError, dvc_command, is_transient, run_logged, stage_failure
 
 # data.dvc first: `dvc repro` also verifies (and, if changed, re-adds) the raw data it tracks.
 STAGES = (
@@ -51,6 +49,19 @@ STAGES = (
 PARAMS_FILE = "params.yaml"
 EMBEDDED = "embedded"
 SUMMARY_KEYS = ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou")
+# Share of a full run's time each stage takes on the embedded set (the classifier is two thirds of it):
+# what the progress line's estimate for the whole run weighs the stages by.
+STAGE_SHARE = {
+    "data.dvc": 0.01,
+    "ingest": 0.01,
+    "train_classifier": 0.66,
+    "pseudo_masks": 0.07,
+    "train_segmenter": 0.1,
+    "train_segmenter_gt": 0.1,
+    "evaluate": 0.04,
+    "register": 0.01,
+}
+MLFLOW_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
 
 
 # --- params.yaml -------------------------------------------------------------------------------------
@@ -166,30 +177,6 @@ def run_stage(root: Path, stage: str, index: int, total: int) -> dict[str, Any]:
 # --- results -----------------------------------------------------------------------------------------
 
 
-def dvc_metrics_report(root: Path) -> str:
-    """``dvc metrics show`` as a two-column table (the default layout is one very wide row per file)."""
-    shown = subprocess.run(
-        [*dvc_command(), "metrics", "show", "--json"], cwd=root, env=tool_env(), capture_output=True, text=True
-    )
-    if shown.returncode != 0:
-        return f"dvc metrics show failed: {shown.stderr.strip()}"
-    from wsss.lib.config import flatten
-
-    rows = []
-    for revision in json.loads(shown.stdout or "{}").values():
-        for path, content in (revision.get("data") or {}).items():
-            for key, value in flatten(content.get("data") or {}).items():
-                if isinstance(value, float):
-                    value = f"{value:.4f}"
-                elif isinstance(value, list):
-                    value = " ".join(map(str, value))
-                rows.append((f"{path}:", key, str(value)))
-    if not rows:
-        return "(no metrics yet)"
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)
-
-
 def _summary(root: Path) -> dict[str, Any]:
     """The headline numbers: the three mIoUs, classifier mAP, and what the register stage did."""
     from wsss.lib.config import load_params
@@ -225,8 +212,10 @@ def wsss(dataset: str = EMBEDDED, overrides: list[str] = []) -> dict[str, Any]: 
     logger.info("wsss pipeline in %s: dataset=%s overrides=%s", root, dataset, list(overrides))
     prepared = prepare(root, dataset, list(overrides))
     results: list[dict[str, Any]] = []
+    began = time.perf_counter()
     try:
         for index, stage in enumerate(STAGES, start=1):
+            logger.info("progress: %s", _progress(results, index, time.perf_counter() - began))
             results.append(run_stage(root, stage, index, len(STAGES)))
     except Exception:
         # data.dvc only re-records the raw data; no dvc.yaml stage used the new params yet.
@@ -237,13 +226,48 @@ def wsss(dataset: str = EMBEDDED, overrides: list[str] = []) -> dict[str, Any]: 
     summary = _summary(root)
     ran = [r["stage"] for r in results if r["status"] == "ran"]
     logger.info("stages run: %s", ", ".join(ran) or "none (everything was up to date)")
-    logger.info("final metrics:\n%s\n\ndvc metrics show:\n%s", _format_summary(summary), dvc_metrics_report(root))
+    logger.info("final metrics:\n%s", _format_summary(summary))
+    _publish(root, results, summary)
     return {"stages": results, "metrics": summary}
 
 
+def _progress(done: list[dict[str, Any]], index: int, elapsed: float) -> str:
+    """``stage 4/8, 6 min 10 s elapsed, about 2 min left``: the estimate weighs the stages that ran by their
+    usual share of a run (STAGE_SHARE); skipped stages take no time."""
+    text = f"stage {index}/{len(STAGES)}, {_duration(elapsed)} elapsed"
+    ran_share = sum(STAGE_SHARE[r["stage"]] for r in done if r["status"] == "ran")
+    if ran_share >= 0.05:
+        left = elapsed / ran_share * sum(STAGE_SHARE[s] for s in STAGES[index - 1 :])
+        text += f", about {_duration(left)} left if every remaining stage runs"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _publish(root: Path, results: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """The outcome in the Prefect UI: a markdown artifact (metrics, stages, where the MLflow run is)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    lines = ["# wsss pipeline", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()]
+    lines += ["", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
+    registry_file = root / "artifacts" / "registry.json"
+    if registry_file.is_file():
+        registry = json.loads(registry_file.read_text())
+        link = f"{MLFLOW_UI}/#/experiments/{registry['experiment_id']}/runs/{registry['run_id']}"
+        lines += [
+            "",
+            f"MLflow run [{registry['run_id']}]({link}) (store `{registry.get('tracking_uri')}`; "
+            "`make mlflow-ui` serves it)",
+        ]
+    create_markdown_artifact(
+        key="wsss-pipeline", markdown="\n".join(lines), description="metrics, stages and the MLflow run"
+    )
+
+
 if __name__ == "__main__":
-    # `python -m pipelines.wsss report`: the metrics table `make run` prints at the end.
-    if sys.argv[1:] == ["report"]:
-        print(_format_summary(_summary(Path.cwd())), "", dvc_metrics_report(Path.cwd()), sep="\n")
-    else:
-        wsss()
+    wsss()

@@ -47,7 +47,7 @@ stop_started() {  # newest first: the worker talks to the server while it shuts 
   for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do stop_group "${STARTED[i]}"; done
   STARTED=()
 }
-trap 'rc=$?; stop_started; exit $rc' EXIT
+trap 'rc=$?; [[ -n "${FOLLOW:-}" ]] && kill "$FOLLOW" 2>/dev/null; stop_started; exit $rc' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -88,13 +88,18 @@ fi
 if ! prefect work-pool inspect local >/dev/null 2>&1; then
   prefect work-pool create local --type process
 fi
-say "deploying (prefect.yaml: deployment wsss/full, working dir $WSSS_ROOT)"
-prefect --no-prompt deploy --all
+say "deploying (prefect.yaml: deployment wsss/full, working dir $WSSS_ROOT; log: $LOGS/deploy.log)"
+# Its closing advice (start a worker, run the deployment) is what this script does next: kept in the log.
+prefect --no-prompt deploy --all >"$LOGS/deploy.log" 2>&1 || { cat "$LOGS/deploy.log"; exit 1; }
 
 say "starting a worker on pool 'local' (log: $LOGS/worker.log)"
-setsid prefect worker start --pool local --type process > >(tee "$LOGS/worker.log") 2>&1 &
+setsid prefect worker start --pool local --type process >"$LOGS/worker.log" 2>&1 &
 STARTED+=("$!")
 disown  # stopped by stop_started; no job-control notices
+# The worker's output is the flow run's log: followed here until the run ends, so the worker's own
+# shutdown lines (SIGTERM, SIGKILL) stay in its log file.
+tail -n +1 -f "$LOGS/worker.log" &
+FOLLOW=$!
 
 # 3. the run ------------------------------------------------------------------------------------------
 args=()
@@ -109,18 +114,21 @@ rc=0
 # The worker's output above is the flow run's log; the state events of --watch go to watch.log.
 prefect deployment run wsss/full --watch "${args[@]}" >"$LOGS/watch.log" 2>&1 || rc=$?
 elapsed=$((SECONDS - start))
+sleep 1  # the worker's last lines
+kill "$FOLLOW" 2>/dev/null || true
 tail -n 1 "$LOGS/watch.log"
 
 # 4. results ------------------------------------------------------------------------------------------
-stop_started
-say "flow run finished (exit $rc) in ${elapsed}s"
-python -m wsss.pipelines.wsss report || true
+stop_started >>"$LOGS/worker.log" 2>&1
+say "flow run finished (exit $rc) in $((elapsed / 60)) min $((elapsed % 60)) s (metrics above: final metrics)"
+experiment=$(python -c 'import json; print(json.load(open("artifacts/registry.json"))["experiment_id"])' 2>/dev/null || true)
 cat <<EOF
 
 Where to look:
   metrics      .venv/bin/dvc metrics show        (dvc metrics diff, dvc exp show)
   plots        .venv/bin/dvc plots show          -> dvc_plots/index.html
-  MLflow       make mlflow-ui                    (= mlflow ui --backend-store-uri sqlite:///mlflow.db), http://127.0.0.1:5000
-  flow logs    $LOGS/worker.log   (make prefect-server to browse past runs in the Prefect UI)
+  Prefect UI   make prefect-server PREFECT_PORT=$PORT, then http://127.0.0.1:$PORT/runs (flow run, artifact wsss-pipeline)
+  MLflow       make mlflow-ui, then http://127.0.0.1:5000/#/experiments/${experiment:-0} (the runs; models @champion)
+  flow logs    $LOGS/worker.log
 EOF
 exit "$rc"

@@ -47,6 +47,7 @@ def test_flow_runs_the_dvc_stages_registers_and_then_skips(pipeline_repo: Path, 
     logs = _logs(state)
     assert "stage 3/8 train_classifier: ran" in logs and "final metrics" in logs and "segmenter_gt_miou" in logs
     assert "[train_classifier] epoch   2" in logs  # the stage's own progress lines
+    assert "progress: stage 4/8, " in logs and "left if every remaining stage runs" in logs
 
     # Same artifacts and dvc.lock as `dvc repro`: DVC sees nothing to do, the override is in params.yaml.
     assert yaml.safe_load((pipeline_repo / "params.yaml").read_text())["evaluate"]["grid_images"] == 4
@@ -67,6 +68,20 @@ def test_flow_runs_the_dvc_stages_registers_and_then_skips(pipeline_repo: Path, 
     assert len(client.get_metric_history(run.info.run_id, "classifier/loss")) == 2  # one per epoch
     assert run.data.metrics["segmenter_miou"] == pytest.approx(result["metrics"]["segmenter_miou"])
     assert "plots/grid.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"  # UI opens on the runs
+    assert run.info.run_name.startswith("embedded-") and run.info.run_name.endswith(
+        run.data.tags[tracking.INPUTS_TAG][:8]
+    )
+    # The Prefect UI shows the outcome: a markdown artifact with the metrics and the MLflow run.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        (artifact,) = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["wsss-pipeline"]))
+        )
+    assert "| segmenter_miou |" in artifact.data and run.info.run_id in artifact.data
     for name in (tracking.CLASSIFIER_MODEL, tracking.SEGMENTER_MODEL):
         assert str(client.get_model_version_by_alias(name, tracking.CHAMPION).version) == "1"
     model = mlflow.pytorch.load_model(f"models:/{tracking.SEGMENTER_MODEL}@{tracking.CHAMPION}")

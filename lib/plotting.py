@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from wsss.lib.datasets import palette
+from wsss.lib.metrics import IGNORE_INDEX
 
 GRID_SCALE = 3
 GRID_GAP = 4
-GRID_HEADER = 14
+FONT_SIZE = 14  # titles and legend: legible at the grid's scale
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
@@ -17,8 +20,22 @@ def colorize(mask: np.ndarray) -> np.ndarray:
     return np.asarray(palette(), dtype=np.uint8).reshape(256, 3)[mask]
 
 
-def image_grid(columns: dict[str, list[np.ndarray]]) -> Image.Image:
-    """One row per image, one titled column per source; cells upscaled x3 (nearest), padded with white."""
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def image_grid(
+    columns: dict[str, list[np.ndarray]],
+    title: str | None = None,
+    legend: Sequence[tuple[int, str]] | None = None,
+) -> Image.Image:
+    """One row per image, one titled column per source; cells upscaled x3 (nearest), padded with white.
+
+    Args:
+        columns: column title -> one ``[H, W, 3]`` uint8 cell per row.
+        title: a line above the columns (e.g. which split and images).
+        legend: ``(mask value, name)`` pairs, shown under the grid as swatches in :func:`colorize`'s colours.
+    """
     titles = list(columns)
     upscale = np.ones((GRID_SCALE, GRID_SCALE, 1), np.uint8)
     rows = [list(cells) for cells in zip(*columns.values(), strict=True)]
@@ -26,13 +43,49 @@ def image_grid(columns: dict[str, list[np.ndarray]]) -> Image.Image:
     cell_w = max(cell.shape[1] for row in rows for cell in row)
     heights = [max(cell.shape[0] for cell in row) for row in rows]
     width = len(titles) * (cell_w + GRID_GAP) + GRID_GAP
-    canvas = Image.new("RGB", (width, GRID_HEADER + sum(heights) + GRID_GAP * (len(rows) + 1)), "white")
+    font = _font(FONT_SIZE)
+    top = (FONT_SIZE + 2 * GRID_GAP if title else 0) + FONT_SIZE + GRID_GAP
+    legend_rows = _legend_layout(legend or [], width, font)
+    bottom = len(legend_rows) * (FONT_SIZE + GRID_GAP) + (GRID_GAP if legend_rows else 0)
+    height = top + sum(heights) + GRID_GAP * (len(rows) + 1) + bottom
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(titles):
-        draw.text((GRID_GAP + c * (cell_w + GRID_GAP), 2), title, fill="black")
-    y = GRID_HEADER + GRID_GAP
-    for row, height in zip(rows, heights, strict=True):
+    y = GRID_GAP
+    if title:
+        draw.text((GRID_GAP, y), title, fill="black", font=font)
+        y += FONT_SIZE + GRID_GAP
+    for c, name in enumerate(titles):
+        draw.text((GRID_GAP + c * (cell_w + GRID_GAP), y), name, fill="black", font=font)
+    y = top + GRID_GAP
+    for row, row_height in zip(rows, heights, strict=True):
         for c, cell in enumerate(row):
             canvas.paste(Image.fromarray(cell), (GRID_GAP + c * (cell_w + GRID_GAP), y))
-        y += height + GRID_GAP
+        y += row_height + GRID_GAP
+    colours = np.asarray(palette(), dtype=np.uint8).reshape(256, 3)
+    for entries in legend_rows:
+        for x, k, name in entries:
+            draw.rectangle(
+                (x, y, x + FONT_SIZE, y + FONT_SIZE), fill=tuple(int(v) for v in colours[k]), outline="black"
+            )
+            draw.text((x + FONT_SIZE + GRID_GAP, y), name, fill="black", font=font)
+        y += FONT_SIZE + GRID_GAP
     return canvas
+
+
+def class_legend(classes: Sequence[str]) -> list[tuple[int, str]]:
+    """The legend of a data set's masks: background, its classes (1..C) and the ignore value."""
+    return [(0, "background"), *((k + 1, name) for k, name in enumerate(classes)), (IGNORE_INDEX, "ignore")]
+
+
+def _legend_layout(names: Sequence[tuple[int, str]], width: int, font) -> list[list[tuple[int, int, str]]]:
+    """Swatch positions ``(x, class value, name)`` wrapped into rows that fit ``width``."""
+    rows: list[list[tuple[int, int, str]]] = []
+    x = width  # forces a first row
+    for k, name in names:
+        entry = FONT_SIZE + GRID_GAP + int(font.getlength(name)) + 3 * GRID_GAP
+        if x + entry > width:
+            rows.append([])
+            x = GRID_GAP
+        rows[-1].append((x, k, name))
+        x += entry
+    return rows

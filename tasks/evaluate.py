@@ -26,7 +26,7 @@ from wsss.lib.datasets import DatasetIndex, display_rgb, load_split, read_image,
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file, write_json
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix
-from wsss.lib.plotting import colorize, image_grid
+from wsss.lib.plotting import class_legend, colorize, image_grid
 from wsss.lib.runtime import setup_runtime
 from wsss.models.segmenter import Segmenter
 
@@ -139,7 +139,8 @@ def _grid_image(
         data = load_split(subset, split, record["img_size"], with_masks=False)
         predictions = predict_images(model, data, device, batch_size=num_images)
         columns["segmenter"] = [colorize(predictions[i]) for i in rows["id"]]
-    return image_grid(columns)
+    title = f"{split} split, first {len(rows)} images: pseudo masks{' and segmenter' if segmenter else ''}"
+    return image_grid(columns, title, class_legend(dataset.classes))
 
 
 def main(params: Params) -> dict[str, Any]:

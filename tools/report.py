@@ -212,7 +212,7 @@ def qualitative_grid(
     from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
     from wsss.lib.datasets import display_rgb, load_split, read_image, read_mask_table, to_uint8
     from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps
-    from wsss.lib.plotting import colorize, image_grid
+    from wsss.lib.plotting import class_legend, colorize, image_grid
     from wsss.tools.diagnose_maps import multi_class_train_images
 
     dataset = read_ingested(root / "dataset")
@@ -244,7 +244,8 @@ def qualitative_grid(
                 ImageDraw.Draw(cell).text((1, 0), record["classes"][cls][:8], fill="white")
                 cells.append(np.asarray(cell))
             columns[f"{variant} map {k + 1}"] = cells
-    return image_grid(columns)
+    title = f"train split, {len(picked)} images with two or more classes: pseudo masks (lowest seed) and maps"
+    return image_grid(columns, title, class_legend(dataset.classes))
 
 
 def log_to_mlflow(scale: str, summary: pd.DataFrame, files: Sequence[Path], root: str | Path = ".") -> str:

@@ -22,7 +22,8 @@ from wsss.lib.datasets import (
     BANDS_FILE,
     DatasetIndex,
     SplitData,
-    load_split,
+    StreamedSplit,
+    image_batches,
     normalize,
     one_line,
     read_bands,
@@ -104,19 +105,19 @@ def load_map_model(path: str | Path, device: torch.device | str = "cpu") -> Toke
 
 @torch.no_grad()
 def predict_images(
-    model: Segmenter, data: SplitData, device: torch.device | str, batch_size: int
+    model: Segmenter, data: SplitData | StreamedSplit, device: torch.device | str, batch_size: int, num_workers: int = 0
 ) -> dict[str, np.ndarray]:
-    """Segmenter masks of a loaded split at the loaded size; logits are upsampled to each image's original
-    size before the argmax."""
+    """Segmenter masks of a split at its loaded size; logits are upsampled to each image's original size
+    before the argmax."""
     model.eval()
-    predictions = {}
-    for start in range(0, len(data.ids), batch_size):
-        logits = model(normalize(data.images[start : start + batch_size]).to(device))
-        for j, single in enumerate(logits):
-            index = start + j
-            size = data.original_sizes[index]
-            full = F.interpolate(single[None], size=size, mode="bilinear", align_corners=False)[0]
-            predictions[data.ids[index]] = full.argmax(0).to(torch.uint8).cpu().numpy()
+    predictions, index = {}, 0
+    for images in image_batches(data, batch_size, num_workers):
+        for single in model(normalize(images).to(device)):
+            full = F.interpolate(
+                single[None], size=tuple(data.original_sizes[index]), mode="bilinear", align_corners=False
+            )
+            predictions[data.ids[index]] = full[0].argmax(0).to(torch.uint8).cpu().numpy()
+            index += 1
     return predictions
 
 
@@ -129,4 +130,4 @@ def predict_split(
     batch_size: int,
 ) -> dict[str, np.ndarray]:
     """Original-size predicted masks ``{id: HxW uint8}`` for every image of ``split``."""
-    return predict_images(model, load_split(dataset, split, img_size, with_masks=False), device, batch_size)
+    return predict_images(model, StreamedSplit(dataset, split, img_size), device, batch_size)

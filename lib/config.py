@@ -129,9 +129,11 @@ class EvaluateParams:
 
 @dataclass
 class TrainerParams:
-    """How the training stages run: ``nproc > 1`` launches them under torchrun (DDP, one process per GPU)."""
+    """How the training stages run: ``nproc > 1`` launches them under torchrun (DDP, one process per GPU);
+    ``num_workers`` DataLoader processes decode and augment the images (0: in the training process)."""
 
     nproc: int = 1
+    num_workers: int = 0
 
 
 @dataclass
@@ -257,6 +259,8 @@ def _validate(params: Params) -> None:
     for key in _UNIT_INTERVAL:
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}: {flat[key]} is outside [0, 1]")
+    if params.trainer.num_workers < 0:
+        raise ConfigError(f"trainer.num_workers: must be >= 0, got {params.trainer.num_workers}")
     for key in _POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")

@@ -23,9 +23,11 @@ and ``wsss ingest`` call them, each error is one line naming the file or row and
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO, NoReturn
@@ -577,6 +579,95 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image(self, index: int) -> torch.Tensor:
+        """uint8 ``[channels, S, S]`` of item ``index``."""
+        return self.images[index]
+
+    def mask(self, index: int) -> torch.Tensor | None:
+        """uint8 ``[S, S]`` of item ``index`` (None without masks)."""
+        return self.masks[index] if self.masks is not None else None
+
+
+class StreamedSplit:
+    """One split read from its files item by item, as :func:`load_split` would hold it (same pixels): only
+    the manifest's rows live in memory, so DataLoader workers decode the images where they are used.
+
+    Args:
+        dataset: the data set.
+        split: its split.
+        size: the square size items are resized to (bilinear, antialiased; masks nearest-exact).
+        with_masks: serve the ground-truth masks (all-ignore where an image has none).
+        masks: serve these original-size masks ``{id: HxW}`` instead (e.g. pseudo masks).
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetIndex,
+        split: str,
+        size: int,
+        with_masks: bool = False,
+        masks: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        rows = dataset.split(split)
+        if with_masks and rows["mask"].isna().all():
+            raise WsssError(f"{dataset.root}: split {split!r} has no masks")
+        self.dataset, self.size = dataset, size
+        self.ids = rows["id"].tolist()
+        self.image_paths = rows["image"].tolist()
+        self.mask_paths = rows["mask"].tolist() if with_masks else None
+        self.given_masks = masks
+        self.labels = torch.from_numpy(np.stack(rows["labels"].to_list()).astype(np.float32))
+        self.original_sizes = list(zip(rows["height"].tolist(), rows["width"].tolist(), strict=True))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, index: int) -> torch.Tensor:
+        image = to_uint8(read_image(self.dataset.path(self.image_paths[index])), self.dataset.bands)
+        return image_tensor(image, self.size)
+
+    def mask(self, index: int) -> torch.Tensor | None:
+        if self.given_masks is not None:
+            mask = torch.from_numpy(np.asarray(self.given_masks[self.ids[index]]).astype(np.uint8))
+        elif self.mask_paths is None:
+            return None
+        elif isinstance(self.mask_paths[index], str):
+            mask = torch.from_numpy(read_mask(self.dataset.path(self.mask_paths[index])))
+        else:
+            return torch.full((self.size, self.size), IGNORE_INDEX, dtype=torch.uint8)
+        return _resize(mask, self.size, is_mask=True)
+
+
+def masks_digest(data: StreamedSplit) -> str:
+    """sha256 of every resized mask's bytes in order: what ``tensor_digest`` of the stacked masks gives."""
+    digest = hashlib.sha256()
+    for index in range(len(data)):
+        digest.update(data.mask(index).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _Images(torch.utils.data.Dataset):
+    """The uint8 images of a split, for a DataLoader (see :func:`image_batches`)."""
+
+    def __init__(self, data: SplitData | StreamedSplit) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.data.image(index)
+
+
+def image_batches(data: SplitData | StreamedSplit, batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """uint8 image batches ``[B, channels, S, S]`` of a split in order (the same tensors for both kinds of
+    split; a streamed one is decoded by ``num_workers`` DataLoader processes)."""
+    if isinstance(data, SplitData):
+        for start in range(0, len(data), batch_size):
+            yield data.images[start : start + batch_size]
+        return
+    yield from torch.utils.data.DataLoader(_Images(data), batch_size=batch_size, num_workers=num_workers)
+
 
 def _resize(x: torch.Tensor, size: int, is_mask: bool) -> torch.Tensor:
     """Resizes a [..., H, W] tensor to size x size: bilinear with antialiasing, nearest for label maps."""
@@ -649,13 +740,15 @@ class AugmentedSplit(torch.utils.data.Dataset):
     sampler order or on DataLoader workers; call :meth:`set_epoch` each epoch for fresh augmentations.
 
     Args:
-        data: the split in memory.
+        data: the split (in memory or streamed).
         train: apply random-resized crop (area in [crop_scale_min, 1], aspect 3/4..4/3) and h-flip.
         crop_scale_min: smallest crop area as a fraction of the image.
         seed: augmentation seed.
     """
 
-    def __init__(self, data: SplitData, train: bool, crop_scale_min: float = 0.6, seed: int = 0) -> None:
+    def __init__(
+        self, data: SplitData | StreamedSplit, train: bool, crop_scale_min: float = 0.6, seed: int = 0
+    ) -> None:
         self.data = data
         self.train = train
         self.crop_scale_min = crop_scale_min
@@ -680,11 +773,14 @@ class AugmentedSplit(torch.utils.data.Dataset):
                 return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
         return 0, 0, height, width
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image = self.data.images[index]
-        mask = self.data.masks[index] if self.data.masks is not None else None
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (epoch, index) from an EpochSampler: persistent DataLoader workers keep their own copy of this
+        # object, so the epoch travels with the index instead of through set_epoch.
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        image = self.data.image(index)
+        mask = self.data.mask(index)
         if self.train:
-            state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+            state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(state))
             size = image.shape[-1]
             top, left, h, w = self._crop_box(generator, *image.shape[-2:])

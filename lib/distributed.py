@@ -137,12 +137,24 @@ def process_group(params: Params) -> Iterator[tuple[torch.device, World]]:
         dist.destroy_process_group()
 
 
-def shard_loader(dataset: Dataset, batch_size: int, seed: int, world: World) -> DataLoader:
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that yields ``(epoch, index)``: the dataset learns the epoch from each key, so
+    persistent DataLoader workers (which keep their own copy of the dataset) augment for the right epoch."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in super().__iter__())
+
+
+def shard_loader(
+    dataset: Dataset, batch_size: int, seed: int, world: World, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
     """Shuffled training batches; ``batch_size`` is the global batch, each rank gets ``batch_size / size``.
 
     The order is a function of ``(seed, epoch)`` only (``loader.sampler.set_epoch``), so nothing hidden
     carries over between epochs and a resumed run sees the batches an uninterrupted one sees. Rank r's
-    j-th image of a step is image ``j * size + r`` of the global batch a single process would take.
+    j-th image of a step is image ``j * size + r`` of the global batch a single process would take. With
+    ``num_workers`` the items are made by that many persistent worker processes (same items: an item's
+    augmentation depends only on ``(seed, epoch, index)``).
 
     Raises:
         WsssError: a global batch that does not split evenly, or fewer images than one batch with ranks.
@@ -153,10 +165,18 @@ def shard_loader(dataset: Dataset, batch_size: int, seed: int, world: World) -> 
     drop_last = len(dataset) > batch_size
     if world.distributed and not drop_last:
         raise WsssError(f"{len(dataset)} training images: need more than batch_size {batch_size} with trainer.nproc")
-    sampler = DistributedSampler(
-        dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed, drop_last=drop_last
+    # A dataset with set_epoch (AugmentedSplit) takes (epoch, index) keys: see EpochSampler.
+    kind = EpochSampler if hasattr(dataset, "set_epoch") else DistributedSampler
+    sampler = kind(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed, drop_last=drop_last)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size // world.size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
-    return DataLoader(dataset, batch_size=batch_size // world.size, sampler=sampler, drop_last=drop_last)
 
 
 def seed_step(seed: int, step: int) -> None:

@@ -14,7 +14,7 @@ import wsss.models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* m
 from wsss.lib.artifacts import MODEL_FILE, read_ingested
 from wsss.lib.checkpoint import fingerprint, tensor_digest
 from wsss.lib.config import ClassifierParams, Params
-from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, normalize
+from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, StreamedSplit, image_batches, normalize
 from wsss.lib.distributed import (
     World,
     data_parallel,
@@ -75,15 +75,16 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 @torch.no_grad()
 def predict_probabilities(
-    model: TokenMaskingViT, data: SplitData, device: torch.device, batch_size: int = 256
+    model: TokenMaskingViT,
+    data: SplitData | StreamedSplit,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
 ) -> torch.Tensor:
-    """Sigmoid class probabilities ``[N, C]`` for a loaded split (eval mode, no masking)."""
+    """Sigmoid class probabilities ``[N, C]`` for a split (eval mode, no masking)."""
     model.eval()
-    out = [
-        torch.sigmoid(model(normalize(data.images[i : i + batch_size]).to(device))).cpu()
-        for i in range(0, len(data.ids), batch_size)
-    ]
-    return torch.cat(out)
+    batches = image_batches(data, batch_size, num_workers)
+    return torch.cat([torch.sigmoid(model(normalize(images).to(device))).cpu() for images in batches])
 
 
 def classification_metrics(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -118,6 +119,7 @@ def train_classifier(
     seed: int,
     device: torch.device,
     world: World | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Trains the classifier on the train split, scores the val split each epoch, writes ``out/``.
 
@@ -129,12 +131,13 @@ def train_classifier(
     """
     world = world or World()
     out = Path(out)
-    train = load_split(dataset, "train", params.img_size, with_masks=False)
-    val = load_split(dataset, "val", params.img_size, with_masks=False)
+    # Streamed: only the manifest is held; images are decoded where they are used (DataLoader workers).
+    train = StreamedSplit(dataset, "train", params.img_size)
+    val = StreamedSplit(dataset, "val", params.img_size)
     if (train.labels.sum(dim=1) == 0).any():
         bad = train.ids[int((train.labels.sum(dim=1) == 0).nonzero()[0])]
         raise WsssError(f"{dataset.root}: train image {bad} has no labels (every training image needs ≥ 1)")
-    in_chans = train.images.shape[1]
+    in_chans = train.image(0).shape[0]
     run_id = fingerprint(
         params={k: v for k, v in vars(params).items() if k != "out"},
         seed=seed,
@@ -149,7 +152,7 @@ def train_classifier(
         model = global_batch_norm(model, device)
     model.to(device)
     augmented = AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed)
-    loader = shard_loader(augmented, params.batch_size, seed, world)
+    loader = shard_loader(augmented, params.batch_size, seed, world, num_workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(param_groups(model, params.lr, params.weight_decay, params.gate_lr))
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume overwrites them
     loop = Loop("classifier", model, optimizer, loader, params.epochs, out, run_id, world, device)
@@ -182,7 +185,7 @@ def train_classifier(
     def validate(totals: torch.Tensor) -> dict[str, Any]:
         # Each rank's mean is over an equal share of the global batch: the global mean is their mean.
         means = (totals / (world.size * loop.steps_per_epoch)).tolist()
-        metrics = classification_metrics(predict_probabilities(model, val, device), val.labels)
+        metrics = classification_metrics(predict_probabilities(model, val, device, num_workers=num_workers), val.labels)
         return {
             **dict(zip(("loss", "bce", "penalty"), means, strict=True)),
             "val_map": metrics["map"],
@@ -212,7 +215,7 @@ def _write_outputs(
     dataset: DatasetIndex,
     params: ClassifierParams,
     out: Path,
-    val: SplitData,
+    val: StreamedSplit,
     device: torch.device,
     history: list[dict[str, Any]],
     in_chans: int,
@@ -253,7 +256,10 @@ def main(params: Params) -> dict[str, Any] | None:
         return None
     with process_group(params) as (device, world):
         dataset = read_ingested(Path(params.ingest.out))
-        result = train_classifier(dataset, params.classifier, Path(params.classifier.out), params.seed, device, world)
+        result = train_classifier(
+            dataset, params.classifier, Path(params.classifier.out), params.seed, device, world,
+            params.trainer.num_workers,
+        )  # fmt: skip
     if world.is_main:
         print(
             f"classifier: val mAP {result['val_map']:.3f}  F1 {result['val_f1_macro']:.3f}  "

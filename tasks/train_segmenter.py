@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, predict_images, pseudo_mask_path, read_ingested, segmenter_dir
-from wsss.lib.checkpoint import fingerprint, tensor_digest
+from wsss.lib.checkpoint import fingerprint
 from wsss.lib.config import Params, SegmenterParams
-from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, load_split, read_mask, read_mask_table
+from wsss.lib.datasets import AugmentedSplit, DatasetIndex, StreamedSplit, masks_digest, read_mask, read_mask_table
 from wsss.lib.distributed import (
     World,
     data_parallel,
@@ -33,21 +33,16 @@ from wsss.models.segmenter import Segmenter
 MASK_SOURCES = ("pseudo", "gt")
 
 
-def _resize_masks(data: SplitData, masks: dict[str, np.ndarray], num_classes: int) -> torch.Tensor:
-    """Original-size masks (in ``data.ids`` order) -> uint8 [N, S, S], nearest-exact like ``load_split``."""
-    size = data.images.shape[-1]
-    out = torch.empty((len(data.ids), size, size), dtype=torch.uint8)
-    for i, (image_id, shape) in enumerate(zip(data.ids, data.original_sizes, strict=True)):
+def _check_masks(data: StreamedSplit, masks: dict[str, np.ndarray], num_classes: int) -> None:
+    """Every training image has a mask of its size with values 0..C or 255 (they are resized as items)."""
+    for image_id, shape in zip(data.ids, data.original_sizes, strict=True):
         if image_id not in masks:
             raise WsssError(f"training mask for id {image_id!r} is missing")
         mask = np.asarray(masks[image_id])
-        if mask.shape != shape:
-            raise WsssError(f"training mask for id {image_id!r} has shape {mask.shape}, image is {shape}")
+        if mask.shape != tuple(shape):
+            raise WsssError(f"training mask for id {image_id!r} has shape {mask.shape}, image is {tuple(shape)}")
         if ((mask > num_classes) & (mask != IGNORE_INDEX)).any():
             raise WsssError(f"training mask for id {image_id!r} has a value above {num_classes} (not 255)")
-        mask = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
-        out[i] = F.interpolate(mask, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8)
-    return out
 
 
 def _ground_truth(dataset: DatasetIndex, split: str) -> dict[str, np.ndarray]:
@@ -64,6 +59,7 @@ def train_segmenter(
     seed: int,
     device: torch.device | str,
     world: World | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Trains on the train split, scores val mIoU against GT each epoch, writes ``out/``.
 
@@ -80,6 +76,7 @@ def train_segmenter(
         seed: seeds the weights, the loader order and the augmentation.
         device: "cpu", "cuda" or a torch.device.
         world: this process's rank among the training processes (default: the only one).
+        num_workers: DataLoader processes decoding and augmenting the images (0: this process).
 
     Returns:
         ``{"val_miou", "epochs", "seconds"}`` (on every rank).
@@ -88,24 +85,25 @@ def train_segmenter(
     device = torch.device(device)
     out = Path(out)
     num_classes = dataset.num_classes + 1
-    train = load_split(dataset, "train", params.img_size, with_masks=masks is None)
+    # Streamed: only the manifest (and the given masks) is held; images are decoded where they are used.
+    train = StreamedSplit(dataset, "train", params.img_size, with_masks=masks is None, masks=masks)
     if masks is not None:
-        train = dataclasses.replace(train, masks=_resize_masks(train, masks, dataset.num_classes))
-    val = load_split(dataset, "val", params.img_size, with_masks=False)
+        _check_masks(train, masks, dataset.num_classes)
+    val = StreamedSplit(dataset, "val", params.img_size)
     val_gt = _ground_truth(dataset, "val")
 
     model_kwargs = {
         "encoder_name": params.encoder,
         "num_classes": num_classes,
         "decoder_channels": params.decoder_channels,
-        "in_chans": train.images.shape[1],
+        "in_chans": train.image(0).shape[0],
     }
     run_id = fingerprint(
         params={k: v for k, v in dataclasses.asdict(params).items() if k != "out"},
         seed=seed,
         model_kwargs=model_kwargs,
         train_ids=train.ids,
-        train_masks=tensor_digest(train.masks),
+        train_masks=masks_digest(train),
     )
     torch.manual_seed(seed)
     try:
@@ -118,7 +116,7 @@ def train_segmenter(
         model = global_batch_norm(model, device)
     model.to(device)
     augmented = AugmentedSplit(train, train=True, seed=seed)
-    loader = shard_loader(augmented, params.batch_size, seed, world)
+    loader = shard_loader(augmented, params.batch_size, seed, world, num_workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * len(loader))
     loop = Loop(
@@ -144,7 +142,7 @@ def train_segmenter(
         return loss.detach()
 
     def validate(total_loss: torch.Tensor) -> dict[str, Any]:
-        predictions = predict_images(model, val, device, params.batch_size)
+        predictions = predict_images(model, val, device, params.batch_size, num_workers)
         return {
             "loss": float(total_loss) / loop.steps_per_epoch,
             "val_miou": mean_iou(((gt, predictions[i]) for i, gt in val_gt.items()), num_classes),
@@ -185,7 +183,9 @@ def main(params: Params, mask_source: str = "pseudo") -> dict[str, Any] | None:
         dataset = read_ingested(Path(params.ingest.out))
         masks = read_mask_table(pseudo_mask_path(params)) if mask_source == "pseudo" else None
         out = segmenter_dir(params, mask_source)
-        result = train_segmenter(dataset, masks, params.segmenter, out, params.seed, device, world)
+        result = train_segmenter(
+            dataset, masks, params.segmenter, out, params.seed, device, world, params.trainer.num_workers
+        )
     if world.is_main:
         print(f"segmenter ({mask_source} masks): val mIoU {result['val_miou']:.3f} in {result['seconds']:.0f}s")
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -438,3 +439,49 @@ def test_no_augmentation_in_eval_mode_and_empty_masks_collate() -> None:
     unmasked = SplitData(data.ids, data.images, data.labels, None, data.original_sizes)
     batch = next(iter(torch.utils.data.DataLoader(AugmentedSplit(unmasked, train=True), batch_size=4)))
     assert batch[0].shape == (4, 3, 32, 32) and batch[1].shape == (4, 5) and batch[2].shape == (4, 0)
+
+
+def test_streamed_and_in_memory_splits_give_the_same_batches(tiny_dataset: Path) -> None:
+    """Same (seed, epoch) -> the same training batches, decoded in the process or by persistent workers."""
+    from wsss.lib.datasets import AugmentedSplit, StreamedSplit, image_batches, masks_digest
+    from wsss.lib.distributed import World, shard_loader
+
+    dataset = read_dataset(tiny_dataset)
+    memory = load_split(dataset, "train", 24, with_masks=True)  # 32 px images resized: the resize is exercised
+    streamed = StreamedSplit(dataset, "train", 24, with_masks=True)
+    assert streamed.ids == memory.ids and torch.equal(streamed.labels, memory.labels)
+    assert [tuple(s) for s in streamed.original_sizes] == [tuple(s) for s in memory.original_sizes]
+    assert masks_digest(streamed) == hashlib.sha256(memory.masks.numpy().tobytes()).hexdigest()
+    for workers in (0, 2):
+        loaders = [
+            shard_loader(AugmentedSplit(data, train=True, seed=3), 16, seed=3, world=World(), num_workers=workers)
+            for data in (memory, streamed)
+        ]
+        for epoch in (0, 1):  # persistent workers: the epoch reaches them with every index
+            for loader in loaders:
+                loader.sampler.set_epoch(epoch)
+            for ours, theirs in zip(*loaders, strict=True):
+                for a, b in zip(ours, theirs, strict=True):
+                    assert torch.equal(a, b)
+    batches = [
+        torch.cat(list(image_batches(data, 7, num_workers=1 if data is streamed else 0))) for data in (memory, streamed)
+    ]
+    assert torch.equal(*batches)
+    # Given (pseudo) masks at the original size are resized per item exactly as load_split resizes masks.
+    given = {i: read_mask(dataset.path(m)) for i, m in zip(memory.ids, dataset.split("train")["mask"], strict=True)}
+    pseudo = StreamedSplit(dataset, "train", 24, masks=given)
+    assert all(torch.equal(pseudo.mask(i), memory.masks[i]) for i in range(len(memory)))
+
+
+def test_epochs_differ_in_augmentation_through_persistent_workers(tiny_dataset: Path) -> None:
+    from wsss.lib.datasets import AugmentedSplit, StreamedSplit
+    from wsss.lib.distributed import World, shard_loader
+
+    data = StreamedSplit(read_dataset(tiny_dataset), "train", 32)
+    loader = shard_loader(AugmentedSplit(data, train=True, seed=0), 48, seed=0, world=World(), num_workers=1)
+    images = []
+    for epoch in (0, 0, 1):
+        loader.sampler.set_epoch(epoch)
+        (batch,) = [b[0] for b in loader]
+        images.append(batch)
+    assert torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])

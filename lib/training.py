@@ -13,6 +13,7 @@ optimizer, says what one step does (:class:`Loop.step`) and what a finished epoc
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,11 +63,34 @@ class Loop:
     device: torch.device
     scheduler: Any = None
     extra_state: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # resolved (see :func:`resolve_precision`): fp32 | bf16 | fp16
     history: list[dict[str, Any]] = field(default_factory=list)
     first_epoch: int = 0
     seconds_before: float = 0.0
     state: dict[str, Any] | None = None
     _started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        # fp16 gradients underflow without loss scaling; bf16 keeps fp32's exponent range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward pass's mixed precision (a no-op at fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss``: backward, step (through the GradScaler at fp16)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
 
     def resume(self) -> None:
         """Continues from ``checkpoint.pt`` when it holds an unfinished run with this fingerprint."""
@@ -77,6 +101,8 @@ class Loop:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.history, self.first_epoch, self.seconds_before = state["history"], state["epoch"], state["train_seconds"]
         self.state = state
 
@@ -142,12 +168,29 @@ def fit(
             "model": loop.model.state_dict(),
             "optimizer": loop.optimizer.state_dict(),
             **({"scheduler": loop.scheduler.state_dict()} if loop.scheduler is not None else {}),
+            **({"scaler": loop.scaler.state_dict()} if loop.scaler.is_enabled() else {}),
             **loop.extra_state,
             "history": loop.history,
             "train_seconds": loop.train_seconds(),
         }
         save_checkpoint(loop.out / CHECKPOINT_FILE, loop.state)
         write_csv(loop.out / HISTORY_FILE, loop.history)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``trainer.precision`` for this device: ``auto`` is bf16 on CUDA, fp32 elsewhere (the tiny CPU default
+    ran 2.6x slower under bf16 autocast here)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None) -> nn.Module:
+    """Moves ``model`` to ``device``, in channels-last layout for its convolutions when asked (None: on CUDA)."""
+    model.to(device)
+    if channels_last if channels_last is not None else device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr: float | None = None) -> list[dict]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import wsss.models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* models with timm)
 from wsss.lib.artifacts import MODEL_FILE, read_ingested
 from wsss.lib.checkpoint import fingerprint, tensor_digest
-from wsss.lib.config import ClassifierParams, Params
+from wsss.lib.config import ClassifierParams, Params, TrainerParams
 from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, StreamedSplit, image_batches, normalize
 from wsss.lib.distributed import (
     World,
@@ -28,7 +28,7 @@ from wsss.lib.distributed import (
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file, write_csv, write_json
 from wsss.lib.metrics import f1_scores, mean_average_precision
-from wsss.lib.training import Loop, fit, param_groups
+from wsss.lib.training import Loop, fit, param_groups, prepare_model, resolve_precision
 from wsss.models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
 
 
@@ -119,7 +119,7 @@ def train_classifier(
     seed: int,
     device: torch.device,
     world: World | None = None,
-    num_workers: int = 0,
+    trainer: TrainerParams | None = None,
 ) -> dict[str, Any]:
     """Trains the classifier on the train split, scores the val split each epoch, writes ``out/``.
 
@@ -130,6 +130,8 @@ def train_classifier(
     metrics (on every rank).
     """
     world = world or World()
+    trainer = trainer or TrainerParams()
+    num_workers = trainer.num_workers
     out = Path(out)
     # Streamed: only the manifest is held; images are decoded where they are used (DataLoader workers).
     train = StreamedSplit(dataset, "train", params.img_size)
@@ -150,14 +152,16 @@ def train_classifier(
     model = build_classifier(params, dataset.num_classes, in_chans=in_chans)
     if world.distributed:
         model = global_batch_norm(model, device)
-    model.to(device)
+    prepare_model(model, device, trainer.channels_last)
     augmented = AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed)
     loader = shard_loader(augmented, params.batch_size, seed, world, num_workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(param_groups(model, params.lr, params.weight_decay, params.gate_lr))
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume overwrites them
-    loop = Loop("classifier", model, optimizer, loader, params.epochs, out, run_id, world, device)
+    precision = resolve_precision(trainer.precision, device)
+    loop = Loop("classifier", model, optimizer, loader, params.epochs, out, run_id, world, device, precision=precision)
     loop.resume()
     network = data_parallel(model, device, world, find_unused=bool(model.gate_modules()))
+    network = torch.compile(network) if trainer.compile else network
     total_steps = params.epochs * loop.steps_per_epoch
     warmup_steps = max(1, int(params.warmup_epochs * loop.steps_per_epoch))
     gate_start_step = int(params.gate_start * total_steps)
@@ -173,13 +177,12 @@ def train_classifier(
             # Gates are trained at a constant lr once pruning starts: the cosine tail would freeze them.
             group["lr"] = base if group.get("is_gate") else base * factor
         images, labels = images.to(device), labels.to(device)
-        logits = network(images, labels, mask_noise=mask_noise.to(device))
-        bce = F.binary_cross_entropy_with_logits(logits, labels)
+        with loop.autocast():
+            logits = network(images, labels, mask_noise=mask_noise.to(device))
+        bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
         penalty = model.gate_penalty(params.gate_penalty)
         loss = bce + params.gate_lambda * penalty
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loop.optimize(loss)
         return torch.stack([loss.detach(), bce.detach(), penalty.detach()])
 
     def validate(totals: torch.Tensor) -> dict[str, Any]:
@@ -205,6 +208,7 @@ def train_classifier(
     if world.is_main:
         result = _write_outputs(model, dataset, params, out, val, device, loop.history, in_chans)
         result["train_seconds"] = loop.train_seconds()
+        result["precision"] = precision
         write_json(out / "metrics.json", result)
         loop.finish()
     return world.broadcast(result)
@@ -258,7 +262,7 @@ def main(params: Params) -> dict[str, Any] | None:
         dataset = read_ingested(Path(params.ingest.out))
         result = train_classifier(
             dataset, params.classifier, Path(params.classifier.out), params.seed, device, world,
-            params.trainer.num_workers,
+            params.trainer,
         )  # fmt: skip
     if world.is_main:
         print(

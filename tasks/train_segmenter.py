@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, predict_images, pseudo_mask_path, read_ingested, segmenter_dir
 from wsss.lib.checkpoint import fingerprint
-from wsss.lib.config import Params, SegmenterParams
+from wsss.lib.config import Params, SegmenterParams, TrainerParams
 from wsss.lib.datasets import AugmentedSplit, DatasetIndex, StreamedSplit, masks_digest, read_mask, read_mask_table
 from wsss.lib.distributed import (
     World,
@@ -27,7 +27,7 @@ from wsss.lib.distributed import (
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file, write_csv
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
-from wsss.lib.training import Loop, fit
+from wsss.lib.training import Loop, fit, prepare_model, resolve_precision
 from wsss.models.segmenter import Segmenter
 
 MASK_SOURCES = ("pseudo", "gt")
@@ -59,7 +59,7 @@ def train_segmenter(
     seed: int,
     device: torch.device | str,
     world: World | None = None,
-    num_workers: int = 0,
+    trainer: TrainerParams | None = None,
 ) -> dict[str, Any]:
     """Trains on the train split, scores val mIoU against GT each epoch, writes ``out/``.
 
@@ -76,12 +76,14 @@ def train_segmenter(
         seed: seeds the weights, the loader order and the augmentation.
         device: "cpu", "cuda" or a torch.device.
         world: this process's rank among the training processes (default: the only one).
-        num_workers: DataLoader processes decoding and augmenting the images (0: this process).
+        trainer: how to train (DataLoader workers, precision, channels-last, compile); default: TrainerParams().
 
     Returns:
         ``{"val_miou", "epochs", "seconds"}`` (on every rank).
     """
     world = world or World()
+    trainer = trainer or TrainerParams()
+    num_workers = trainer.num_workers
     device = torch.device(device)
     out = Path(out)
     num_classes = dataset.num_classes + 1
@@ -114,7 +116,7 @@ def train_segmenter(
         raise WsssError(f"segmenter: {err}") from None
     if world.distributed:
         model = global_batch_norm(model, device)
-    model.to(device)
+    prepare_model(model, device, trainer.channels_last)
     augmented = AugmentedSplit(train, train=True, seed=seed)
     loader = shard_loader(augmented, params.batch_size, seed, world, num_workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
@@ -122,9 +124,11 @@ def train_segmenter(
     loop = Loop(
         "segmenter", model, optimizer, loader, params.epochs, out, run_id, world, device,
         scheduler=scheduler, extra_state={"params": dataclasses.asdict(params)},
+        precision=resolve_precision(trainer.precision, device),
     )  # fmt: skip
     loop.resume()
     network = data_parallel(model, device, world)
+    network = torch.compile(network) if trainer.compile else network
 
     def step(index: int, batch: tuple[torch.Tensor, Any, torch.Tensor]) -> torch.Tensor:
         images, _, targets = batch
@@ -133,11 +137,11 @@ def train_segmenter(
         # Sum / valid pixels of the global batch instead of the mean: a batch that is all "ignore"
         # gives 0, not NaN, and ranks with more ignored pixels do not weigh more.
         valid = world.sum((targets != IGNORE_INDEX).sum()).clamp(min=1)
-        loss = F.cross_entropy(network(images), targets, ignore_index=IGNORE_INDEX, reduction="sum") / valid
-        optimizer.zero_grad(set_to_none=True)
+        with loop.autocast():
+            logits = network(images)
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / valid
         # DDP averages gradients over ranks; this rank's share of the global loss is summed instead.
-        (loss * world.size).backward()
-        optimizer.step()
+        loop.optimize(loss * world.size)
         scheduler.step()
         return loss.detach()
 
@@ -183,9 +187,7 @@ def main(params: Params, mask_source: str = "pseudo") -> dict[str, Any] | None:
         dataset = read_ingested(Path(params.ingest.out))
         masks = read_mask_table(pseudo_mask_path(params)) if mask_source == "pseudo" else None
         out = segmenter_dir(params, mask_source)
-        result = train_segmenter(
-            dataset, masks, params.segmenter, out, params.seed, device, world, params.trainer.num_workers
-        )
+        result = train_segmenter(dataset, masks, params.segmenter, out, params.seed, device, world, params.trainer)
     if world.is_main:
         print(f"segmenter ({mask_source} masks): val mIoU {result['val_miou']:.3f} in {result['seconds']:.0f}s")
     return result

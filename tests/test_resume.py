@@ -147,3 +147,21 @@ def test_load_resumable_rules(tmp_path: Path, capsys):
     log = capsys.readouterr().out
     assert "resuming after epoch 3" in log and "other params" in log
     assert "run finished; starting fresh" in log and "unreadable" in log
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_runs_on_cpu(tiny_params: Params, precision: str) -> None:
+    """bf16 / fp16 autocast (fp16 with a GradScaler) through both trainers, on the CPU of the suite."""
+    params = dataclasses.replace(
+        tiny_params,
+        classifier=dataclasses.replace(tiny_params.classifier, epochs=1),
+        trainer=dataclasses.replace(tiny_params.trainer, precision=precision),
+    )
+    ingest(Path(params.ingest.source), Path(params.ingest.out))
+    result = train_classifier.main(params)
+    assert result["precision"] == precision and 0.0 <= result["val_map"] <= 1.0
+    assert all(torch.isfinite(torch.tensor(float(row["loss"]))) for row in _history(Path(params.classifier.out)))
+    segmenter = train_segmenter.main(params, mask_source="gt")
+    assert 0.0 <= segmenter["val_miou"] <= 1.0
+    state = torch.load(artifacts.segmenter_dir(params, "gt") / "checkpoint.pt", weights_only=False)
+    assert ("scaler" in state) == (precision == "fp16")  # the loss scale resumes with the run

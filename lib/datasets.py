@@ -255,11 +255,16 @@ def write_mask_table(path: str | Path, ids: list[str], masks: list[np.ndarray]) 
 
     One file instead of thousands keeps DVC hashing and copying cheap.
     """
-    if len(ids) != len(masks):
-        raise ValueError(f"{len(ids)} ids but {len(masks)} masks")
+    write_encoded_mask_table(path, ids, [encode_mask_png(m) for m in masks])
+
+
+def write_encoded_mask_table(path: str | Path, ids: list[str], blobs: list[bytes]) -> None:
+    """:func:`write_mask_table` of masks already PNG-encoded (:func:`encode_mask_png`)."""
+    if len(ids) != len(blobs):
+        raise ValueError(f"{len(ids)} ids but {len(blobs)} masks")
     if len(set(ids)) != len(ids):
         raise ValueError("mask table ids must be unique")
-    table = pa.table([ids, [encode_mask_png(m) for m in masks]], schema=MASK_TABLE_COLUMNS)
+    table = pa.table([ids, blobs], schema=MASK_TABLE_COLUMNS)
     with atomic_file(path) as handle:
         pq.write_table(table, handle)
 

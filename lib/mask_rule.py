@@ -70,8 +70,10 @@ def attention_maps(
     blocks: int | None = 1,
     per_block: bool = False,
     refine: int = 0,
+    desc: str = "attention maps",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-attention maps ``[N, C, h, w]`` and class probabilities ``[N, C]`` of uint8 images.
+    """Class-attention maps ``[N, C, h, w]`` and class probabilities ``[N, C]`` of uint8 images (``desc``
+    labels the progress bar).
 
     ``blocks``/``per_block``/``refine`` are the model's (:meth:`TokenMaskingViT.class_attention_maps`): the maps of the
     last ``blocks`` blocks with an open head summed (None: all), or kept apart (``[N, L, C, h, w]``). With
@@ -80,7 +82,8 @@ def attention_maps(
     """
     model.eval()
     maps, probs = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc="attention maps", leave=False, mininterval=2.0):
+    one_batch = len(images) <= batch_size  # the caller shows the progress (the pseudo-mask stage's batches)
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, mininterval=2.0, disable=one_batch):
         batch = normalize(images[i : i + batch_size]).to(device)
         if list(scales) == [1.0] and not flip:
             m, logits = model.class_attention_maps(batch, blocks=blocks, per_block=per_block, refine=refine)

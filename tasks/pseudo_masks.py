@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 from wsss.lib.artifacts import MODEL_FILE, load_map_model, read_ingested
 from wsss.lib.config import Params, PseudoMaskParams
-from wsss.lib.datasets import DatasetIndex, SplitData, load_split, read_mask, write_mask_table
+from wsss.lib.datasets import (
+    DatasetIndex,
+    SplitData,
+    encode_mask_png,
+    load_split,
+    read_mask,
+    write_encoded_mask_table,
+)
 from wsss.lib.errors import WsssError
 from wsss.lib.io import write_json
 from wsss.lib.mask_rule import (
@@ -60,7 +67,7 @@ class ShardResult:
     """One contiguous run of a split's images: their masks in split order and additive statistics."""
 
     ids: list[str]
-    masks: list[np.ndarray]
+    masks: list[bytes]  # PNG-encoded, as the mask table stores them
     grid: tuple[int, int]
     pseudo_confusion: np.ndarray  # int64 [C+1, C+1] over the images with ground truth
     ceiling_confusion: np.ndarray
@@ -103,6 +110,7 @@ def _split_maps(
     positions: slice | list[int],
     blocks: int | None,
     per_block: bool = False,
+    desc: str = "attention maps",
 ) -> _SplitMaps:
     """Loads the images at ``positions`` of ``params.split`` and computes their maps, in that order
     (``blocks``/``per_block``: see :func:`wsss.lib.mask_rule.attention_maps`)."""
@@ -113,7 +121,7 @@ def _split_maps(
     with _thread_count_invariant_kernels():
         maps, probs = attention_maps(
             model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block,
-            refine_steps(params),
+            refine_steps(params), desc,
         )  # fmt: skip
     gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
     return _SplitMaps(data, maps, probs, gt_paths)
@@ -167,7 +175,9 @@ def decide_rule(
         return MaskRule(params.fg_threshold, params.bg_threshold, None, spec, layers)
     candidates = block_candidates(model) if spec == "auto" else {spec: map_block_count(spec)}
     has_labels = params.split == "train"
-    sample = _split_maps(model, dataset, params, device, with_gt[: params.tune_images], None, per_block=True)
+    sample = _split_maps(
+        model, dataset, params, device, with_gt[: params.tune_images], None, True, "maps for threshold tuning"
+    )
     usable = model.map_layers(None)
     scores, best = {}, None
     for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):
@@ -210,39 +220,45 @@ def pseudo_mask_shard(
     once per shard, and :func:`gather` joins the results into the same artifact.
     """
     blocks = len(rule.map_layers) if rule.map_blocks != "all" else None
-    split_maps = _split_maps(model, dataset, params, device, slice(start, stop), blocks)
     num_classes = dataset.num_classes
-    grid = tuple(split_maps.maps.shape[-2:])
     has_labels = params.split == "train"
-    masks = []
+    ids, masks, grid, scored = [], [], None, 0
     pseudo_cm, ceiling_cm = ConfusionMatrix(num_classes + 1), ConfusionMatrix(num_classes + 1)
     shares, areas = [], []
-    for i in tqdm(range(len(split_maps.data.ids)), desc="pseudo masks", leave=False, mininterval=2.0):
-        mask = merge_maps(*_image_maps(split_maps, i, has_labels), rule.fg_threshold, rule.bg_threshold)
-        masks.append(mask)
-        gt_path = split_maps.gt_paths[i]
-        if gt_path is None:
-            continue
-        gt = read_mask(dataset.root / gt_path)
-        pseudo_cm.update(gt, mask)
-        ceiling_cm.update(gt, grid_ceiling_mask(gt, grid, num_classes))
-        gt_classes = np.unique(gt[(gt != 0) & (gt != IGNORE_INDEX)]).astype(int) - 1
-        if len(gt_classes) >= 2:
-            raw = F.interpolate(
-                split_maps.maps[i, gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False
-            )
-            s, a = class_specificity(raw[0].numpy(), gt, gt_classes)
-            shares += s
-            areas += a
-    scored = sum(path is not None for path in split_maps.gt_paths)
-    return ShardResult(
-        list(split_maps.data.ids), masks, grid, pseudo_cm.matrix, ceiling_cm.matrix, shares, areas, scored
-    )
+    bar = tqdm(total=stop - start, desc="pseudo masks (all images)", leave=False, mininterval=2.0)
+    # One model batch at a time: only its images and maps are in memory; masks are kept PNG-encoded.
+    for first in range(start, stop, params.batch_size):
+        split_maps = _split_maps(
+            model, dataset, params, device, slice(first, min(stop, first + params.batch_size)), blocks
+        )
+        grid = tuple(split_maps.maps.shape[-2:])
+        for i in range(len(split_maps.data.ids)):
+            mask = merge_maps(*_image_maps(split_maps, i, has_labels), rule.fg_threshold, rule.bg_threshold)
+            masks.append(encode_mask_png(mask))
+            gt_path = split_maps.gt_paths[i]
+            if gt_path is None:
+                continue
+            scored += 1
+            gt = read_mask(dataset.root / gt_path)
+            pseudo_cm.update(gt, mask)
+            ceiling_cm.update(gt, grid_ceiling_mask(gt, grid, num_classes))
+            gt_classes = np.unique(gt[(gt != 0) & (gt != IGNORE_INDEX)]).astype(int) - 1
+            if len(gt_classes) >= 2:
+                raw = F.interpolate(
+                    split_maps.maps[i, gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False
+                )
+                s, a = class_specificity(raw[0].numpy(), gt, gt_classes)
+                shares += s
+                areas += a
+        ids += split_maps.data.ids
+        bar.update(len(split_maps.data.ids))
+    bar.close()
+    return ShardResult(ids, masks, grid, pseudo_cm.matrix, ceiling_cm.matrix, shares, areas, scored)
 
 
 def gather(
     shards: list[ShardResult], params: PseudoMaskParams, rule: MaskRule
-) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
+) -> tuple[list[str], list[bytes], dict[str, Any]]:
     """Joins shard results (in split order) into the stage's ids, masks and ``stats.json`` content.
 
     Confusion matrices add exactly and the share lists concatenate in split order, so any sharding
@@ -288,8 +304,9 @@ def gather(
 
 def generate_pseudo_masks(
     model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
-) -> tuple[list[str], list[np.ndarray], dict[str, Any]]:
-    """Pseudo masks (original image size) for every image of ``params.split`` plus statistics, serially.
+) -> tuple[list[str], list[bytes], dict[str, Any]]:
+    """Pseudo masks (original image size, PNG-encoded) for every image of ``params.split`` plus statistics,
+    serially.
 
     The statistics score the masks against the split's ground truth where it exists: mIoU, the token-grid
     ceiling and the attention class-specificity on multi-class images.
@@ -299,10 +316,10 @@ def generate_pseudo_masks(
     return gather([whole], params, rule)
 
 
-def write_pseudo_masks(params: PseudoMaskParams, ids: list[str], masks: list[np.ndarray], stats: dict) -> None:
+def write_pseudo_masks(params: PseudoMaskParams, ids: list[str], masks: list[bytes], stats: dict) -> None:
     """The stage's artifact: ``<out>/<split>.parquet`` (all masks in one table) and ``<out>/stats.json``."""
     out = Path(params.out)
-    write_mask_table(out / f"{params.split}.parquet", ids, masks)
+    write_encoded_mask_table(out / f"{params.split}.parquet", ids, masks)
     write_json(out / "stats.json", stats)
     if "miou" in stats:
         print(

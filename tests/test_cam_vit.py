@@ -81,6 +81,7 @@ def test_masking_and_read_only_class_tokens_are_refused():
 
 def test_train_classifier_and_pseudo_masks_on_the_cam_baseline(tiny_params: Params, tmp_path: Path):
     from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
+    from wsss.lib.datasets import decode_mask_png
     from wsss.tasks import train_classifier
     from wsss.tasks.ingest import ingest
     from wsss.tasks.pseudo_masks import generate_pseudo_masks
@@ -98,7 +99,8 @@ def test_train_classifier_and_pseudo_masks_on_the_cam_baseline(tiny_params: Para
     model, record = load_classifier(Path(cam.out) / MODEL_FILE)
     assert isinstance(model, CamViT) and record["model_name"] == "wsss_cam_vit_tiny_patch8"
     dataset = read_ingested(Path(tiny_params.ingest.out))
-    ids, masks, stats = generate_pseudo_masks(model, dataset, tiny_params.pseudo_masks, torch.device("cpu"))
+    ids, blobs, stats = generate_pseudo_masks(model, dataset, tiny_params.pseudo_masks, torch.device("cpu"))
+    masks = [decode_mask_png(blob) for blob in blobs]
     train = dataset.split("train")
     assert len(ids) == len(masks) == len(train) == stats["images"] == 48
     assert all(mask.shape == (32, 32) and mask.max() <= dataset.num_classes for mask in masks)

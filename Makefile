@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
 .PHONY: setup run stages data test test-slow lint format lock clean
-.PHONY: repro prefect-server prefect-worker prefect-deploy mlflow-ui run-s3 s3-server
+.PHONY: plots repro prefect-server prefect-worker prefect-deploy mlflow-ui run-s3 s3-server
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,10 @@ prefect-deploy: setup
 	export PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:$${PREFECT_PORT:-4200}/api WSSS_ROOT=$(CURDIR); \
 	$(BIN)/prefect work-pool inspect local >/dev/null 2>&1 || $(BIN)/prefect work-pool create local --type process; \
 	$(BIN)/prefect --no-prompt deploy --all
+
+# `dvc plots show` that renders with no network (Vega inline): dvc_plots/index.html.
+plots: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(WSSS) plots
 
 # MLflow UI over the pipeline's store (runs, metrics per epoch, pictures, registry with alias champion).
 mlflow-ui: setup

@@ -104,6 +104,13 @@ def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) ->
         return experiment.experiment_id
 
 
+def experiment_link(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI path (after its address) of an experiment's runs (or one run), in the model-training view:
+    MLflow 3's UI otherwise opens an experiment on its GenAI overview (traces), one tab away from the runs."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
+    return f"{page}?workflowType=machine_learning"
+
+
 def metric_key(name: str) -> str:
     """MLflow accepts letters, digits, ``_ - . / `` and spaces in metric names."""
     return re.sub(r"[^\w\-. /]", "_", name)

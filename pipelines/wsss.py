@@ -258,7 +258,9 @@ def _publish(root: Path, results: list[dict[str, Any]], summary: dict[str, Any])
     registry_file = root / "artifacts" / "registry.json"
     if registry_file.is_file():
         registry = json.loads(registry_file.read_text())
-        link = f"{MLFLOW_UI}/#/experiments/{registry['experiment_id']}/runs/{registry['run_id']}"
+        from wsss.lib.tracking import experiment_link
+
+        link = f"{MLFLOW_UI}/{experiment_link(registry['experiment_id'], registry['run_id'])}"
         lines += [
             "",
             f"MLflow run [{registry['run_id']}]({link}) (store `{registry.get('tracking_uri')}`; "

@@ -260,6 +260,12 @@ def _diagnose_maps(params: Params, args: argparse.Namespace) -> None:
     main(args.classifier, args.dataset or params.ingest.out, args.images, args.out)
 
 
+def _plots(params: Params, args: argparse.Namespace) -> None:
+    from wsss.tools.plots import show
+
+    print(f"plots written to {show(args.out)} (renders offline: Vega inline)")
+
+
 def _add_diagnose_maps(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """``wsss diagnose-maps`` (tools/diagnose_maps.py): class specificity of every block's attention."""
     diag = sub.add_parser(
@@ -312,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_s3(sub, common)
     _add_ablations(sub, common)
     _add_diagnose_maps(sub, common)
+    plots = sub.add_parser("plots", parents=[common], help="dvc plots show, rendering offline (Vega inline)")
+    plots.add_argument("--out", default="dvc_plots", help="output folder of the page (default: dvc_plots)")
+    plots.set_defaults(handler=_plots)
     return parser
 
 

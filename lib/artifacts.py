@@ -76,6 +76,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
         model.load_state_dict(record["state_dict"])
     except (KeyError, RuntimeError, EOFError, ValueError) as err:
         raise WsssError(f"{path}: not a usable classifier checkpoint ({err})") from None
+    model.class_names = list(record.get("classes", []))  # travels with the module (e.g. into MLflow's pickle)
     return model.to(device).eval(), record
 
 
@@ -90,6 +91,7 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tupl
         model.load_state_dict(record["state_dict"])
     except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as err:
         raise WsssError(f"{path}: not a usable segmenter model ({err})") from None
+    model.class_names = list(record.get("classes", []))  # travels with the module (e.g. into MLflow's pickle)
     return model.to(device).eval(), record
 
 

@@ -227,6 +227,10 @@ def predict(
         from wsss.lib.artifacts import predict_images
 
         masks = predict_images(model, data, device, batch_size)
+    # The overlay's legend names the classes the masks hold, when the model knows them (a wsss checkpoint
+    # or a model registered by `wsss register`); otherwise it shows their values.
+    classes = getattr(model, "class_names", None)
+    names_by_value = ["background", *classes] if overlay and classes else None
     files = {name: [out / f"{name}.png"] + ([out / f"{name}_overlay.png"] if overlay else []) for name in names}
     _check_outputs([f for group in files.values() for f in group], images, overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +240,10 @@ def predict(
             write_mask_png(handle, masks[name])
         written.append(files[name][0])
         if overlay:
-            picture = imgviz.label2rgb(masks[name], image=display_rgb(image), alpha=0.5)
+            picture = imgviz.label2rgb(
+                masks[name], image=display_rgb(image), alpha=0.5, label_names=names_by_value,
+                font_size=max(10, min(image.shape[:2]) // 24), loc="rb",
+            )  # fmt: skip
             with atomic_file(files[name][1]) as handle:
                 Image.fromarray(picture).save(handle, format="PNG")
     return written

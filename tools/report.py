@@ -31,6 +31,7 @@ METRICS = {
     "segmenter_miou": "segmenter mIoU (val)",
     "val_map": "val mAP",
     "class_specificity": "class specificity",
+    "area_share": "area share",  # what the specificity is when the maps do not tell classes apart
     "closed_heads": "closed heads",
     "train_minutes": "training min",
 }

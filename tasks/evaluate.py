@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -112,6 +113,36 @@ def _write_plots(
     if grid is not None:
         with atomic_file(plots_dir / "grid.png") as handle:
             grid.save(handle, format="PNG")
+    with atomic_file(plots_dir / "per_class_iou.png") as handle:
+        per_class_bars(results, names).save(handle, format="PNG")
+
+
+def per_class_bars(results: dict[str, dict[str, Any]], names: list[str]) -> Image.Image:
+    """Per-class IoU as grouped horizontal bars (one colour per mask source), as a picture for MLflow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 0.35 * len(names) * max(1, len(results)) + 1.2))
+    y = np.arange(len(names))
+    height = 0.8 / len(results)
+    for k, (source, result) in enumerate(results.items()):
+        values = [0.0 if math.isnan(result["iou"][n]) else result["iou"][n] for n in names]
+        ax.barh(y + k * height, values, height, label=f"{source} (mIoU {result['miou']:.3f})")
+    ax.set_yticks(y + height * (len(results) - 1) / 2, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU")
+    ax.set_title("Per-class IoU (pseudo masks: train split; segmenters: val split)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer)
 
 
 def _grid_image(

@@ -83,3 +83,5 @@ def test_main_writes_metrics_and_plots(tiny_params: Params):
     with Image.open(plots_dir / "grid.png") as grid:
         # 4 columns of 32 px images upscaled x3, and one row per grid image.
         assert grid.width > 4 * 96 and grid.height > params.evaluate.grid_images * 96
+    with Image.open(plots_dir / "per_class_iou.png") as bars:  # the per-class bars MLflow shows as a picture
+        assert bars.format == "PNG" and bars.width == 700 and bars.height > 100

@@ -30,7 +30,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import imgviz
 import numpy as np
@@ -339,14 +339,19 @@ class DatasetIndex:
         return self.root / relative
 
 
-def read_classes(path: Path) -> list[str]:
-    """Reads and checks ``classes.json``."""
+def read_json_file(path: Path, what: str) -> Any:
+    """A JSON file's content; a missing or unreadable file is one error naming it and ``what`` it holds."""
     if not path.is_file():
         raise WsssError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WsssError(f"{path}: cannot read classes ({one_line(err)})") from None
+        raise WsssError(f"{path}: cannot read {what} ({one_line(err)})") from None
+
+
+def read_classes(path: Path) -> list[str]:
+    """Reads and checks ``classes.json``."""
+    data = read_json_file(path, "classes")
     classes = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise WsssError(f'{path}: expected {{"classes": [non-empty names, ...]}}')

@@ -13,7 +13,6 @@ takes labels from its manifest and refuses such a row.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from wsss.lib.datasets import (
     one_line,
     read_classes,
     read_image,
+    read_json_file,
     summarize,
     validate_dataset,
     write_bands,
@@ -254,12 +254,7 @@ def _coco_mask(
 
 
 def _read_coco(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise WsssError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WsssError(f"{path}: cannot read COCO annotations ({one_line(err)})") from None
+    data = read_json_file(path, "COCO annotations")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise WsssError(f"{path}: missing list {key!r} (not a COCO instances file)")

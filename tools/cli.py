@@ -278,8 +278,9 @@ def _add_diagnose_maps(sub: argparse._SubParsersAction, common: argparse.Argumen
     diag.set_defaults(handler=_diagnose_maps)
 
 
-# Commands that work outside a wsss repo: without a params.yaml in the working directory they use the defaults.
-REPO_FREE = ("predict", "bench")
+# Commands that work outside a wsss repo: without a params.yaml in the working directory they use the defaults
+# (the importers write a data set anywhere; predict and bench need no pipeline).
+REPO_FREE = ("predict", "bench", "import")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -221,35 +221,46 @@ BG_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 FINE_STEPS = (-0.05, -0.025, 0.0, 0.025, 0.05)
 
 
-def tune_thresholds(
-    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int, refine: bool = True
-) -> tuple[float, float, float]:
+class ThresholdSearch:
     """Search of (fg, bg) thresholds by pseudo-mask mIoU on training images with ground truth.
 
-    A coarse grid over [0, 1] (``FG_GRID`` x ``BG_GRID``, bg <= fg), then with ``refine`` a finer one of
-    +-0.05 in steps of 0.025 around the best pair. Ties keep the pair found first.
+    :meth:`coarse` scores the grid over [0, 1] (``FG_GRID`` x ``BG_GRID``, bg <= fg), :meth:`refine` a finer
+    one of +-0.05 in steps of 0.025 around the best pair so far; pairs already scored are not scored again,
+    and ties keep the pair found first.
 
     Args:
         samples: ``(normalised maps, classes, probs, gt)`` per image.
-        refine: also search the finer grid.
-
-    Returns:
-        (fg_threshold, bg_threshold, mIoU at them).
+        num_classes: foreground classes C.
     """
-    gts = [s[3] for s in samples]
-    scores: dict[tuple[float, float], float] = {}
 
-    def search(pairs) -> tuple[float, float, float]:
+    def __init__(self, samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int) -> None:
+        self.samples, self.num_classes = samples, num_classes
+        self.scores: dict[tuple[float, float], float] = {}
+
+    def _search(self, pairs) -> tuple[float, float, float]:
+        gts = [s[3] for s in self.samples]
         for fg, bg in pairs:
             fg, bg = round(float(fg), 4), round(float(bg), 4)
-            if bg > fg or (fg, bg) in scores or not (bg >= 0.0 and fg <= 1.0):
+            if bg > fg or (fg, bg) in self.scores or not (bg >= 0.0 and fg <= 1.0):
                 continue
-            preds = [merge_maps(m, c, p, fg, bg) for m, c, p, _ in samples]
-            scores[(fg, bg)] = mean_iou(zip(gts, preds, strict=True), num_classes + 1)
-        (fg, bg), score = max(scores.items(), key=lambda item: item[1])  # max keeps the first of equal scores
+            preds = [merge_maps(m, c, p, fg, bg) for m, c, p, _ in self.samples]
+            self.scores[(fg, bg)] = mean_iou(zip(gts, preds, strict=True), self.num_classes + 1)
+        (fg, bg), score = max(self.scores.items(), key=lambda item: item[1])  # max keeps the first of equals
         return fg, bg, score
 
-    fg, bg, score = search(itertools.product(FG_GRID, BG_GRID))
-    if refine:
-        fg, bg, score = search((fg + a, max(0.0, bg + b)) for a, b in itertools.product(FINE_STEPS, FINE_STEPS))
-    return fg, bg, score
+    def coarse(self) -> tuple[float, float, float]:
+        """(fg, bg, mIoU) of the best pair of the coarse grid."""
+        return self._search(itertools.product(FG_GRID, BG_GRID))
+
+    def refine(self) -> tuple[float, float, float]:
+        """(fg, bg, mIoU) of the best pair after the finer grid around the best one so far."""
+        fg, bg, _ = self.coarse()  # scored already: only looks the best pair up
+        return self._search((fg + a, max(0.0, bg + b)) for a, b in itertools.product(FINE_STEPS, FINE_STEPS))
+
+
+def tune_thresholds(
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int, refine: bool = True
+) -> tuple[float, float, float]:
+    """:class:`ThresholdSearch`'s coarse grid and, with ``refine``, its finer one: (fg, bg, mIoU at them)."""
+    search = ThresholdSearch(samples, num_classes)
+    return search.refine() if refine else search.coarse()

@@ -34,6 +34,7 @@ from wsss.lib.datasets import (
 from wsss.lib.errors import WsssError
 from wsss.lib.io import write_json
 from wsss.lib.mask_rule import (
+    ThresholdSearch,
     attention_maps,
     block_candidates,
     class_specificity,
@@ -42,7 +43,6 @@ from wsss.lib.mask_rule import (
     merge_maps,
     normalized_maps,
     present_classes,
-    tune_thresholds,
 )
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
 from wsss.lib.runtime import setup_runtime
@@ -183,14 +183,13 @@ def decide_rule(
     for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):
         per_block = sample.maps[:, len(usable) - len(model.map_layers(count)) :].unbind(1)
         samples = _tuning_samples(sample, sum(per_block[1:], per_block[0]), dataset, has_labels)
-        if len(candidates) == 1:
-            fg, bg, score = tune_thresholds(samples, dataset.num_classes)
-            return MaskRule(fg, bg, score, name, tuple(model.map_layers(count)))
-        scores[name] = tune_thresholds(samples, dataset.num_classes, refine=False)[2]
+        search = ThresholdSearch(samples, dataset.num_classes)
+        scores[name] = search.coarse()[2]
         if best is None or scores[name] > scores[best[0]]:  # strictly better: ties keep more blocks
-            best = (name, samples)
-    fg, bg, score = tune_thresholds(best[1], dataset.num_classes)
-    return MaskRule(fg, bg, score, best[0], tuple(model.map_layers(candidates[best[0]])), scores)
+            best = (name, search)  # only the leader's samples are kept
+    fg, bg, score = best[1].refine()  # the coarse grid of the leader is not scored again
+    layers = tuple(model.map_layers(candidates[best[0]]))
+    return MaskRule(fg, bg, score, best[0], layers, scores if len(candidates) > 1 else None)
 
 
 def shard_ranges(num_images: int, shards: int, batch_size: int) -> list[tuple[int, int]]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -73,6 +76,73 @@ def _keys(store: storage.S3Store, part: str) -> list[str]:
 
 def _files(root: Path) -> dict[str, bytes]:
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+class SlowLink:
+    """A TCP relay on 127.0.0.1 that carries uploads to ``upstream_port`` at ``bytes_per_s`` (None: full speed).
+
+    It makes "the server went away mid-push" independent of how fast the machine is: a push through it
+    takes at least size / bytes_per_s, so the test can cut it while files are still in flight. ``cut()``
+    closes the listener and every relayed connection (new connects are refused, as by a stopped server);
+    ``start()`` listens on the same port again.
+    """
+
+    def __init__(self, upstream_port: int, bytes_per_s: int | None) -> None:
+        self.upstream_port, self.bytes_per_s = upstream_port, bytes_per_s
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> SlowLink:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut(): the listener is closed
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, upload: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(16 << 10):
+                sink.sendall(data)
+                if upload and self.bytes_per_s:
+                    time.sleep(len(data) / self.bytes_per_s)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
 
 def _cache_is_whole(repo: Path) -> dict[str, str]:
@@ -190,8 +260,10 @@ def test_server_stopped_mid_push_gives_one_line_and_keeps_the_local_cache(
     tmp_path: Path, tiny_dataset: Path, tiny_params: Params, monkeypatch: pytest.MonkeyPatch
 ):
     server = SeaweedS3(tmp_path / "seaweed", ACCESS_KEY, SECRET_KEY).start()
+    # 60 files of 1 MiB at 4 MiB/s: the push lasts >= 15 s on any machine, and is cut after about 10 files
+    link = SlowLink(server.ports["-s3.port"], 4 << 20).start()
     try:
-        store = _point_at(monkeypatch, server.endpoint_url)
+        store = _point_at(monkeypatch, link.endpoint_url)
         repo = make_pipeline_repo(tmp_path / "repo", tiny_dataset, pipeline_params(tiny_params))
         bulk = repo / "bulk"
         bulk.mkdir()
@@ -213,6 +285,7 @@ def test_server_stopped_mid_push_gives_one_line_and_keeps_the_local_cache(
             time.sleep(0.1)
         assert push.poll() is None, "the push ended before the server could be stopped"
         server.kill()
+        link.cut()
         _, stderr = push.communicate(timeout=120)
 
         assert push.returncode == 1
@@ -225,8 +298,11 @@ def test_server_stopped_mid_push_gives_one_line_and_keeps_the_local_cache(
         assert _files(bulk) == workspace
 
         server.start()  # same data and ports: the rerun finishes the job
+        link.bytes_per_s = None  # the rerun need not be slow
+        link.start()
         again = _wsss(repo, "s3", "push", "bulk.dvc")
         assert again.returncode == 0, again.stderr
         assert len(_keys(store, "dvc")) == 60 + 1  # the files and the directory's listing
     finally:
+        link.cut()
         server.stop()

@@ -2,9 +2,9 @@
 
     python -m wsss.benchmarks.data [--images 2000 20000] [--out reports/data.json] [--workers 0 1 2]
 
-1. A VOC-like set: the embedded generator's scenes (objects on textures) rendered at 500 x 375 (not square),
-   saved as JPEG photos with palette PNG masks, ``max(--images)`` training images (+ 100 val); each smaller
-   size is the first images of it (one manifest per size).
+1. A VOC-like set: the embedded generator's scenes (objects on textures) rendered at 500 x 375 (a quarter
+   portrait, 375 x 500), saved as JPEG photos with palette PNG masks, ``max(--images)`` training images
+   (+ 100 val); each smaller size is the first images of it (one manifest per size).
 2. Peak RSS (the kernel's ``ru_maxrss`` of the command's process tree) of ``wsss train-classifier``
    (1 epoch, the default tiny model at 64 px) and of ``wsss pseudo-masks`` for each size: the streamed data
    path holds no split in memory, so the peak should not grow with the number of images (goal <= 1.2x).
@@ -52,13 +52,14 @@ def build_voc_like(root: Path, train_images: int) -> Path:
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
     rows = []
-    for row in source.manifest.itertuples(index=False):
-        image = Image.open(scenes / row.image).convert("RGB").resize(VOC_SIZE, Image.BILINEAR)
+    for index, row in enumerate(source.manifest.itertuples(index=False)):
+        size = VOC_SIZE if index % 4 else VOC_SIZE[::-1]  # a quarter portrait, as in VOC
+        image = Image.open(scenes / row.image).convert("RGB").resize(size, Image.BILINEAR)
         image.save(out / "images" / f"{row.id}.jpg", quality=90)
-        mask = Image.fromarray(read_mask(scenes / row.mask)).resize(VOC_SIZE, Image.NEAREST)
+        mask = Image.fromarray(read_mask(scenes / row.mask)).resize(size, Image.NEAREST)
         write_mask_png(out / "masks" / f"{row.id}.png", np.asarray(mask))
         rows.append({**row._asdict(), "image": f"images/{row.id}.jpg", "mask": f"masks/{row.id}.png",
-                     "width": VOC_SIZE[0], "height": VOC_SIZE[1]})  # fmt: skip
+                     "width": size[0], "height": size[1]})  # fmt: skip
     write_classes(out / "classes.json", source.classes)
     write_manifest(out / "manifest.parquet", pd.DataFrame(rows))
     return out
@@ -138,9 +139,10 @@ def throughput(root: Path, workers: list[int], items: int = 256) -> list[dict[st
     dataset = read_dataset(root / "full")
     rows = []
     for size in (224, 448):
-        data = StreamedSplit(dataset, "train", size)
+        data = StreamedSplit(dataset, "train")  # original-size JPEGs; the training crops are cut from them
         for count in workers:
-            loader = shard_loader(AugmentedSplit(data, train=True, seed=0), 32, 0, World(), num_workers=count)
+            augmented = AugmentedSplit(data, train=True, size=size, seed=0)
+            loader = shard_loader(augmented, 32, 0, World(), num_workers=count)
             loader.sampler.set_epoch(0)
             began, seen = time.perf_counter(), 0
             for images, _, _ in loader:

@@ -8,6 +8,7 @@ on the training code that wrote it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,21 +107,32 @@ def load_map_model(path: str | Path, device: torch.device | str = "cpu") -> Toke
 
 
 @torch.no_grad()
+def iter_predictions(
+    model: Segmenter, data: SplitData | StreamedSplit, device: torch.device | str, batch_size: int, num_workers: int = 0
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(id, HxW uint8 mask)`` of each image of a split (in split order when its images share one size):
+    logits of the image at its loaded size upsampled to its original size before the argmax. One batch at
+    a time is in memory."""
+    model.eval()
+    for indices, images in image_batches(data, batch_size, num_workers):
+        logits = model(normalize(images).to(device))
+        for index, single in zip(indices, logits, strict=True):
+            full = F.interpolate(
+                single[None].float(), size=tuple(data.original_sizes[index]), mode="bilinear", align_corners=False
+            )
+            yield data.ids[index], full[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
 def predict_images(
     model: Segmenter, data: SplitData | StreamedSplit, device: torch.device | str, batch_size: int, num_workers: int = 0
 ) -> dict[str, np.ndarray]:
-    """Segmenter masks of a split at its loaded size; logits are upsampled to each image's original size
-    before the argmax."""
-    model.eval()
-    predictions, index = {}, 0
-    for images in image_batches(data, batch_size, num_workers):
-        for single in model(normalize(images).to(device)):
-            full = F.interpolate(
-                single[None], size=tuple(data.original_sizes[index]), mode="bilinear", align_corners=False
-            )
-            predictions[data.ids[index]] = full[0].argmax(0).to(torch.uint8).cpu().numpy()
-            index += 1
-    return predictions
+    """:func:`iter_predictions` as ``{id: mask}`` (for a few images; a split is scored as it streams)."""
+    return dict(iter_predictions(model, data, device, batch_size, num_workers))
+
+
+def segmenter_split(model: Segmenter, dataset: DatasetIndex, split: str, img_size: int) -> StreamedSplit:
+    """A split as the segmenter predicts it: longer side ``img_size``, aspect kept (its stride's multiples)."""
+    return StreamedSplit(dataset, split, img_size, model.size_multiple)
 
 
 def predict_split(
@@ -130,6 +142,6 @@ def predict_split(
     img_size: int,
     device: torch.device | str,
     batch_size: int,
-) -> dict[str, np.ndarray]:
-    """Original-size predicted masks ``{id: HxW uint8}`` for every image of ``split``."""
-    return predict_images(model, StreamedSplit(dataset, split, img_size), device, batch_size)
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Original-size predicted masks ``(id, HxW uint8)`` for every image of ``split``, streamed."""
+    return iter_predictions(model, segmenter_split(model, dataset, split, img_size), device, batch_size)

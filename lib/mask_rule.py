@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from wsss.lib.datasets import normalize
+from wsss.lib.datasets import normalize, shape_groups
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
 from wsss.models.token_masking_vit import TokenMaskingViT
 
@@ -62,7 +62,7 @@ def block_candidates(model: TokenMaskingViT) -> dict[str, int | None]:
 @torch.no_grad()
 def attention_maps(
     model: TokenMaskingViT,
-    images: torch.Tensor,
+    images: Sequence[torch.Tensor],
     device: torch.device,
     batch_size: int = 128,
     scales: Sequence[float] = (1.0,),
@@ -71,28 +71,34 @@ def attention_maps(
     per_block: bool = False,
     refine: int = 0,
     desc: str = "attention maps",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-attention maps ``[N, C, h, w]`` and class probabilities ``[N, C]`` of uint8 images (``desc``
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Class-attention maps (``[C, h, w]`` per image, on its own token grid) and class probabilities
+    ``[N, C]`` of uint8 images ``[channels, H, W]`` (any sizes that are multiples of the patch; ``desc``
     labels the progress bar).
 
-    ``blocks``/``per_block``/``refine`` are the model's (:meth:`TokenMaskingViT.class_attention_maps`): the maps of the
-    last ``blocks`` blocks with an open head summed (None: all), or kept apart (``[N, L, C, h, w]``). With
-    several ``scales`` or ``flip``, maps and probabilities are averaged over the views of
-    :func:`multi_view_maps`; ``h, w`` stay the grid of the images' own size.
+    Images go through the model in runs of ``batch_size``, each run in groups of one size
+    (:func:`wsss.lib.datasets.shape_groups`). ``blocks``/``per_block``/``refine`` are the model's
+    (:meth:`TokenMaskingViT.class_attention_maps`): the maps of the last ``blocks`` blocks with an open
+    head summed (None: all), or kept apart (``[L, C, h, w]`` per image). With several ``scales`` or
+    ``flip``, maps and probabilities are averaged over the views of :func:`multi_view_maps`; ``h, w``
+    stay the grid of the image's own size.
     """
     model.eval()
-    maps, probs = [], []
-    one_batch = len(images) <= batch_size  # the caller shows the progress (the pseudo-mask stage's batches)
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, mininterval=2.0, disable=one_batch):
-        batch = normalize(images[i : i + batch_size]).to(device)
-        if list(scales) == [1.0] and not flip:
-            m, logits = model.class_attention_maps(batch, blocks=blocks, per_block=per_block, refine=refine)
-            p = torch.sigmoid(logits)
-        else:
-            m, p = multi_view_maps(model, batch, scales, flip, blocks, per_block, refine)
-        maps.append(m.float().cpu())
-        probs.append(p.float().cpu())
-    return torch.cat(maps), torch.cat(probs)
+    maps: list[torch.Tensor | None] = [None] * len(images)
+    probs = torch.empty(len(images), model.num_classes)
+    one_run = len(images) <= batch_size  # the caller shows the progress (the pseudo-mask stage's batches)
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, mininterval=2.0, disable=one_run):
+        for indices, group in shape_groups(list(images[start : start + batch_size]), start):
+            batch = normalize(group).to(device)
+            if list(scales) == [1.0] and not flip:
+                m, logits = model.class_attention_maps(batch, blocks=blocks, per_block=per_block, refine=refine)
+                p = torch.sigmoid(logits)
+            else:
+                m, p = multi_view_maps(model, batch, scales, flip, blocks, per_block, refine)
+            probs[indices] = p.float().cpu()
+            for index, single in zip(indices, m.float().cpu(), strict=True):
+                maps[index] = single
+    return maps, probs
 
 
 def multi_view_maps(

@@ -74,6 +74,11 @@ class Segmenter(nn.Module):
             ) from None
         self.decoder = FpnDecoder(self.encoder.feature_info.channels(), decoder_channels, num_classes)
 
+    @property
+    def size_multiple(self) -> int:
+        """The encoder's largest stride: input sides that are multiples of it lose no border pixels."""
+        return max(self.encoder.feature_info.reduction())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Returns logits [B, K, H, W] for images [B, in_chans, H, W]."""
         logits = self.decoder(self.encoder(x))

@@ -6,10 +6,12 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -21,9 +23,18 @@ from wsss.lib.artifacts import (
     pseudo_mask_path,
     read_ingested,
     segmenter_dir,
+    segmenter_split,
 )
 from wsss.lib.config import Params
-from wsss.lib.datasets import DatasetIndex, display_rgb, load_split, read_image, read_mask, read_mask_table, to_uint8
+from wsss.lib.datasets import (
+    DatasetIndex,
+    decode_mask_png,
+    display_rgb,
+    read_image,
+    read_mask,
+    read_mask_table,
+    to_uint8,
+)
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file, write_json
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix
@@ -37,8 +48,35 @@ MAX_CONFUSION_ROWS = 10_000
 CONFUSION_PLOTS = {"pseudo_mask": "confusion_pseudo_masks.csv", "segmenter": "confusion_segmenter.csv"}
 
 
-def evaluate_masks(dataset: DatasetIndex, split: str, predictions: dict[str, np.ndarray]) -> dict[str, Any]:
+def _predicted_pairs(
+    rows: pd.DataFrame, split: str, predictions: Mapping[str, np.ndarray | bytes] | Iterable[tuple[str, np.ndarray]]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(id, mask)`` per image of ``rows``: looked up in a mapping (PNG bytes decoded one at a time), or
+    taken from a stream of pairs (a segmenter's predictions as they are made), which must cover the split."""
+    if isinstance(predictions, Mapping):
+        for image_id in rows["id"]:
+            if image_id not in predictions:
+                raise WsssError(f"no prediction for id {image_id!r} of split {split!r}")
+            mask = predictions[image_id]
+            yield image_id, decode_mask_png(mask, f"mask of id {image_id!r}") if isinstance(mask, bytes) else mask
+        return
+    seen = set()
+    for image_id, mask in predictions:
+        seen.add(image_id)
+        yield image_id, mask
+    missing = [i for i in rows["id"] if i not in seen]
+    if missing:
+        raise WsssError(f"no prediction for id {missing[0]!r} of split {split!r}")
+
+
+def evaluate_masks(
+    dataset: DatasetIndex,
+    split: str,
+    predictions: Mapping[str, np.ndarray | bytes] | Iterable[tuple[str, np.ndarray]],
+) -> dict[str, Any]:
     """Scores original-size predicted masks against the GT masks of ``split`` (rows without a mask skipped).
+
+    ``predictions``: ``{id: mask or PNG bytes}``, or ``(id, mask)`` pairs streamed (one mask in memory at a time).
 
     Returns:
         ``iou`` ({class name: IoU, "background" first; NaN where a class occurs in neither GT nor
@@ -49,21 +87,20 @@ def evaluate_masks(dataset: DatasetIndex, split: str, predictions: dict[str, np.
             holds a label outside 0..C, or the split has no GT masks.
     """
     rows = dataset.split(split)
-    if not rows["mask"].map(lambda m: isinstance(m, str)).any():
+    gt_paths = {r.id: r.mask for r in rows.itertuples(index=False) if isinstance(r.mask, str)}
+    if not gt_paths:
         raise WsssError(f"{dataset.root}: split {split!r} has no ground-truth masks to score against")
     matrix = ConfusionMatrix(dataset.num_classes + 1)
-    for row in rows.itertuples(index=False):
-        if row.id not in predictions:
-            raise WsssError(f"no prediction for id {row.id!r} of split {split!r}")
-        if not isinstance(row.mask, str):
+    for image_id, prediction in _predicted_pairs(rows, split, predictions):
+        if image_id not in gt_paths:
             continue
-        gt, pred = read_mask(dataset.path(row.mask)), np.asarray(predictions[row.id])
+        gt, pred = read_mask(dataset.path(gt_paths[image_id])), np.asarray(prediction)
         if pred.shape != gt.shape:
-            raise WsssError(f"prediction for id {row.id!r} has shape {pred.shape}, ground truth {gt.shape}")
+            raise WsssError(f"prediction for id {image_id!r} has shape {pred.shape}, ground truth {gt.shape}")
         try:
             matrix.update(gt, pred)
         except ValueError as err:
-            raise WsssError(f"id {row.id!r}: {err}") from None
+            raise WsssError(f"id {image_id!r}: {err}") from None
     scores = matrix.compute()
     names = ["background", *dataset.classes]
     return {
@@ -148,7 +185,7 @@ def per_class_bars(results: dict[str, dict[str, Any]], names: list[str]) -> Imag
 def _grid_image(
     dataset: DatasetIndex,
     split: str,
-    pseudo: dict[str, np.ndarray],
+    pseudo: dict[str, bytes],
     segmenter: tuple[Segmenter, dict[str, Any]] | None,
     num_images: int,
     device: torch.device,
@@ -163,11 +200,11 @@ def _grid_image(
             gt = read_mask(dataset.path(row.mask))
         columns["image"].append(image)
         columns["ground truth"].append(colorize(gt))
-        columns["pseudo mask"].append(colorize(pseudo[row.id]))
+        columns["pseudo mask"].append(colorize(decode_mask_png(pseudo[row.id], f"pseudo mask of id {row.id!r}")))
     if segmenter is not None:
         model, record = segmenter
         subset = DatasetIndex(dataset.root, dataset.classes, rows, dataset.bands)
-        data = load_split(subset, split, record["img_size"], with_masks=False)
+        data = segmenter_split(model, subset, split, record["img_size"])
         predictions = predict_images(model, data, device, batch_size=num_images)
         columns["segmenter"] = [colorize(predictions[i]) for i in rows["id"]]
     title = f"{split} split, first {len(rows)} images: pseudo masks{' and segmenter' if segmenter else ''}"
@@ -180,7 +217,7 @@ def main(params: Params) -> dict[str, Any]:
     dataset = read_ingested(Path(params.ingest.out))
     names = ["background", *dataset.classes]
     split = params.pseudo_masks.split
-    pseudo = read_mask_table(pseudo_mask_path(params))
+    pseudo = read_mask_table(pseudo_mask_path(params), encoded=True)  # decoded one at a time
     results = {"pseudo_mask": evaluate_masks(dataset, split, pseudo)}
     segmenter = None
     for source, mask_source in (("segmenter", "pseudo"), ("segmenter_gt", "gt")):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ class ShardResult:
 
     ids: list[str]
     masks: list[bytes]  # PNG-encoded, as the mask table stores them
-    grid: tuple[int, int]
+    grids: Counter[tuple[int, int]]  # images per token grid (an image's grid follows its aspect ratio)
     pseudo_confusion: np.ndarray  # int64 [C+1, C+1] over the images with ground truth
     ceiling_confusion: np.ndarray
     specificity_shares: list[float]
@@ -81,7 +82,7 @@ class _SplitMaps:
     """Attention maps and what the rule needs of some images of a split (one shard, or the tuning sample)."""
 
     data: SplitData
-    maps: torch.Tensor  # [N, C, h, w]
+    maps: list[torch.Tensor]  # [C, h, w] per image (per block: [L, C, h, w]), h x w its own token grid
     probs: torch.Tensor  # [N, C]
     gt_paths: list[str | None]
 
@@ -112,12 +113,13 @@ def _split_maps(
     per_block: bool = False,
     desc: str = "attention maps",
 ) -> _SplitMaps:
-    """Loads the images at ``positions`` of ``params.split`` and computes their maps, in that order
-    (``blocks``/``per_block``: see :func:`wsss.lib.mask_rule.attention_maps`)."""
+    """Loads the images at ``positions`` of ``params.split`` at their own aspect ratio (longer side the
+    classifier's input size) and computes their maps, in that order (``blocks``/``per_block``: see
+    :func:`wsss.lib.mask_rule.attention_maps`)."""
     rows = dataset.split(params.split)
     picked = rows.iloc[positions]
     subset = dataclasses.replace(dataset, manifest=picked)
-    data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, with_masks=False)
+    data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, False, model.patch_size)
     with _thread_count_invariant_kernels():
         maps, probs = attention_maps(
             model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block,
@@ -125,6 +127,11 @@ def _split_maps(
         )  # fmt: skip
     gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
     return _SplitMaps(data, maps, probs, gt_paths)
+
+
+def _sum_blocks(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The blocks' maps summed in the order the model sums them (so the result equals its own sum)."""
+    return sum(maps[1:], maps[0])
 
 
 def refine_steps(params: PseudoMaskParams) -> int:
@@ -136,11 +143,11 @@ def _image_maps(split_maps: _SplitMaps, i: int, has_labels: bool) -> tuple[np.nd
     """(normalised maps of the present classes at the image's own size, those classes, probabilities)."""
     probs = split_maps.probs[i].numpy()
     classes = present_classes(split_maps.data.labels[i].numpy() if has_labels else None, probs)
-    return normalized_maps(split_maps.maps[i, classes], split_maps.data.original_sizes[i]), classes, probs
+    return normalized_maps(split_maps.maps[i][classes], split_maps.data.original_sizes[i]), classes, probs
 
 
 def _tuning_samples(
-    sample: _SplitMaps, maps: torch.Tensor, dataset: DatasetIndex, has_labels: bool
+    sample: _SplitMaps, maps: list[torch.Tensor], dataset: DatasetIndex, has_labels: bool
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(normalised maps, classes, probabilities, ground truth) of each tuning image under ``maps``."""
     view = dataclasses.replace(sample, maps=maps)
@@ -181,8 +188,9 @@ def decide_rule(
     usable = model.map_layers(None)
     scores, best = {}, None
     for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):
-        per_block = sample.maps[:, len(usable) - len(model.map_layers(count)) :].unbind(1)
-        samples = _tuning_samples(sample, sum(per_block[1:], per_block[0]), dataset, has_labels)
+        skip = len(usable) - len(model.map_layers(count))
+        summed = [_sum_blocks(maps[skip:].unbind(0)) for maps in sample.maps]
+        samples = _tuning_samples(sample, summed, dataset, has_labels)
         search = ThresholdSearch(samples, dataset.num_classes)
         scores[name] = search.coarse()[2]
         if best is None or scores[name] > scores[best[0]]:  # strictly better: ties keep more blocks
@@ -221,7 +229,7 @@ def pseudo_mask_shard(
     blocks = len(rule.map_layers) if rule.map_blocks != "all" else None
     num_classes = dataset.num_classes
     has_labels = params.split == "train"
-    ids, masks, grid, scored = [], [], None, 0
+    ids, masks, grids, scored = [], [], Counter(), 0
     pseudo_cm, ceiling_cm = ConfusionMatrix(num_classes + 1), ConfusionMatrix(num_classes + 1)
     shares, areas = [], []
     bar = tqdm(total=stop - start, desc="pseudo masks (all images)", leave=False, mininterval=2.0)
@@ -230,8 +238,9 @@ def pseudo_mask_shard(
         split_maps = _split_maps(
             model, dataset, params, device, slice(first, min(stop, first + params.batch_size)), blocks
         )
-        grid = tuple(split_maps.maps.shape[-2:])
         for i in range(len(split_maps.data.ids)):
+            grid = tuple(split_maps.maps[i].shape[-2:])
+            grids[grid] += 1
             mask = merge_maps(*_image_maps(split_maps, i, has_labels), rule.fg_threshold, rule.bg_threshold)
             masks.append(encode_mask_png(mask))
             gt_path = split_maps.gt_paths[i]
@@ -244,7 +253,7 @@ def pseudo_mask_shard(
             gt_classes = np.unique(gt[(gt != 0) & (gt != IGNORE_INDEX)]).astype(int) - 1
             if len(gt_classes) >= 2:
                 raw = F.interpolate(
-                    split_maps.maps[i, gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False
+                    split_maps.maps[i][gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False
                 )
                 s, a = class_specificity(raw[0].numpy(), gt, gt_classes)
                 shares += s
@@ -252,7 +261,7 @@ def pseudo_mask_shard(
         ids += split_maps.data.ids
         bar.update(len(split_maps.data.ids))
     bar.close()
-    return ShardResult(ids, masks, grid, pseudo_cm.matrix, ceiling_cm.matrix, shares, areas, scored)
+    return ShardResult(ids, masks, grids, pseudo_cm.matrix, ceiling_cm.matrix, shares, areas, scored)
 
 
 def gather(
@@ -265,9 +274,7 @@ def gather(
     """
     if not shards:
         raise ValueError("gather needs at least one shard")
-    grids = {shard.grid for shard in shards}
-    if len(grids) != 1:
-        raise ValueError(f"shards disagree on the token grid: {sorted(grids)}")
+    grids = sum((shard.grids for shard in shards), Counter())
     ids = [i for shard in shards for i in shard.ids]
     masks = [m for shard in shards for m in shard.masks]
     shares = [s for shard in shards for s in shard.specificity_shares]
@@ -275,7 +282,7 @@ def gather(
     stats: dict[str, Any] = {
         "split": params.split,
         "images": len(masks),
-        "grid": list(shards[0].grid),
+        "grid": list(grids.most_common(1)[0][0]),  # the most frequent token grid (aspect ratios vary)
         "map_layer": rule.map_layers[-1],
         "map_blocks": rule.map_blocks,
         "map_layers": list(rule.map_layers),

@@ -83,8 +83,10 @@ def predict_probabilities(
 ) -> torch.Tensor:
     """Sigmoid class probabilities ``[N, C]`` for a split (eval mode, no masking)."""
     model.eval()
-    batches = image_batches(data, batch_size, num_workers)
-    return torch.cat([torch.sigmoid(model(normalize(images).to(device))).cpu() for images in batches])
+    probs = torch.empty(len(data), model.num_classes)
+    for indices, images in image_batches(data, batch_size, num_workers):
+        probs[indices] = torch.sigmoid(model(normalize(images).to(device))).float().cpu()
+    return probs
 
 
 def classification_metrics(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -133,9 +135,9 @@ def train_classifier(
     trainer = trainer or TrainerParams()
     num_workers = trainer.num_workers
     out = Path(out)
-    # Streamed: only the manifest is held; images are decoded where they are used (DataLoader workers).
-    train = StreamedSplit(dataset, "train", params.img_size)
-    val = StreamedSplit(dataset, "val", params.img_size)
+    # Streamed: only the manifest is held; images are decoded where they are used (DataLoader workers),
+    # training images at their original size (crops are cut from it), val ones at their own aspect ratio.
+    train = StreamedSplit(dataset, "train")
     if (train.labels.sum(dim=1) == 0).any():
         bad = train.ids[int((train.labels.sum(dim=1) == 0).nonzero()[0])]
         raise WsssError(f"{dataset.root}: train image {bad} has no labels (every training image needs ≥ 1)")
@@ -153,7 +155,8 @@ def train_classifier(
     if world.distributed:
         model = global_batch_norm(model, device)
     prepare_model(model, device, trainer.channels_last)
-    augmented = AugmentedSplit(train, train=True, crop_scale_min=params.crop_scale_min, seed=seed)
+    val = StreamedSplit(dataset, "val", params.img_size, model.patch_size)
+    augmented = AugmentedSplit(train, train=True, size=params.img_size, crop_scale_min=params.crop_scale_min, seed=seed)
     loader = shard_loader(augmented, params.batch_size, seed, world, num_workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(param_groups(model, params.lr, params.weight_decay, params.gate_lr))
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume overwrites them

@@ -10,7 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, predict_images, pseudo_mask_path, read_ingested, segmenter_dir
+from wsss.lib.artifacts import (
+    HISTORY_FILE,
+    MODEL_FILE,
+    iter_predictions,
+    pseudo_mask_path,
+    read_ingested,
+    segmenter_dir,
+    segmenter_split,
+)
 from wsss.lib.checkpoint import fingerprint
 from wsss.lib.config import Params, SegmenterParams, TrainerParams
 from wsss.lib.datasets import AugmentedSplit, DatasetIndex, StreamedSplit, masks_digest, read_mask, read_mask_table
@@ -33,22 +41,16 @@ from wsss.models.segmenter import Segmenter
 MASK_SOURCES = ("pseudo", "gt")
 
 
-def _check_masks(data: StreamedSplit, masks: dict[str, np.ndarray], num_classes: int) -> None:
-    """Every training image has a mask of its size with values 0..C or 255 (they are resized as items)."""
-    for image_id, shape in zip(data.ids, data.original_sizes, strict=True):
-        if image_id not in masks:
+def _check_masks(data: StreamedSplit, num_classes: int) -> None:
+    """Every training image has a mask of its size with values 0..C or 255 (decoded one at a time)."""
+    for index, (image_id, shape) in enumerate(zip(data.ids, data.original_sizes, strict=True)):
+        if image_id not in data.given_masks:
             raise WsssError(f"training mask for id {image_id!r} is missing")
-        mask = np.asarray(masks[image_id])
+        mask = data.original_mask(index)
         if mask.shape != tuple(shape):
             raise WsssError(f"training mask for id {image_id!r} has shape {mask.shape}, image is {tuple(shape)}")
         if ((mask > num_classes) & (mask != IGNORE_INDEX)).any():
             raise WsssError(f"training mask for id {image_id!r} has a value above {num_classes} (not 255)")
-
-
-def _ground_truth(dataset: DatasetIndex, split: str) -> dict[str, np.ndarray]:
-    """Original-size GT masks of the rows that have one."""
-    rows = dataset.split(split).dropna(subset=["mask"])
-    return {r.id: read_mask(dataset.path(r.mask)) for r in rows.itertuples(index=False)}
 
 
 def train_segmenter(
@@ -69,8 +71,8 @@ def train_segmenter(
 
     Args:
         dataset: the ingested data set.
-        masks: original-size training masks ``{id: HxW}`` (the pseudo masks); None = the train split's GT
-            masks (the fully supervised upper bound).
+        masks: original-size training masks ``{id: HxW array or PNG bytes}`` (the pseudo masks); None =
+            the train split's GT masks (the fully supervised upper bound).
         params: the ``segmenter`` params section.
         out: output folder; gets ``checkpoint.pt`` and ``history.csv`` every epoch, then ``model.pt``.
         seed: seeds the weights, the loader order and the augmentation.
@@ -88,11 +90,13 @@ def train_segmenter(
     out = Path(out)
     num_classes = dataset.num_classes + 1
     # Streamed: only the manifest (and the given masks) is held; images are decoded where they are used.
-    train = StreamedSplit(dataset, "train", params.img_size, with_masks=masks is None, masks=masks)
+    # Streamed: only the manifest (and the given masks, PNG-encoded) is held; images are decoded where
+    # they are used, at their original size (the training crops are cut from it).
+    train = StreamedSplit(dataset, "train", with_masks=masks is None, masks=masks)
     if masks is not None:
-        _check_masks(train, masks, dataset.num_classes)
-    val = StreamedSplit(dataset, "val", params.img_size)
-    val_gt = _ground_truth(dataset, "val")
+        _check_masks(train, dataset.num_classes)
+    val_rows = dataset.split("val")
+    val_gt = {r.id: r.mask for r in val_rows.itertuples(index=False) if isinstance(r.mask, str)}
 
     model_kwargs = {
         "encoder_name": params.encoder,
@@ -117,7 +121,8 @@ def train_segmenter(
     if world.distributed:
         model = global_batch_norm(model, device)
     prepare_model(model, device, trainer.channels_last)
-    augmented = AugmentedSplit(train, train=True, seed=seed)
+    val = segmenter_split(model, dataset, "val", params.img_size)
+    augmented = AugmentedSplit(train, train=True, size=params.img_size, seed=seed)
     loader = shard_loader(augmented, params.batch_size, seed, world, num_workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs * len(loader))
@@ -146,11 +151,9 @@ def train_segmenter(
         return loss.detach()
 
     def validate(total_loss: torch.Tensor) -> dict[str, Any]:
-        predictions = predict_images(model, val, device, params.batch_size, num_workers)
-        return {
-            "loss": float(total_loss) / loop.steps_per_epoch,
-            "val_miou": mean_iou(((gt, predictions[i]) for i, gt in val_gt.items()), num_classes),
-        }
+        predictions = iter_predictions(model, val, device, params.batch_size, num_workers)
+        pairs = ((read_mask(dataset.path(val_gt[i])), mask) for i, mask in predictions if i in val_gt)
+        return {"loss": float(total_loss) / loop.steps_per_epoch, "val_miou": mean_iou(pairs, num_classes)}
 
     def describe(row: dict[str, Any]) -> str:
         return f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  val mIoU {row['val_miou']:.3f}  {row['seconds']:.1f}s"
@@ -185,7 +188,7 @@ def main(params: Params, mask_source: str = "pseudo") -> dict[str, Any] | None:
         return None
     with process_group(params) as (device, world):
         dataset = read_ingested(Path(params.ingest.out))
-        masks = read_mask_table(pseudo_mask_path(params)) if mask_source == "pseudo" else None
+        masks = read_mask_table(pseudo_mask_path(params), encoded=True) if mask_source == "pseudo" else None
         out = segmenter_dir(params, mask_source)
         result = train_segmenter(dataset, masks, params.segmenter, out, params.seed, device, world, params.trainer)
     if world.is_main:

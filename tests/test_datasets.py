@@ -21,9 +21,11 @@ from PIL import Image
 from wsss.lib.datasets import (
     AugmentedSplit,
     SplitData,
+    aspect_size,
     compute_bands,
     decode_mask_png,
     encode_mask_png,
+    image_batches,
     load_split,
     normalize,
     palette,
@@ -342,11 +344,11 @@ def test_load_split_shapes_and_values(tiny_dataset: Path) -> None:
     rows = dataset.split("val")
     data = load_split(dataset, "val", size=16, with_masks=True)
     assert data.ids == rows["id"].tolist() and len(data) == 16
-    assert data.images.shape == (16, 3, 16, 16) and data.images.dtype == torch.uint8
+    assert all(image.shape == (3, 16, 16) and image.dtype == torch.uint8 for image in data.images)
     assert data.labels.dtype == torch.float32
     np.testing.assert_array_equal(data.labels.numpy(), np.stack(rows["labels"].to_list()))
-    assert data.masks is not None and data.masks.shape == (16, 16, 16) and data.masks.dtype == torch.uint8
-    assert set(data.masks.unique().tolist()) <= {0, 1, 2, 3, 255}
+    assert data.masks is not None and all(m.shape == (16, 16) and m.dtype == torch.uint8 for m in data.masks)
+    assert set(torch.cat([m.flatten() for m in data.masks]).unique().tolist()) <= {0, 1, 2, 3, 255}
     assert data.original_sizes == [(32, 32)] * 16
     full = load_split(dataset, "val", size=32, with_masks=True)  # native size: pixels untouched
     np.testing.assert_array_equal(full.images[0].permute(1, 2, 0).numpy(), read_image(tiny_dataset / rows["image"][0]))
@@ -354,11 +356,19 @@ def test_load_split_shapes_and_values(tiny_dataset: Path) -> None:
     assert load_split(dataset, "val", size=16, with_masks=False).masks is None
 
 
+def test_aspect_size_keeps_the_aspect_ratio_in_multiples() -> None:
+    assert aspect_size(64, 64, 64, 8) == (64, 64)  # a square image: the square input
+    assert aspect_size(375, 500, 448, 16) == (336, 448)  # VOC landscape: 28 x 21 patches
+    assert aspect_size(500, 375, 448, 16) == (448, 336)
+    assert aspect_size(500, 333, 448, 32) == (448, 288)  # 298.4 -> nearest multiple of 32
+    assert aspect_size(10, 1000, 64, 8) == (8, 64)  # at least one multiple
+
+
 def test_load_split_images_without_masks(tiny_dataset: Path, tmp_path: Path) -> None:
     root = copy_set(tiny_dataset, tmp_path)
     edit_rows(root, _set_cell("mask", 48, None))  # first val row
     data = load_split(read_dataset(root), "val", size=16, with_masks=True)
-    assert (data.masks[0] == 255).all() and (data.masks[1:] != 255).any()
+    assert (data.masks[0] == 255).all() and any((m != 255).any() for m in data.masks[1:])
 
     def drop_val_masks(manifest: pd.DataFrame) -> None:
         manifest.loc[manifest["split"] == "val", "mask"] = None
@@ -384,14 +394,14 @@ def test_normalize_uses_imagenet_statistics() -> None:
 _COLOURS = torch.tensor(palette(), dtype=torch.float32).view(256, 3)[:6]
 
 
-def blocky_split(n: int = 6, size: int = 32) -> SplitData:
+def blocky_split(n: int = 6, height: int = 32, width: int = 32) -> SplitData:
     """Random 4x4-block masks with each pixel's colour encoding its class."""
     generator = torch.Generator().manual_seed(0)
-    masks = torch.randint(0, 6, (n, size // 4, size // 4), generator=generator)
+    masks = torch.randint(0, 6, (n, height // 4, width // 4), generator=generator)
     masks = masks.repeat_interleave(4, 1).repeat_interleave(4, 2).to(torch.uint8)
     images = _COLOURS[masks.long()].permute(0, 3, 1, 2).to(torch.uint8)
     labels = torch.zeros(n, 5)
-    return SplitData([f"x{i}" for i in range(n)], images, labels, masks, [(size, size)] * n)
+    return SplitData([f"x{i}" for i in range(n)], list(images), labels, list(masks), [(height, width)] * n)
 
 
 def decode_classes(image: torch.Tensor) -> torch.Tensor:
@@ -402,9 +412,12 @@ def decode_classes(image: torch.Tensor) -> torch.Tensor:
     return torch.cdist(pixels.reshape(-1, 3), _COLOURS).argmin(-1).view(pixels.shape[:2])
 
 
-def test_augmentation_keeps_image_and_mask_aligned() -> None:
-    data = blocky_split()
-    augmented = AugmentedSplit(data, train=True, crop_scale_min=0.3, seed=0)
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 56), (56, 20)])
+def test_augmentation_keeps_image_and_mask_aligned(height: int, width: int) -> None:
+    # Non-square originals: the crop is cut from the image as it is (never squashed by more than 4/3)
+    # and the mask gets the same box.
+    data = blocky_split(height=height, width=width)
+    augmented = AugmentedSplit(data, train=True, size=32, crop_scale_min=0.3, seed=0)
     changed = 0
     for epoch in range(3):
         augmented.set_epoch(epoch)
@@ -413,15 +426,28 @@ def test_augmentation_keeps_image_and_mask_aligned() -> None:
             assert image.shape == (3, 32, 32) and mask.shape == (32, 32) and mask.dtype == torch.int64
             agreement = (decode_classes(image) == mask).float().mean().item()
             assert agreement > 0.9, f"epoch {epoch} item {i}: only {agreement:.2f} of pixels agree"
-            changed += not torch.equal(mask, data.masks[i].long())
+            changed += (height, width) != (32, 32) or not torch.equal(mask, data.masks[i].long())
     assert changed >= len(data)  # the crops/flips really moved pixels
+
+
+def test_crops_of_a_wide_image_keep_its_aspect_within_four_thirds() -> None:
+    # A 16 x 64 image: every 3/4..4/3 box fits only with area < 0.3 of it, so all 10 tries fail and the
+    # fallback centre crop is taken, at aspect 4/3 (a squashed crop would be 4:1).
+    augmented = AugmentedSplit(blocky_split(1, 16, 64), train=True, size=16, crop_scale_min=0.9)
+    generator = torch.Generator().manual_seed(0)
+    assert augmented._crop_box(generator, 16, 64) == (0, 21, 16, 21)
+    for seed in range(20):
+        top, left, h, w = AugmentedSplit(blocky_split(1), train=True, size=32, seed=seed)._crop_box(
+            torch.Generator().manual_seed(seed), 48, 64
+        )
+        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05 and top + h <= 48 and left + w <= 64
 
 
 def test_augmentation_is_deterministic_per_seed_and_epoch() -> None:
     data = blocky_split()
 
     def items(seed: int, epoch: int) -> list[torch.Tensor]:
-        augmented = AugmentedSplit(data, train=True, seed=seed)
+        augmented = AugmentedSplit(data, train=True, size=32, seed=seed)
         augmented.set_epoch(epoch)
         return [augmented[i][0] for i in range(len(data))]
 
@@ -437,13 +463,25 @@ def test_no_augmentation_in_eval_mode_and_empty_masks_collate() -> None:
     assert torch.equal(image, normalize(data.images[2])) and torch.equal(mask, data.masks[2].long())
     assert torch.equal(labels, data.labels[2])
     unmasked = SplitData(data.ids, data.images, data.labels, None, data.original_sizes)
-    batch = next(iter(torch.utils.data.DataLoader(AugmentedSplit(unmasked, train=True), batch_size=4)))
+    batch = next(iter(torch.utils.data.DataLoader(AugmentedSplit(unmasked, train=True, size=32), batch_size=4)))
     assert batch[0].shape == (4, 3, 32, 32) and batch[1].shape == (4, 5) and batch[2].shape == (4, 0)
+    with pytest.raises(ValueError, match="crop size"):
+        AugmentedSplit(data, train=True)
+
+
+def test_image_batches_group_sizes_and_keep_every_index() -> None:
+    images = [torch.full((3, h, w), k, dtype=torch.uint8) for k, (h, w) in enumerate([(8, 16), (16, 8), (8, 16)] * 3)]
+    data = SplitData([str(k) for k in range(9)], images, torch.zeros(9, 1), None, [(8, 8)] * 9)
+    batches = list(image_batches(data, 4))
+    # runs of 4 consecutive images, each run split by size in order of first appearance
+    assert [indices for indices, _ in batches] == [[0, 2, 3], [1], [4, 7], [5, 6], [8]]
+    for indices, batch in batches:
+        assert [int(b[0, 0, 0]) for b in batch] == indices and len({tuple(b.shape) for b in batch}) == 1
 
 
 def test_streamed_and_in_memory_splits_give_the_same_batches(tiny_dataset: Path) -> None:
     """Same (seed, epoch) -> the same training batches, decoded in the process or by persistent workers."""
-    from wsss.lib.datasets import AugmentedSplit, StreamedSplit, image_batches, masks_digest
+    from wsss.lib.datasets import AugmentedSplit, StreamedSplit, masks_digest
     from wsss.lib.distributed import World, shard_loader
 
     dataset = read_dataset(tiny_dataset)
@@ -451,11 +489,17 @@ def test_streamed_and_in_memory_splits_give_the_same_batches(tiny_dataset: Path)
     streamed = StreamedSplit(dataset, "train", 24, with_masks=True)
     assert streamed.ids == memory.ids and torch.equal(streamed.labels, memory.labels)
     assert [tuple(s) for s in streamed.original_sizes] == [tuple(s) for s in memory.original_sizes]
-    assert masks_digest(streamed) == hashlib.sha256(memory.masks.numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256()
+    for mask in memory.masks:
+        digest.update(np.asarray(mask.shape, np.int64).tobytes() + mask.numpy().tobytes())
+    assert masks_digest(streamed) == digest.hexdigest()
+    # Training crops are cut from the original images: in memory at their native size, or streamed.
+    originals = load_split(dataset, "train", 32, with_masks=True)
+    unsized = StreamedSplit(dataset, "train", with_masks=True)
     for workers in (0, 2):
         loaders = [
-            shard_loader(AugmentedSplit(data, train=True, seed=3), 16, seed=3, world=World(), num_workers=workers)
-            for data in (memory, streamed)
+            shard_loader(AugmentedSplit(data, True, 24, seed=3), 16, seed=3, world=World(), num_workers=workers)
+            for data in (originals, unsized)
         ]
         for epoch in (0, 1):  # persistent workers: the epoch reaches them with every index
             for loader in loaders:
@@ -463,22 +507,23 @@ def test_streamed_and_in_memory_splits_give_the_same_batches(tiny_dataset: Path)
             for ours, theirs in zip(*loaders, strict=True):
                 for a, b in zip(ours, theirs, strict=True):
                     assert torch.equal(a, b)
-    batches = [
-        torch.cat(list(image_batches(data, 7, num_workers=1 if data is streamed else 0))) for data in (memory, streamed)
-    ]
-    assert torch.equal(*batches)
-    # Given (pseudo) masks at the original size are resized per item exactly as load_split resizes masks.
+    batches = [list(image_batches(data, 7, num_workers=1 if data is streamed else 0)) for data in (memory, streamed)]
+    runs = [list(range(k, min(k + 7, 48))) for k in range(0, 48, 7)]  # one image size: one group per run
+    assert [i for i, _ in batches[0]] == [i for i, _ in batches[1]] == runs
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*batches, strict=True))
+    # Given (pseudo) masks at the original size, arrays or PNG bytes, are resized per item as load_split's.
     given = {i: read_mask(dataset.path(m)) for i, m in zip(memory.ids, dataset.split("train")["mask"], strict=True)}
-    pseudo = StreamedSplit(dataset, "train", 24, masks=given)
-    assert all(torch.equal(pseudo.mask(i), memory.masks[i]) for i in range(len(memory)))
+    for masks in (given, {i: encode_mask_png(m) for i, m in given.items()}):
+        pseudo = StreamedSplit(dataset, "train", 24, masks=masks)
+        assert all(torch.equal(pseudo.mask(i), memory.masks[i]) for i in range(len(memory)))
 
 
 def test_epochs_differ_in_augmentation_through_persistent_workers(tiny_dataset: Path) -> None:
     from wsss.lib.datasets import AugmentedSplit, StreamedSplit
     from wsss.lib.distributed import World, shard_loader
 
-    data = StreamedSplit(read_dataset(tiny_dataset), "train", 32)
-    loader = shard_loader(AugmentedSplit(data, train=True, seed=0), 48, seed=0, world=World(), num_workers=1)
+    data = StreamedSplit(read_dataset(tiny_dataset), "train")
+    loader = shard_loader(AugmentedSplit(data, train=True, size=32, seed=0), 48, seed=0, world=World(), num_workers=1)
     images = []
     for epoch in (0, 0, 1):
         loader.sampler.set_epoch(epoch)

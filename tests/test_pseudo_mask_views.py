@@ -26,6 +26,7 @@ def test_one_scale_without_flip_is_the_plain_pass_bit_for_bit():
     model, x = tiny_model().eval(), images()
     close_heads(model, 3, [1])
     maps, probs = attention_maps(model, x, CPU, batch_size=2)
+    maps = torch.stack(maps)  # one [C, h, w] per image
     expected = [model.class_attention_maps(normalize(x[i : i + 2])) for i in range(0, len(x), 2)]
     assert torch.equal(maps, torch.cat([m for m, _ in expected]))
     assert torch.equal(probs, torch.cat([torch.sigmoid(lg) for _, lg in expected]))  # per batch, as the stage
@@ -38,16 +39,17 @@ def test_flipped_image_gives_the_mirrored_maps_with_flip():
     model, x = tiny_model().eval(), images()
     maps, probs = attention_maps(model, x, CPU, batch_size=8, flip=True)
     mirrored_maps, mirrored_probs = attention_maps(model, x.flip(-1), CPU, batch_size=8, flip=True)
+    maps, mirrored_maps = torch.stack(maps), torch.stack(mirrored_maps)
     # Views {x, mirror x} and {mirror x, x}: the same two terms, added in the other order (exact in IEEE).
     assert torch.equal(mirrored_maps, maps.flip(-1)) and torch.equal(mirrored_probs, probs)
     plain, _ = attention_maps(model, x, CPU, batch_size=8)
-    assert not torch.allclose(maps, plain)  # the model is not mirror-symmetric: the flip view counts
+    assert not torch.allclose(maps, torch.stack(plain))  # the model is not mirror-symmetric: the flip view counts
 
 
 def test_scales_average_views_resized_to_the_base_grid():
     model, x = tiny_model().eval(), images()
     maps, probs = attention_maps(model, x, CPU, batch_size=8, scales=[0.5, 1.0, 1.3], flip=True)
-    assert maps.shape == (5, C, 4, 4) and probs.shape == (5, C)
+    assert [m.shape for m in maps] == [(C, 4, 4)] * 5 and probs.shape == (5, C)
     # One view by hand: the 16 px image (0.5 x 32, two patches), its 2 x 2 maps upsampled to 4 x 4.
     batch = normalize(x)
     half, logits = model.class_attention_maps(F.interpolate(batch, size=(16, 16), mode="bilinear", align_corners=False))
@@ -58,6 +60,23 @@ def test_scales_average_views_resized_to_the_base_grid():
     )
     tiny, _ = multi_view_maps(model, batch, [0.01], flip=False)  # at least one patch
     assert tiny.shape == (5, C, 4, 4)
+
+
+def test_images_of_several_sizes_get_maps_on_their_own_grids():
+    # A landscape and a portrait image in one run: each goes through the model with the images of its
+    # size and gets the maps (and probabilities) it gets alone.
+    model = tiny_model().eval()
+    torch.manual_seed(2)
+    wide, tall = (
+        torch.randint(0, 256, (3, 16, 32), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 32, 16), dtype=torch.uint8),
+    )
+    maps, probs = attention_maps(model, [wide, tall, wide.flip(-1)], CPU, batch_size=8)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(2, 4), (4, 2), (2, 4)]
+    for image, m, p in zip([wide, tall], maps, probs, strict=False):
+        alone, logits = model.class_attention_maps(normalize(image[None]))
+        torch.testing.assert_close(m, alone[0])
+        torch.testing.assert_close(p, torch.sigmoid(logits[0]))
 
 
 def test_views_params_default_and_validation():

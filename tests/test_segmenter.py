@@ -78,7 +78,7 @@ def test_train_segmenter_writes_outputs(tiny_dataset, tmp_path):
     assert checkpoint["epoch"] == 1 and {"model", "optimizer", "params"} <= set(checkpoint)
 
     model, record = load_segmenter(out / "model.pt")
-    predictions = predict_split(model, dataset, "val", record["img_size"], "cpu", batch_size=8)
+    predictions = dict(predict_split(model, dataset, "val", record["img_size"], "cpu", batch_size=8))
     val = dataset.split("val")
     assert list(predictions) == val["id"].tolist()
     first = predictions[val["id"][0]]

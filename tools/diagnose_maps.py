@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from wsss.lib.datasets import DatasetIndex, load_split, normalize, read_mask
+from wsss.lib.datasets import DatasetIndex, load_split, normalize, read_mask, shape_groups
 from wsss.lib.errors import WsssError
 from wsss.lib.mask_rule import block_candidates, class_specificity, normalized_maps, tune_thresholds
 from wsss.models.token_masking_vit import TokenMaskingViT
@@ -71,7 +71,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     if not isinstance(model, TokenMaskingViT) or model.class_tokens.shape[1] != model.num_classes:
         raise WsssError("diagnose-maps needs a classifier with one [CLS] token per class (wsss_vit_*)")
     subset, gts = multi_class_train_images(dataset, max_images)
-    data = load_split(subset, "train", model.grid_size[0] * model.patch_size, with_masks=False)
+    data = load_split(subset, "train", model.grid_size[0] * model.patch_size, False, model.patch_size)
     open_heads = [blk.attn.open_heads().cpu() for blk in model.blocks]
     num_heads = model.blocks[0].attn.num_heads
     # per block: lists of (attention share, area share) for open-mean, all-mean and each head
@@ -81,11 +81,13 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     candidates = {name: model.map_layers(count) for name, count in block_candidates(model).items()}
     agg_scores = {name: [] for name in candidates}
     agg_samples = {name: [] for name in candidates}
-    for start in range(0, len(gts), 64):
-        images = data.images[start : start + 64]
+    groups = (
+        group for start in range(0, len(gts), 64) for group in shape_groups(data.images[start : start + 64], start)
+    )
+    for indices, images in groups:  # images of one size (each at its own aspect ratio)
         batch_rows = block_class_rows(model, images)
         probs = torch.sigmoid(model(normalize(images))).numpy()
-        for i, gt in enumerate(gts[start : start + 64]):
+        for i, gt in enumerate(gts[k] for k in indices):
             classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
             for block, attn in enumerate(batch_rows):
                 heads = attn[i][:, classes]  # [H, K, h, w]

@@ -29,6 +29,7 @@ from wsss.lib.datasets import (
     BANDS_FILE,
     Bands,
     SplitData,
+    aspect_size,
     display_rgb,
     image_tensor,
     one_line,
@@ -144,7 +145,7 @@ def _attention_masks(
     for i, image_id in enumerate(data.ids):
         p = probs[i].numpy()
         classes = present_classes(None, p)
-        norm = normalized_maps(maps[i, classes], data.original_sizes[i])
+        norm = normalized_maps(maps[i][classes], data.original_sizes[i])
         masks[image_id] = merge_maps(norm, classes, p, *thresholds)
     return masks
 
@@ -214,9 +215,11 @@ def predict(
     for path, image in zip(images, pixels, strict=True):
         if image.shape[-1] != channels:
             raise WsssError(f"{path}: image has {image.shape[-1]} channels, the model takes {channels}")
+    # Each image at its own aspect ratio, longer side `size`, in multiples of the model's patch or stride.
+    multiple = model.patch_size if from_attention else model.size_multiple
     data = SplitData(
         ids=names,
-        images=torch.stack([image_tensor(image, size) for image in pixels]),
+        images=[image_tensor(image, aspect_size(*image.shape[:2], size, multiple)) for image in pixels],
         labels=torch.zeros(len(names), 0),
         masks=None,
         original_sizes=[image.shape[:2] for image in pixels],

@@ -211,7 +211,7 @@ def qualitative_grid(
     from PIL import Image, ImageDraw
 
     from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
-    from wsss.lib.datasets import display_rgb, load_split, read_image, read_mask_table, to_uint8
+    from wsss.lib.datasets import decode_mask_png, display_rgb, load_split, read_image, read_mask_table, to_uint8
     from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps
     from wsss.lib.plotting import class_legend, colorize, image_grid
     from wsss.tools.diagnose_maps import multi_class_train_images
@@ -225,12 +225,12 @@ def qualitative_grid(
     images = [display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands)) for row in picked]
     columns: dict[str, list[np.ndarray]] = {"image": images, "ground truth": [colorize(gt) for gt in gts]}
     for variant, row in first.iterrows():
-        table = read_mask_table(_run_dir(root, row) / "pseudo_masks" / "train.parquet")
-        columns[variant] = [colorize(table[p.id]) for p in picked]
+        table = read_mask_table(_run_dir(root, row) / "pseudo_masks" / "train.parquet", encoded=True)
+        columns[variant] = [colorize(decode_mask_png(table[p.id], f"pseudo mask of {p.id!r}")) for p in picked]
     for variant in (v for v in MAP_VARIANTS if v in first.index):
         model, record = load_classifier(Path(first.loc[variant, "classifier_dir"]) / MODEL_FILE, device)
         # the model's own input (all bands, its size), as the pseudo-mask stage feeds it
-        data = load_split(subset, "train", model.grid_size[0] * model.patch_size, with_masks=False)
+        data = load_split(subset, "train", model.grid_size[0] * model.patch_size, False, model.patch_size)
         # the blocks the run's pseudo masks were made from (map_blocks: auto resolved by the stage)
         stats = json.loads((_run_dir(root, first.loc[variant]) / "pseudo_masks" / "stats.json").read_text())
         blocks = map_block_count(stats.get("map_blocks", "last"))
@@ -241,7 +241,7 @@ def qualitative_grid(
             for i, gt in enumerate(gts):
                 classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
                 cls = classes[min(k, len(classes) - 1)]
-                cell = Image.fromarray(_heatmap(normalized_maps(maps[i, [cls]], gt.shape)[0]))
+                cell = Image.fromarray(_heatmap(normalized_maps(maps[i][[cls]], gt.shape)[0]))
                 ImageDraw.Draw(cell).text((1, 0), record["classes"][cls][:8], fill="white")
                 cells.append(np.asarray(cell))
             columns[f"{variant} map {k + 1}"] = cells

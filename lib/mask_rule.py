@@ -6,14 +6,16 @@ report, ``wsss diagnose-maps`` and the benchmarks, so all of them paint masks al
 Rule (the paper's, with an explicit background, see README):
 1. classes present = the image labels on the training split (the weak supervision); elsewhere the
    classifier's predictions (probability >= 0.5, at least the top-1);
-2. each present class's [CLS]_c -> patch attention (last block with open heads, open heads averaged;
-   optionally averaged over test-time views, ``scales``/``flip``) is upsampled bilinearly to the image
-   size and min-max normalised to [0, 1];
+2. each present class's [CLS]_c -> patch attention (the map blocks' open heads averaged, summed over
+   the blocks; optionally averaged over test-time views, ``scales``/``flip``) is upsampled bilinearly to
+   the image size and min-max normalised to [0, 1];
 3. classes are painted in increasing probability, so the most confident class wins overlaps, on the
    pixels where their map is >= ``fg_threshold``;
 4. pixels where every present map is < ``bg_threshold`` are background;
 5. the remaining pixels take the label of the nearest assigned pixel (Euclidean distance transform).
 ``fg_threshold``/``bg_threshold`` are params, optionally tuned on a subset of the TRAIN split (never val).
+Steps 2-4 run on the device the maps are on (:func:`normalized_maps`, :func:`paint`); only the uint8 mask
+comes back for step 5 on the CPU (scipy's distance transform).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def attention_maps(
     per_block: bool = False,
     refine: int = 0,
     desc: str = "attention maps",
+    on_device: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Class-attention maps (``[C, h, w]`` per image, on its own token grid) and class probabilities
     ``[N, C]`` of uint8 images ``[channels, H, W]`` (any sizes that are multiples of the patch; ``desc``
@@ -81,7 +84,8 @@ def attention_maps(
     (:meth:`TokenMaskingViT.class_attention_maps`): the maps of the last ``blocks`` blocks with an open
     head summed (None: all), or kept apart (``[L, C, h, w]`` per image). With several ``scales`` or
     ``flip``, maps and probabilities are averaged over the views of :func:`multi_view_maps`; ``h, w``
-    stay the grid of the image's own size.
+    stay the grid of the image's own size. ``on_device``: the maps stay where the model is (float32), for
+    the rule to run there; probabilities always come back to the CPU.
     """
     model.eval()
     maps: list[torch.Tensor | None] = [None] * len(images)
@@ -96,7 +100,7 @@ def attention_maps(
             else:
                 m, p = multi_view_maps(model, batch, scales, flip, blocks, per_block, refine)
             probs[indices] = p.float().cpu()
-            for index, single in zip(indices, m.float().cpu(), strict=True):
+            for index, single in zip(indices, m.float() if on_device else m.float().cpu(), strict=True):
                 maps[index] = single
     return maps, probs
 
@@ -137,15 +141,16 @@ def multi_view_maps(
     return map_sum / views, prob_sum / views
 
 
-def normalized_maps(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Upsamples ``[K, h, w]`` maps bilinearly to ``size`` and min-max normalises each to [0, 1]."""
-    up = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+def normalized_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Upsamples ``[K, h, w]`` maps bilinearly to ``size`` and min-max normalises each to [0, 1], on the
+    maps' device (float32)."""
+    up = F.interpolate(maps.float()[None], size=size, mode="bilinear", align_corners=False)[0]
     lo = up.amin(dim=(1, 2), keepdim=True)
     hi = up.amax(dim=(1, 2), keepdim=True)
     span = hi - lo
     # A flat map (span at float rounding level) says nothing about location: all zeros, not noise.
     flat = span <= 1e-5 * hi.abs().clamp_min(1e-12)
-    return torch.where(flat, torch.zeros_like(up), (up - lo) / span.clamp_min(1e-12)).numpy()
+    return torch.where(flat, torch.zeros_like(up), (up - lo) / span.clamp_min(1e-12))
 
 
 def present_classes(labels: np.ndarray | None, probs: np.ndarray) -> np.ndarray:
@@ -156,23 +161,40 @@ def present_classes(labels: np.ndarray | None, probs: np.ndarray) -> np.ndarray:
     return predicted if predicted.size else np.array([int(np.argmax(probs))])
 
 
+def paint(
+    norm_maps: torch.Tensor, classes: np.ndarray, probs: np.ndarray, fg_threshold: float, bg_threshold: float
+) -> torch.Tensor:
+    """Steps 3 and 4 of the rule on the maps' device: uint8 ``[H, W]`` with UNASSIGNED where step 5 fills.
+
+    Args:
+        norm_maps: normalised maps of the present ``classes``, ``[len(classes), H, W]`` float32.
+        classes: the present classes (0-based).
+        probs: every class's probability ``[C]`` (the paint order).
+    """
+    mask = torch.full(norm_maps.shape[1:], UNASSIGNED, dtype=torch.uint8, device=norm_maps.device)
+    if len(classes) == 0:
+        return mask.zero_()
+    for idx in np.argsort(probs[classes], kind="stable"):
+        mask[norm_maps[idx] >= fg_threshold] = int(classes[idx]) + 1
+    mask[(norm_maps.amax(dim=0) < bg_threshold) & (mask == UNASSIGNED)] = 0
+    return mask
+
+
 def merge_maps(
-    norm_maps: np.ndarray, classes: np.ndarray, probs: np.ndarray, fg_threshold: float, bg_threshold: float
+    norm_maps: torch.Tensor | np.ndarray,
+    classes: np.ndarray,
+    probs: np.ndarray,
+    fg_threshold: float,
+    bg_threshold: float,
 ) -> np.ndarray:
-    """Turns normalised maps of the present ``classes`` (``[len(classes), H, W]``) into one mask.
+    """Turns normalised maps of the present ``classes`` (``[len(classes), H, W]``) into one mask: painted
+    where the maps are (:func:`paint`), the unassigned pixels then filled on the CPU (:func:`fill_unassigned`).
 
     Returns:
         uint8 ``[H, W]``: 0 background, k+1 for class k; every pixel assigned.
     """
-    height, width = norm_maps.shape[1:]
-    mask = np.full((height, width), UNASSIGNED, dtype=np.uint8)
-    if len(classes) == 0:
-        mask[:] = 0
-        return mask
-    for idx in np.argsort(probs[classes], kind="stable"):
-        mask[norm_maps[idx] >= fg_threshold] = classes[idx] + 1
-    mask[(norm_maps.max(axis=0) < bg_threshold) & (mask == UNASSIGNED)] = 0
-    return fill_unassigned(mask)
+    mask = paint(torch.as_tensor(norm_maps), classes, probs, fg_threshold, bg_threshold)
+    return fill_unassigned(mask.cpu().numpy())
 
 
 def fill_unassigned(mask: np.ndarray) -> np.ndarray:

@@ -82,7 +82,7 @@ class _SplitMaps:
     """Attention maps and what the rule needs of some images of a split (one shard, or the tuning sample)."""
 
     data: SplitData
-    maps: list[torch.Tensor]  # [C, h, w] per image (per block: [L, C, h, w]), h x w its own token grid
+    maps: list[torch.Tensor]  # [C, h, w] per image (per block: [L, C, h, w]) on the model's device, h x w its own grid
     probs: torch.Tensor  # [N, C]
     gt_paths: list[str | None]
 
@@ -123,7 +123,7 @@ def _split_maps(
     with _thread_count_invariant_kernels():
         maps, probs = attention_maps(
             model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block,
-            refine_steps(params), desc,
+            refine_steps(params), desc, on_device=True,
         )  # fmt: skip
     gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
     return _SplitMaps(data, maps, probs, gt_paths)
@@ -255,7 +255,7 @@ def pseudo_mask_shard(
                 raw = F.interpolate(
                     split_maps.maps[i][gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False
                 )
-                s, a = class_specificity(raw[0].numpy(), gt, gt_classes)
+                s, a = class_specificity(raw[0].cpu().numpy(), gt, gt_classes)
                 shares += s
                 areas += a
         ids += split_maps.data.ids

@@ -31,6 +31,31 @@ def test_background_below_bg_threshold_and_in_between_filled_from_nearest():
     assert mask.tolist() == [[2, 2, 0, 0, 0]]
 
 
+def _numpy_merge(norm_maps: np.ndarray, classes: np.ndarray, probs: np.ndarray, fg: float, bg: float) -> np.ndarray:
+    """The rule written plainly in numpy (steps 3-5), as the stage ran it before it moved to the device."""
+    mask = np.full(norm_maps.shape[1:], UNASSIGNED, dtype=np.uint8)
+    if len(classes) == 0:
+        return np.zeros_like(mask)
+    for idx in np.argsort(probs[classes], kind="stable"):
+        mask[norm_maps[idx] >= fg] = classes[idx] + 1
+    mask[(norm_maps.max(axis=0) < bg) & (mask == UNASSIGNED)] = 0
+    return fill_unassigned(mask)
+
+
+def test_device_rule_paints_the_numpy_rules_masks_bit_for_bit():
+    # float32 maps on a 1/40 lattice, so many pixels sit exactly on a threshold: >= and < must agree
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        k = int(rng.integers(0, 4))
+        maps = (rng.integers(0, 41, (k, 23, 31)) / 40).astype(np.float32)
+        classes = rng.choice(6, size=k, replace=False)
+        probs = rng.random(6)
+        fg, bg = float(rng.choice([0.1, 0.175, 0.35, 0.5, 0.725])), float(rng.choice([0.0, 0.05, 0.1, 0.125]))
+        expected = _numpy_merge(maps, classes, probs, fg, bg)
+        assert np.array_equal(merge_maps(torch.from_numpy(maps), classes, probs, fg, bg), expected), trial
+        assert np.array_equal(merge_maps(maps, classes, probs, fg, bg), expected), trial
+
+
 def test_fill_unassigned_takes_nearest_label():
     u = UNASSIGNED
     mask = np.array([[1, u, u, u, 3], [u, u, u, u, u]], dtype=np.uint8)
@@ -52,7 +77,7 @@ def test_present_classes_labels_or_predictions():
 
 def test_normalized_maps_span_unit_interval_at_image_size():
     maps = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[5.0, 5.0], [5.0, 5.0]]])
-    out = normalized_maps(maps, (6, 4))
+    out = normalized_maps(maps, (6, 4)).numpy()
     assert out.shape == (2, 6, 4)
     assert np.isclose(out[0].min(), 0) and np.isclose(out[0].max(), 1)
     assert np.all(out[1] == 0)  # a flat map carries no location

@@ -241,7 +241,7 @@ def qualitative_grid(
             for i, gt in enumerate(gts):
                 classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
                 cls = classes[min(k, len(classes) - 1)]
-                cell = Image.fromarray(_heatmap(normalized_maps(maps[i][[cls]], gt.shape)[0]))
+                cell = Image.fromarray(_heatmap(normalized_maps(maps[i][[cls]], gt.shape)[0].numpy()))
                 ImageDraw.Draw(cell).text((1, 0), record["classes"][cls][:8], fill="white")
                 cells.append(np.asarray(cell))
             columns[f"{variant} map {k + 1}"] = cells

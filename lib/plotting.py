@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from wsss.lib.datasets import palette
 from wsss.lib.metrics import IGNORE_INDEX
 
-GRID_SCALE = 3
+GRID_CELL = 192  # cells are upscaled (nearest) by the whole factor that brings them closest to this side
 GRID_GAP = 4
 FONT_SIZE = 14  # titles and legend: legible at the grid's scale
 
@@ -28,17 +28,21 @@ def image_grid(
     columns: dict[str, list[np.ndarray]],
     title: str | None = None,
     legend: Sequence[tuple[int, str]] | None = None,
+    captions: dict[str, list[str]] | None = None,
 ) -> Image.Image:
-    """One row per image, one titled column per source; cells upscaled x3 (nearest), padded with white.
+    """One row per image, one titled column per source; small cells upscaled (nearest, x3 for 64 px,
+    x1 for photos), padded with white.
 
     Args:
         columns: column title -> one ``[H, W, 3]`` uint8 cell per row.
         title: a line above the columns (e.g. which split and images).
         legend: ``(mask value, name)`` pairs, shown under the grid as swatches in :func:`colorize`'s colours.
+        captions: column title -> one text per row, written on the (upscaled) cell's top left corner.
     """
     titles = list(columns)
-    upscale = np.ones((GRID_SCALE, GRID_SCALE, 1), np.uint8)
     rows = [list(cells) for cells in zip(*columns.values(), strict=True)]
+    factor = max(1, round(GRID_CELL / max(max(cell.shape[:2]) for row in rows for cell in row)))
+    upscale = np.ones((factor, factor, 1), np.uint8)
     rows = [[np.kron(cell, upscale) for cell in row] for row in rows]
     cell_w = max(cell.shape[1] for row in rows for cell in row)
     heights = [max(cell.shape[0] for cell in row) for row in rows]
@@ -57,9 +61,15 @@ def image_grid(
     for c, name in enumerate(titles):
         draw.text((GRID_GAP + c * (cell_w + GRID_GAP), y), name, fill="black", font=font)
     y = top + GRID_GAP
-    for row, row_height in zip(rows, heights, strict=True):
+    captions = captions or {}
+    for r, (row, row_height) in enumerate(zip(rows, heights, strict=True)):
         for c, cell in enumerate(row):
-            canvas.paste(Image.fromarray(cell), (GRID_GAP + c * (cell_w + GRID_GAP), y))
+            x = GRID_GAP + c * (cell_w + GRID_GAP)
+            canvas.paste(Image.fromarray(cell), (x, y))
+            if titles[c] in captions and captions[titles[c]][r]:
+                draw.text(
+                    (x + 2, y + 1), captions[titles[c]][r], fill="white", font=font, stroke_width=1, stroke_fill="black"
+                )
         y += row_height + GRID_GAP
     colours = np.asarray(palette(), dtype=np.uint8).reshape(256, 3)
     for entries in legend_rows:
@@ -70,6 +80,13 @@ def image_grid(
             draw.text((x + FONT_SIZE + GRID_GAP, y), name, fill="black", font=font)
         y += FONT_SIZE + GRID_GAP
     return canvas
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+    """A map ``[H, W]`` in [0, 1] as a viridis picture (uint8 ``[H, W, 3]``)."""
+    from matplotlib import colormaps
+
+    return (colormaps["viridis"](np.asarray(values))[..., :3] * 255).astype(np.uint8)
 
 
 def class_legend(classes: Sequence[str]) -> list[tuple[int, str]]:

@@ -48,7 +48,7 @@ STAGES = (
 )
 PARAMS_FILE = "params.yaml"
 EMBEDDED = "embedded"
-SUMMARY_KEYS = ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou")
+SUMMARY_KEYS = ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou", "classifier_val_map")
 # Share of a full run's time each stage takes on the embedded set (the classifier is two thirds of it):
 # what the progress line's estimate for the whole run weighs the stages by.
 STAGE_SHARE = {
@@ -185,7 +185,6 @@ def _summary(root: Path) -> dict[str, Any]:
     metrics_file = root / params.evaluate.metrics_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     summary = {key: metrics.get(key) for key in SUMMARY_KEYS}
-    summary["classifier_val_map"] = (metrics.get("classifier") or {}).get("val_map")
     registry_file = root / "artifacts" / "registry.json"
     if registry_file.is_file():
         registry = json.loads(registry_file.read_text())

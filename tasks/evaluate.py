@@ -17,6 +17,7 @@ from PIL import Image
 
 from wsss.lib.artifacts import (
     MODEL_FILE,
+    load_map_model,
     load_segmenter,
     predict_images,
     predict_split,
@@ -30,6 +31,7 @@ from wsss.lib.datasets import (
     DatasetIndex,
     decode_mask_png,
     display_rgb,
+    load_split,
     read_image,
     read_mask,
     read_mask_table,
@@ -37,14 +39,21 @@ from wsss.lib.datasets import (
 )
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file, write_json
+from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps, present_classes
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix
-from wsss.lib.plotting import class_legend, colorize, image_grid
+from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
 from wsss.lib.runtime import setup_runtime
 from wsss.models.segmenter import Segmenter
 
 # The confusion CSVs hold one (actual, predicted) row per pixel for DVC's confusion template; above this
 # many pixels the rows are scaled down proportionally so the file stays small.
 MAX_CONFUSION_ROWS = 10_000
+# (key prefix, (params section, file in its out folder), keys): the earlier stages' numbers metrics.json repeats
+EARLIER_METRICS = (
+    ("pseudo_mask_", ("pseudo_masks", "stats.json"), ("ceiling_miou", "fg_threshold", "bg_threshold")),
+    ("", ("pseudo_masks", "stats.json"), ("class_specificity", "area_share")),
+    ("classifier_", ("classifier", "metrics.json"), ("val_map", "val_f1_macro", "closed_heads")),
+)
 CONFUSION_PLOTS = {"pseudo_mask": "confusion_pseudo_masks.csv", "segmenter": "confusion_segmenter.csv"}
 
 
@@ -136,7 +145,7 @@ def _write_confusion_csv(path: Path, matrix: np.ndarray, names: list[str]) -> No
 
 
 def _write_plots(
-    plots_dir: Path, results: dict[str, dict[str, Any]], names: list[str], grid: Image.Image | None
+    plots_dir: Path, results: dict[str, dict[str, Any]], names: list[str], pictures: dict[str, Image.Image]
 ) -> None:
     with atomic_file(plots_dir / "per_class_iou.csv", "w") as handle:
         writer = csv.writer(handle)
@@ -147,9 +156,9 @@ def _write_plots(
     for source, filename in CONFUSION_PLOTS.items():
         if source in results:
             _write_confusion_csv(plots_dir / filename, results[source]["confusion"], names)
-    if grid is not None:
-        with atomic_file(plots_dir / "grid.png") as handle:
-            grid.save(handle, format="PNG")
+    for name, picture in pictures.items():
+        with atomic_file(plots_dir / name) as handle:
+            picture.save(handle, format="PNG")
     with atomic_file(plots_dir / "per_class_iou.png") as handle:
         per_class_bars(results, names).save(handle, format="PNG")
 
@@ -211,6 +220,38 @@ def _grid_image(
     return image_grid(columns, title, class_legend(dataset.classes))
 
 
+MAPS_PER_IMAGE = 3
+
+
+def _maps_image(
+    dataset: DatasetIndex, split: str, classifier: Path, stats: dict[str, Any], num_images: int, device: torch.device
+) -> Image.Image:
+    """image | the attention map of each of its classes (up to MAPS_PER_IMAGE), for the first images of the
+    pseudo-mask split: the maps the pseudo masks were painted from (same blocks, same refinement)."""
+    model = load_map_model(classifier, device)
+    rows = dataset.split(split).head(num_images)
+    subset = DatasetIndex(dataset.root, dataset.classes, rows, dataset.bands)
+    data = load_split(subset, split, model.grid_size[0] * model.patch_size, False, model.patch_size)
+    blocks = map_block_count(stats["map_blocks"])
+    maps, probs = attention_maps(model, data.images, device, blocks=blocks, refine=stats.get("refine_iterations", 0))
+    columns: dict[str, list[np.ndarray]] = {"image": [], **{f"map {k + 1}": [] for k in range(MAPS_PER_IMAGE)}}
+    captions: dict[str, list[str]] = {name: [] for name in list(columns)[1:]}  # the class of each map
+    for i, row in enumerate(rows.itertuples(index=False)):
+        image = display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands))
+        columns["image"].append(image)
+        classes = present_classes(data.labels[i].numpy() if split == "train" else None, probs[i].numpy())
+        norm = normalized_maps(maps[i][classes], image.shape[:2]).cpu().numpy()
+        for k in range(MAPS_PER_IMAGE):
+            shown = k < len(classes)  # an image with fewer classes: an empty cell
+            columns[f"map {k + 1}"].append(heatmap(norm[k]) if shown else np.zeros_like(image))
+            captions[f"map {k + 1}"].append(dataset.classes[classes[k]] if shown else "")
+    source = "labelled" if split == "train" else "predicted"
+    title = (
+        f"{split} split, first {len(rows)} images: [CLS] attention of each {source} class (maps {stats['map_blocks']})"
+    )
+    return image_grid(columns, title, captions=captions)
+
+
 def main(params: Params) -> dict[str, Any]:
     """CLI entry: scores pseudo masks and (when trained) the segmenters; writes metrics and plots."""
     device = setup_runtime(params.seed, params.num_threads, params.device)
@@ -237,20 +278,22 @@ def main(params: Params) -> dict[str, Any]:
     for source, result in results.items():
         metrics[f"{source}_miou"] = _json_number(result["miou"])
         metrics[f"{source}_pixel_accuracy"] = _json_number(result["pixel_accuracy"])
-    for key, path in (
-        ("pseudo_masks", Path(params.pseudo_masks.out) / "stats.json"),
-        ("classifier", Path(params.classifier.out) / "metrics.json"),
-    ):
-        extra = _read_optional_json(path)
-        if extra is not None:
-            metrics[key] = extra
+    # A few flat keys from the earlier stages' own records (what `dvc metrics show` lists); the records
+    # themselves (stats.json, the classifier's metrics.json) keep everything else.
+    for prefix, path, keys in EARLIER_METRICS:
+        record = _read_optional_json(Path(getattr(params, path[0]).out) / path[1]) or {}
+        metrics |= {f"{prefix}{key}": record[key] for key in keys if isinstance(record.get(key), int | float)}
     per_class = {name: {s: _json_number(r["iou"][name]) for s, r in results.items()} for name in names}
 
     metrics_dir, plots_dir = Path(params.evaluate.metrics_dir), Path(params.evaluate.plots_dir)
-    grid = None
+    pictures = {}
     if params.evaluate.grid_images > 0:
-        grid = _grid_image(dataset, split, pseudo, segmenter, params.evaluate.grid_images, device)
-    _write_plots(plots_dir, results, names, grid)
+        pictures["grid.png"] = _grid_image(dataset, split, pseudo, segmenter, params.evaluate.grid_images, device)
+        classifier = Path(params.classifier.out) / MODEL_FILE
+        stats = _read_optional_json(Path(params.pseudo_masks.out) / "stats.json") or {}
+        if classifier.is_file() and stats.get("map_blocks"):
+            pictures["maps.png"] = _maps_image(dataset, split, classifier, stats, params.evaluate.grid_images, device)
+    _write_plots(plots_dir, results, names, pictures)
     write_json(metrics_dir / "per_class_iou.json", per_class)
     write_json(metrics_dir / "metrics.json", metrics)
     _print_table(results, names)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from wsss.lib.config import Params
 from wsss.tools.cli import main
@@ -43,7 +44,11 @@ def test_all_stages_end_to_end(tiny_params: Params, tmp_path: Path, capsys):
     for key in ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["pseudo_mask_miou"] == pytest.approx(stats["miou"])
+    assert metrics["classifier_val_map"] == classifier["val_map"] and metrics["area_share"] == stats["area_share"]
+    assert all(isinstance(value, int | float) for value in metrics.values())  # flat: `dvc metrics show` is short
     assert (tmp_path / "plots" / "grid.png").stat().st_size > 0
+    with Image.open(tmp_path / "plots" / "maps.png") as maps:  # image + 3 map columns, a row per grid image
+        assert maps.width > 4 * 96 and maps.height > tiny_params.evaluate.grid_images * 96
 
 
 @pytest.mark.parametrize(

@@ -55,14 +55,21 @@ def test_main_writes_metrics_and_plots(tiny_params: Params):
     dataset = read_dataset(params.ingest.source)
     pseudo = _gt(dataset, "train")
     write_mask_table(artifacts.pseudo_mask_path(params), list(pseudo), list(pseudo.values()))
-    write_json(Path(params.pseudo_masks.out) / "stats.json", {"ceiling_miou": 0.7})
-    write_json(Path(params.classifier.out) / "metrics.json", {"val_map": 0.9})
+    write_json(Path(params.pseudo_masks.out) / "stats.json", {"ceiling_miou": 0.7, "grid": [4, 4], "area_share": 0.4})
+    write_json(Path(params.classifier.out) / "metrics.json", {"val_map": 0.9, "closed_per_layer": [0, 1]})
     metrics_dir, plots_dir = Path(params.evaluate.metrics_dir), Path(params.evaluate.plots_dir)
 
     metrics = evaluate.main(params)  # no segmenter yet: pseudo masks only
     assert metrics["pseudo_mask_miou"] == pytest.approx(1.0)
     assert "segmenter_miou" not in metrics
-    assert metrics["pseudo_masks"] == {"ceiling_miou": 0.7} and metrics["classifier"] == {"val_map": 0.9}
+    # flat: the earlier stages' headline numbers only (their lists stay in their own files)
+    assert metrics == {
+        "pseudo_mask_miou": pytest.approx(1.0),
+        "pseudo_mask_pixel_accuracy": pytest.approx(1.0),
+        "pseudo_mask_ceiling_miou": 0.7,
+        "area_share": 0.4,
+        "classifier_val_map": 0.9,
+    }
     assert not (plots_dir / "confusion_segmenter.csv").exists()
 
     train_segmenter.main(params)

@@ -191,13 +191,6 @@ def mask_ratio_curve(table: pd.DataFrame, path: Path) -> None:
     _save_figure(fig, path)
 
 
-def _heatmap(values: np.ndarray) -> np.ndarray:
-    """[H, W] in [0, 1] -> uint8 RGB (viridis)."""
-    from matplotlib import colormaps
-
-    return (colormaps["viridis"](values)[..., :3] * 255).astype(np.uint8)
-
-
 def _run_dir(root: Path, row: pd.Series) -> Path:
     """A finished cell's folder (``<root>/<scale>/<variant>/seed<k>``) from its row (indexed by variant)."""
     return Path(root, row["scale"], row.name, f"seed{row['seed']}")
@@ -208,12 +201,11 @@ def qualitative_grid(
 ) -> Any:
     """Training images with >= 2 classes: image, ground truth, every variant's pseudo mask (lowest seed), then
     the attention maps of the image's first classes for ``full`` and ``no_masking`` (class named in the cell)."""
-    from PIL import Image, ImageDraw
 
     from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
     from wsss.lib.datasets import decode_mask_png, display_rgb, load_split, read_image, read_mask_table, to_uint8
     from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps
-    from wsss.lib.plotting import class_legend, colorize, image_grid
+    from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
     from wsss.tools.diagnose_maps import multi_class_train_images
 
     dataset = read_ingested(root / "dataset")
@@ -227,6 +219,7 @@ def qualitative_grid(
     for variant, row in first.iterrows():
         table = read_mask_table(_run_dir(root, row) / "pseudo_masks" / "train.parquet", encoded=True)
         columns[variant] = [colorize(decode_mask_png(table[p.id], f"pseudo mask of {p.id!r}")) for p in picked]
+    captions: dict[str, list[str]] = {}  # the class of each map cell
     for variant in (v for v in MAP_VARIANTS if v in first.index):
         model, record = load_classifier(Path(first.loc[variant, "classifier_dir"]) / MODEL_FILE, device)
         # the model's own input (all bands, its size), as the pseudo-mask stage feeds it
@@ -237,16 +230,15 @@ def qualitative_grid(
         refine = stats.get("refine_iterations", 0)
         maps, _ = attention_maps(model, data.images, device, blocks=blocks, refine=refine)
         for k in range(MAPS_PER_IMAGE):
-            cells = []
+            cells, names = [], []
             for i, gt in enumerate(gts):
                 classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
                 cls = classes[min(k, len(classes) - 1)]
-                cell = Image.fromarray(_heatmap(normalized_maps(maps[i][[cls]], gt.shape)[0].numpy()))
-                ImageDraw.Draw(cell).text((1, 0), record["classes"][cls][:8], fill="white")
-                cells.append(np.asarray(cell))
-            columns[f"{variant} map {k + 1}"] = cells
+                cells.append(heatmap(normalized_maps(maps[i][[cls]], gt.shape)[0].numpy()))
+                names.append(record["classes"][cls])
+            columns[f"{variant} map {k + 1}"], captions[f"{variant} map {k + 1}"] = cells, names
     title = f"train split, {len(picked)} images with two or more classes: pseudo masks (lowest seed) and maps"
-    return image_grid(columns, title, class_legend(dataset.classes))
+    return image_grid(columns, title, class_legend(dataset.classes), captions)
 
 
 def log_to_mlflow(scale: str, summary: pd.DataFrame, files: Sequence[Path], root: str | Path = ".") -> str:

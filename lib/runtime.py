@@ -1,7 +1,8 @@
-"""Process-wide settings every stage applies first: threads, seed, device."""
+"""Process-wide settings every stage applies first: threads, seed, device; the precision models run at."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -26,3 +27,18 @@ def setup_runtime(seed: int, num_threads: int, device: str) -> torch.device:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return resolve_device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``trainer.precision`` for this device: ``auto`` is bf16 on CUDA, fp32 elsewhere (the tiny CPU default
+    ran 2.6x slower under bf16 autocast here)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward passes at a resolved ``precision`` (a no-op at fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

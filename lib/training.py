@@ -29,6 +29,7 @@ from wsss.lib.artifacts import CHECKPOINT_FILE, HISTORY_FILE
 from wsss.lib.checkpoint import load_resumable, save_checkpoint
 from wsss.lib.distributed import World
 from wsss.lib.io import write_csv
+from wsss.lib.runtime import autocast
 
 Step = Callable[[int, Any], torch.Tensor]  # (global step, batch) -> statistics to sum over the epoch
 
@@ -63,7 +64,7 @@ class Loop:
     device: torch.device
     scheduler: Any = None
     extra_state: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"  # resolved (see :func:`resolve_precision`): fp32 | bf16 | fp16
+    precision: str = "fp32"  # resolved (see :func:`wsss.lib.runtime.resolve_precision`): fp32 | bf16 | fp16
     history: list[dict[str, Any]] = field(default_factory=list)
     first_epoch: int = 0
     seconds_before: float = 0.0
@@ -76,10 +77,7 @@ class Loop:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward pass's mixed precision (a no-op at fp32)."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def optimize(self, loss: torch.Tensor) -> None:
         """One optimizer step on ``loss``: backward, step (through the GradScaler at fp16)."""
@@ -175,14 +173,6 @@ def fit(
         }
         save_checkpoint(loop.out / CHECKPOINT_FILE, loop.state)
         write_csv(loop.out / HISTORY_FILE, loop.history)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``trainer.precision`` for this device: ``auto`` is bf16 on CUDA, fp32 elsewhere (the tiny CPU default
-    ran 2.6x slower under bf16 autocast here)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None) -> nn.Module:

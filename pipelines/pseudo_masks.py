@@ -53,10 +53,11 @@ def _load(params: Params, threads: int):
 @task(name="mask rule", cache_policy=NO_CACHE)
 def mask_rule(params: Params) -> MaskRule:
     """Thresholds (tuned on the training sample when asked) and the map layer: one step before the shards."""
+    from wsss.lib.runtime import resolve_precision
     from wsss.tasks.pseudo_masks import decide_rule
 
     device, model, dataset = _load(params, params.num_threads)
-    return decide_rule(model, dataset, params.pseudo_masks, device)
+    return decide_rule(model, dataset, params.pseudo_masks, device, resolve_precision(params.trainer.precision, device))
 
 
 @task(name="pseudo-mask shard", task_run_name="shard {index}: images {start}-{stop}", cache_policy=NO_CACHE)

@@ -42,7 +42,7 @@ from wsss.lib.io import atomic_file, write_json
 from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps, present_classes
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix
 from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
-from wsss.lib.runtime import setup_runtime
+from wsss.lib.runtime import autocast, resolve_precision, setup_runtime
 from wsss.models.segmenter import Segmenter
 
 # The confusion CSVs hold one (actual, predicted) row per pixel for DVC's confusion template; above this
@@ -255,6 +255,11 @@ def _maps_image(
 def main(params: Params) -> dict[str, Any]:
     """CLI entry: scores pseudo masks and (when trained) the segmenters; writes metrics and plots."""
     device = setup_runtime(params.seed, params.num_threads, params.device)
+    with autocast(resolve_precision(params.trainer.precision, device), device):
+        return _evaluate(params, device)
+
+
+def _evaluate(params: Params, device: torch.device) -> dict[str, Any]:
     dataset = read_ingested(Path(params.ingest.out))
     names = ["background", *dataset.classes]
     split = params.pseudo_masks.split

@@ -46,7 +46,7 @@ from wsss.lib.mask_rule import (
     present_classes,
 )
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
-from wsss.lib.runtime import setup_runtime
+from wsss.lib.runtime import autocast, resolve_precision, setup_runtime
 from wsss.models.token_masking_vit import TokenMaskingViT
 
 
@@ -61,6 +61,7 @@ class MaskRule:
     map_layers: tuple[int, ...]  # the blocks it sums
     # map_blocks: auto -> tuning mIoU of each candidate at its best thresholds (coarse grid); else None
     block_scores: dict[str, float] | None = None
+    precision: str = "fp32"  # the maps' forward passes (trainer.precision, resolved for the device)
 
 
 @dataclass
@@ -112,6 +113,7 @@ def _split_maps(
     blocks: int | None,
     per_block: bool = False,
     desc: str = "attention maps",
+    precision: str = "fp32",
 ) -> _SplitMaps:
     """Loads the images at ``positions`` of ``params.split`` at their own aspect ratio (longer side the
     classifier's input size) and computes their maps, in that order (``blocks``/``per_block``: see
@@ -120,7 +122,7 @@ def _split_maps(
     picked = rows.iloc[positions]
     subset = dataclasses.replace(dataset, manifest=picked)
     data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, False, model.patch_size)
-    with _thread_count_invariant_kernels():
+    with _thread_count_invariant_kernels(), autocast(precision, device):
         maps, probs = attention_maps(
             model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block,
             refine_steps(params), desc, on_device=True,
@@ -157,7 +159,11 @@ def _tuning_samples(
 
 
 def decide_rule(
-    model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: PseudoMaskParams,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> MaskRule:
     """The map blocks and thresholds every image gets (a single step: it needs the whole tuning sample).
 
@@ -179,12 +185,13 @@ def decide_rule(
     spec = params.map_blocks if params.map_blocks != "auto" or tune else "all"
     if not tune:
         layers = tuple(model.map_layers(map_block_count(spec)))
-        return MaskRule(params.fg_threshold, params.bg_threshold, None, spec, layers)
+        return MaskRule(params.fg_threshold, params.bg_threshold, None, spec, layers, precision=precision)
     candidates = block_candidates(model) if spec == "auto" else {spec: map_block_count(spec)}
     has_labels = params.split == "train"
     sample = _split_maps(
-        model, dataset, params, device, with_gt[: params.tune_images], None, True, "maps for threshold tuning"
-    )
+        model, dataset, params, device, with_gt[: params.tune_images], None, True, "maps for threshold tuning",
+        precision,
+    )  # fmt: skip
     usable = model.map_layers(None)
     scores, best = {}, None
     for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):
@@ -197,7 +204,7 @@ def decide_rule(
             best = (name, search)  # only the leader's samples are kept
     fg, bg, score = best[1].refine()  # the coarse grid of the leader is not scored again
     layers = tuple(model.map_layers(candidates[best[0]]))
-    return MaskRule(fg, bg, score, best[0], layers, scores if len(candidates) > 1 else None)
+    return MaskRule(fg, bg, score, best[0], layers, scores if len(candidates) > 1 else None, precision)
 
 
 def shard_ranges(num_images: int, shards: int, batch_size: int) -> list[tuple[int, int]]:
@@ -235,9 +242,8 @@ def pseudo_mask_shard(
     bar = tqdm(total=stop - start, desc="pseudo masks (all images)", leave=False, mininterval=2.0)
     # One model batch at a time: only its images and maps are in memory; masks are kept PNG-encoded.
     for first in range(start, stop, params.batch_size):
-        split_maps = _split_maps(
-            model, dataset, params, device, slice(first, min(stop, first + params.batch_size)), blocks
-        )
+        positions = slice(first, min(stop, first + params.batch_size))
+        split_maps = _split_maps(model, dataset, params, device, positions, blocks, precision=rule.precision)
         for i in range(len(split_maps.data.ids)):
             grid = tuple(split_maps.maps[i].shape[-2:])
             grids[grid] += 1
@@ -289,6 +295,7 @@ def gather(
         "map_blocks_tuning": rule.block_scores,
         "refine": params.refine,
         "refine_iterations": refine_steps(params),
+        "precision": rule.precision,
         "fg_threshold": rule.fg_threshold,
         "bg_threshold": rule.bg_threshold,
         "thresholds_tuned": rule.tuning_miou is not None,
@@ -309,7 +316,11 @@ def gather(
 
 
 def generate_pseudo_masks(
-    model: TokenMaskingViT, dataset: DatasetIndex, params: PseudoMaskParams, device: torch.device
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: PseudoMaskParams,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> tuple[list[str], list[bytes], dict[str, Any]]:
     """Pseudo masks (original image size, PNG-encoded) for every image of ``params.split`` plus statistics,
     serially.
@@ -317,7 +328,7 @@ def generate_pseudo_masks(
     The statistics score the masks against the split's ground truth where it exists: mIoU, the token-grid
     ceiling and the attention class-specificity on multi-class images.
     """
-    rule = decide_rule(model, dataset, params, device)
+    rule = decide_rule(model, dataset, params, device, precision)
     whole = pseudo_mask_shard(model, dataset, params, rule, 0, len(dataset.split(params.split)), device)
     return gather([whole], params, rule)
 
@@ -343,6 +354,7 @@ def main(params: Params) -> dict[str, Any]:
     device = setup_runtime(params.seed, params.num_threads, params.device)
     dataset = read_ingested(Path(params.ingest.out))
     model = load_map_model(Path(params.classifier.out) / MODEL_FILE, device)
-    ids, masks, stats = generate_pseudo_masks(model, dataset, params.pseudo_masks, device)
+    precision = resolve_precision(params.trainer.precision, device)
+    ids, masks, stats = generate_pseudo_masks(model, dataset, params.pseudo_masks, device, precision)
     write_pseudo_masks(params.pseudo_masks, ids, masks, stats)
     return stats

@@ -28,7 +28,8 @@ from wsss.lib.distributed import (
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file, write_csv, write_json
 from wsss.lib.metrics import f1_scores, mean_average_precision
-from wsss.lib.training import Loop, fit, param_groups, prepare_model, resolve_precision
+from wsss.lib.runtime import resolve_precision
+from wsss.lib.training import Loop, fit, param_groups, prepare_model
 from wsss.models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
 
 
@@ -191,7 +192,9 @@ def train_classifier(
     def validate(totals: torch.Tensor) -> dict[str, Any]:
         # Each rank's mean is over an equal share of the global batch: the global mean is their mean.
         means = (totals / (world.size * loop.steps_per_epoch)).tolist()
-        metrics = classification_metrics(predict_probabilities(model, val, device, num_workers=num_workers), val.labels)
+        with loop.autocast():
+            probs = predict_probabilities(model, val, device, num_workers=num_workers)
+        metrics = classification_metrics(probs, val.labels)
         return {
             **dict(zip(("loss", "bce", "penalty"), means, strict=True)),
             "val_map": metrics["map"],
@@ -209,7 +212,8 @@ def train_classifier(
     fit(loop, step, validate, describe)
     result = None
     if world.is_main:
-        result = _write_outputs(model, dataset, params, out, val, device, loop.history, in_chans)
+        with loop.autocast():  # the final val pass at the training precision, as every epoch's
+            result = _write_outputs(model, dataset, params, out, val, device, loop.history, in_chans)
         result["train_seconds"] = loop.train_seconds()
         result["precision"] = precision
         write_json(out / "metrics.json", result)

@@ -35,7 +35,8 @@ from wsss.lib.distributed import (
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file, write_csv
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
-from wsss.lib.training import Loop, fit, prepare_model, resolve_precision
+from wsss.lib.runtime import resolve_precision
+from wsss.lib.training import Loop, fit, prepare_model
 from wsss.models.segmenter import Segmenter
 
 MASK_SOURCES = ("pseudo", "gt")
@@ -153,7 +154,9 @@ def train_segmenter(
     def validate(total_loss: torch.Tensor) -> dict[str, Any]:
         predictions = iter_predictions(model, val, device, params.batch_size, num_workers)
         pairs = ((read_mask(dataset.path(val_gt[i])), mask) for i, mask in predictions if i in val_gt)
-        return {"loss": float(total_loss) / loop.steps_per_epoch, "val_miou": mean_iou(pairs, num_classes)}
+        with loop.autocast():
+            val_miou = mean_iou(pairs, num_classes)
+        return {"loss": float(total_loss) / loop.steps_per_epoch, "val_miou": val_miou}
 
     def describe(row: dict[str, Any]) -> str:
         return f"epoch {row['epoch']:>3}  loss {row['loss']:.4f}  val mIoU {row['val_miou']:.3f}  {row['seconds']:.1f}s"

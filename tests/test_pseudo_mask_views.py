@@ -4,6 +4,7 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,25 @@ def test_pruned_model_gives_the_gated_models_masks_and_stats(tiny_params: Params
         k: v for k, v in stats.items() if k not in floats
     }
     assert pruned_stats["class_specificity"] == pytest.approx(stats["class_specificity"], rel=1e-6)
+
+
+def test_pseudo_masks_at_bf16_run_on_cpu_and_record_their_precision(tiny_params: Params):
+    from wsss.lib.artifacts import read_ingested
+    from wsss.lib.datasets import decode_mask_png
+    from wsss.tasks.ingest import ingest
+    from wsss.tasks.train_classifier import build_classifier
+
+    ingest(Path(tiny_params.ingest.source), Path(tiny_params.ingest.out))
+    dataset = read_ingested(Path(tiny_params.ingest.out))
+    torch.manual_seed(0)
+    model = build_classifier(tiny_params.classifier, dataset.num_classes).eval()
+    settings = dataclasses.replace(tiny_params.pseudo_masks, tune_thresholds=False, map_blocks="all")
+    _, masks, stats = generate_pseudo_masks(model, dataset, settings, CPU)
+    _, half, half_stats = generate_pseudo_masks(model, dataset, settings, CPU, precision="bf16")
+    assert stats["precision"] == "fp32" and half_stats["precision"] == "bf16"
+    agree = [(decode_mask_png(a) == decode_mask_png(b)).mean() for a, b in zip(masks, half, strict=True)]
+    # an untrained model's near-flat maps: bf16 rounding moves many pixels across a threshold, not most
+    assert 0.75 < float(np.mean(agree)) < 1.0
 
 
 def naive_block_maps(model, x: torch.Tensor) -> list[torch.Tensor]:

@@ -310,6 +310,11 @@ def run_benchmarks(
         "p2_fast_pseudo_masks_rule_on_cpu": lambda: fast_pseudo_masks(pruned, infer_images, present, False),
         "p2_recorded_maps": wrap(lambda: recorded_attention_maps(gated, infer_images)),
         "p2_class_rows_maps": wrap(lambda: gated.class_attention_maps(infer_images, present)),
+        # map_blocks: all (the reference's sum over blocks) and the affinity refinement, same pass
+        "p2_class_rows_maps_all_blocks": wrap(lambda: gated.class_attention_maps(infer_images, present, blocks=None)),
+        "p2_class_rows_maps_affinity": wrap(
+            lambda: gated.class_attention_maps(infer_images, present, blocks=None, refine=1)
+        ),
         **{
             f"p3_read_only_c{c}_present_maps": wrap(
                 lambda model=model: model.class_attention_maps(infer_images, present)
@@ -336,6 +341,9 @@ def run_benchmarks(
         "p2_rule_on_device_speedup": ratio("p2_fast_pseudo_masks_rule_on_cpu", "p2_fast_pseudo_masks"),
         # the maps alone on the same gated model: fused SDPA + class rows vs every block recorded
         "p2_maps_speedup_same_model": ratio("p2_recorded_maps", "p2_class_rows_maps"),
+        # cost of the aggregation over every block (and of the affinity refinement) vs the last block only
+        "p2_all_blocks_cost": ratio("p2_class_rows_maps_all_blocks", "p2_class_rows_maps"),
+        "p2_affinity_cost": ratio("p2_class_rows_maps_affinity", "p2_class_rows_maps"),
         "p2_mask_agreement": round(mask_agreement, 6),
         "p3_class_scaling_ratio": ratio("p3_wsss_c150_train", "p1_wsss_c20_train"),
         "p3_infer_ratio": ratio("p3_wsss_c150_infer", "p3_wsss_c20_infer"),
@@ -399,7 +407,9 @@ def markdown_table(record: dict[str, Any]) -> str:
         f"{record['p1_macs_ratio']:.3f}; P2 {record['p2_images_per_s']} vs "
         f"{record['p2_naive_images_per_s']} images/s, maps alone on the same gated model "
         f"{record['p2_maps_speedup_same_model']:.3f}x, rule on the maps' device vs on the CPU "
-        f"{record['p2_rule_on_device_speedup']:.3f}x, pixels equal in both paths' masks "
+        f"{record['p2_rule_on_device_speedup']:.3f}x, maps of all blocks / of the last "
+        f"{record['p2_all_blocks_cost']:.3f}x (with the affinity refinement {record['p2_affinity_cost']:.3f}x), "
+        f"pixels equal in both paths' masks "
         f"{record['p2_mask_agreement']:.4%}; "
         f"P3 multiply-add ratio {record['p3_macs_ratio']:.3f}, inference ratio {record['p3_infer_ratio']:.3f}, "
         f"read_only maps of 2 present classes C=150/C=20 {record['p3_read_only_present_ratio']:.3f}; "

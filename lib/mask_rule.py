@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from wsss.lib.datasets import normalize, shape_groups
+from wsss.lib.datasets import aspect_size, normalize, shape_groups
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
 from wsss.models.token_masking_vit import TokenMaskingViT
 
@@ -247,6 +247,23 @@ def class_specificity(attention: np.ndarray, gt: np.ndarray, classes: np.ndarray
 FG_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.1), 2))
 BG_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 FINE_STEPS = (-0.05, -0.025, 0.0, 0.025, 0.05)
+
+
+# The threshold search scores masks at most this long side (images larger are scored downscaled).
+TUNE_SIDE = 128
+
+
+def tuning_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The size a tuning image is scored at: its own up to TUNE_SIDE on the longer side, else scaled down."""
+    return tuple(size) if max(size) <= TUNE_SIDE else aspect_size(*size, TUNE_SIDE)
+
+
+def downsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A label mask at ``size`` (nearest-exact; unchanged when it has that size already)."""
+    if tuple(mask.shape) == tuple(size):
+        return mask
+    small = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=tuple(size), mode="nearest-exact")
+    return small[0, 0].to(torch.uint8).numpy()
 
 
 class ThresholdSearch:

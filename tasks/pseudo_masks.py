@@ -39,11 +39,13 @@ from wsss.lib.mask_rule import (
     attention_maps,
     block_candidates,
     class_specificity,
+    downsample_mask,
     grid_ceiling_mask,
     map_block_count,
     merge_maps,
     normalized_maps,
     present_classes,
+    tuning_size,
 )
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
 from wsss.lib.runtime import autocast, resolve_precision, setup_runtime
@@ -141,21 +143,24 @@ def refine_steps(params: PseudoMaskParams) -> int:
     return params.refine_iterations if params.refine == "affinity" else 0
 
 
-def _image_maps(split_maps: _SplitMaps, i: int, has_labels: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(normalised maps of the present classes at the image's own size, those classes, probabilities)."""
+def _image_maps(
+    split_maps: _SplitMaps, i: int, has_labels: bool, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(normalised maps of the present classes at the image's own size, or ``size``; those classes;
+    probabilities)."""
     probs = split_maps.probs[i].numpy()
     classes = present_classes(split_maps.data.labels[i].numpy() if has_labels else None, probs)
-    return normalized_maps(split_maps.maps[i][classes], split_maps.data.original_sizes[i]), classes, probs
+    size = size or split_maps.data.original_sizes[i]
+    return normalized_maps(split_maps.maps[i][classes], size), classes, probs
 
 
 def _tuning_samples(
-    sample: _SplitMaps, maps: list[torch.Tensor], dataset: DatasetIndex, has_labels: bool
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """(normalised maps, classes, probabilities, ground truth) of each tuning image under ``maps``."""
+    sample: _SplitMaps, maps: list[torch.Tensor], gts: list[np.ndarray], has_labels: bool
+) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
+    """(normalised maps, classes, probabilities, ground truth) of each tuning image under ``maps``, at the
+    size of its ground truth ``gts`` (reduced: :func:`wsss.lib.mask_rule.tuning_size`)."""
     view = dataclasses.replace(sample, maps=maps)
-    return [
-        (*_image_maps(view, i, has_labels), read_mask(dataset.root / path)) for i, path in enumerate(sample.gt_paths)
-    ]
+    return [(*_image_maps(view, i, has_labels, gt.shape), gt) for i, gt in enumerate(gts)]
 
 
 def decide_rule(
@@ -192,12 +197,16 @@ def decide_rule(
         model, dataset, params, device, with_gt[: params.tune_images], None, True, "maps for threshold tuning",
         precision,
     )  # fmt: skip
+    # Scored at a reduced size (longer side TUNE_SIDE): the search merges every image about 60 times per
+    # candidate, and maps blown up from a token grid lose little at that size; the masks are full size.
+    pairs = zip(sample.gt_paths, sample.data.original_sizes, strict=True)
+    gts = [downsample_mask(read_mask(dataset.root / path), tuning_size(size)) for path, size in pairs]
     usable = model.map_layers(None)
     scores, best = {}, None
     for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):
         skip = len(usable) - len(model.map_layers(count))
         summed = [_sum_blocks(maps[skip:].unbind(0)) for maps in sample.maps]
-        samples = _tuning_samples(sample, summed, dataset, has_labels)
+        samples = _tuning_samples(sample, summed, gts, has_labels)
         search = ThresholdSearch(samples, dataset.num_classes)
         scores[name] = search.coarse()[2]
         if best is None or scores[name] > scores[best[0]]:  # strictly better: ties keep more blocks

@@ -47,7 +47,8 @@ stop_started() {  # newest first: the worker talks to the server while it shuts 
   for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do stop_group "${STARTED[i]}"; done
   STARTED=()
 }
-trap 'rc=$?; [[ -n "${FOLLOW:-}" ]] && kill "$FOLLOW" 2>/dev/null; stop_started; exit $rc' EXIT
+# (An `a && b` whose b fails would end the trap with that status under set -e: `if` instead.)
+trap 'rc=$?; if [[ -n "${FOLLOW:-}" ]]; then kill "$FOLLOW" 2>/dev/null || true; fi; stop_started; exit $rc' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -86,7 +87,9 @@ else
 fi
 
 if ! prefect work-pool inspect local >/dev/null 2>&1; then
-  prefect work-pool create local --type process
+  # its output advises starting a worker, which this script does below: into the log
+  say "creating the process work pool 'local' (log: $LOGS/pool.log)"
+  prefect work-pool create local --type process >"$LOGS/pool.log" 2>&1 || { cat "$LOGS/pool.log"; exit 1; }
 fi
 say "deploying (prefect.yaml: deployment wsss/full, working dir $WSSS_ROOT; log: $LOGS/deploy.log)"
 # Its closing advice (start a worker, run the deployment) is what this script does next: kept in the log.
@@ -116,6 +119,7 @@ prefect deployment run wsss/full --watch "${args[@]}" >"$LOGS/watch.log" 2>&1 ||
 elapsed=$((SECONDS - start))
 sleep 1  # the worker's last lines
 kill "$FOLLOW" 2>/dev/null || true
+FOLLOW=""
 tail -n 1 "$LOGS/watch.log"
 
 # 4. results ------------------------------------------------------------------------------------------

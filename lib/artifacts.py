@@ -25,6 +25,7 @@ from wsss.lib.datasets import (
     SplitData,
     StreamedSplit,
     image_batches,
+    load_split,
     normalize,
     one_line,
     read_bands,
@@ -128,6 +129,12 @@ def predict_images(
 ) -> dict[str, np.ndarray]:
     """:func:`iter_predictions` as ``{id: mask}`` (for a few images; a split is scored as it streams)."""
     return dict(iter_predictions(model, data, device, batch_size, num_workers))
+
+
+def classifier_images(model: TokenMaskingViT, dataset: DatasetIndex, split: str) -> SplitData:
+    """The images of ``split`` in memory as the classifier's maps see them (a model batch, the tuning
+    sample, a picture's rows): longer side its trained input size, aspect kept (patch multiples)."""
+    return load_split(dataset, split, model.grid_size[0] * model.patch_size, False, model.patch_size)
 
 
 def segmenter_split(model: Segmenter, dataset: DatasetIndex, split: str, img_size: int) -> StreamedSplit:

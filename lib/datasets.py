@@ -747,6 +747,12 @@ def _resize(x: torch.Tensor, size: int | tuple[int, int], is_mask: bool) -> torc
     return out.to(x.dtype).reshape(*x.shape[:-2], *size)
 
 
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 label mask ``[H, W]`` at ``size`` (nearest-exact, as items are resized; the same array when
+    it has that size already)."""
+    return mask if tuple(mask.shape) == tuple(size) else _resize(torch.from_numpy(mask), size, is_mask=True).numpy()
+
+
 def image_tensor(image_uint8: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
     """HxWxC uint8 image -> uint8 [C, h, w] tensor resized to ``size`` (bilinear, antialiased; None: as is)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image_uint8)).permute(2, 0, 1)

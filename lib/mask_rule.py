@@ -258,14 +258,6 @@ def tuning_size(size: tuple[int, int]) -> tuple[int, int]:
     return tuple(size) if max(size) <= TUNE_SIDE else aspect_size(*size, TUNE_SIDE)
 
 
-def downsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A label mask at ``size`` (nearest-exact; unchanged when it has that size already)."""
-    if tuple(mask.shape) == tuple(size):
-        return mask
-    small = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=tuple(size), mode="nearest-exact")
-    return small[0, 0].to(torch.uint8).numpy()
-
-
 class ThresholdSearch:
     """Search of (fg, bg) thresholds by pseudo-mask mIoU on training images with ground truth.
 

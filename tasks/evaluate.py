@@ -17,6 +17,7 @@ from PIL import Image
 
 from wsss.lib.artifacts import (
     MODEL_FILE,
+    classifier_images,
     load_map_model,
     load_segmenter,
     predict_images,
@@ -31,7 +32,6 @@ from wsss.lib.datasets import (
     DatasetIndex,
     decode_mask_png,
     display_rgb,
-    load_split,
     read_image,
     read_mask,
     read_mask_table,
@@ -48,11 +48,18 @@ from wsss.models.segmenter import Segmenter
 # The confusion CSVs hold one (actual, predicted) row per pixel for DVC's confusion template; above this
 # many pixels the rows are scaled down proportionally so the file stays small.
 MAX_CONFUSION_ROWS = 10_000
-# (key prefix, (params section, file in its out folder), keys): the earlier stages' numbers metrics.json repeats
-EARLIER_METRICS = (
-    ("pseudo_mask_", ("pseudo_masks", "stats.json"), ("ceiling_miou", "fg_threshold", "bg_threshold")),
-    ("", ("pseudo_masks", "stats.json"), ("class_specificity", "area_share")),
-    ("classifier_", ("classifier", "metrics.json"), ("val_map", "val_f1_macro", "closed_heads")),
+# The earlier stages' numbers metrics.json repeats: (its key, the key in that stage's record)
+PSEUDO_MASK_METRICS = (
+    ("pseudo_mask_ceiling_miou", "ceiling_miou"),
+    ("pseudo_mask_fg_threshold", "fg_threshold"),
+    ("pseudo_mask_bg_threshold", "bg_threshold"),
+    ("class_specificity", "class_specificity"),
+    ("area_share", "area_share"),
+)
+CLASSIFIER_METRICS = (
+    ("classifier_val_map", "val_map"),
+    ("classifier_val_f1_macro", "val_f1_macro"),
+    ("classifier_closed_heads", "closed_heads"),
 )
 CONFUSION_PLOTS = {"pseudo_mask": "confusion_pseudo_masks.csv", "segmenter": "confusion_segmenter.csv"}
 
@@ -231,7 +238,7 @@ def _maps_image(
     model = load_map_model(classifier, device)
     rows = dataset.split(split).head(num_images)
     subset = DatasetIndex(dataset.root, dataset.classes, rows, dataset.bands)
-    data = load_split(subset, split, model.grid_size[0] * model.patch_size, False, model.patch_size)
+    data = classifier_images(model, subset, split)
     blocks = map_block_count(stats["map_blocks"])
     maps, probs = attention_maps(model, data.images, device, blocks=blocks, refine=stats.get("refine_iterations", 0))
     columns: dict[str, list[np.ndarray]] = {"image": [], **{f"map {k + 1}": [] for k in range(MAPS_PER_IMAGE)}}
@@ -285,9 +292,10 @@ def _evaluate(params: Params, device: torch.device) -> dict[str, Any]:
         metrics[f"{source}_pixel_accuracy"] = _json_number(result["pixel_accuracy"])
     # A few flat keys from the earlier stages' own records (what `dvc metrics show` lists); the records
     # themselves (stats.json, the classifier's metrics.json) keep everything else.
-    for prefix, path, keys in EARLIER_METRICS:
-        record = _read_optional_json(Path(getattr(params, path[0]).out) / path[1]) or {}
-        metrics |= {f"{prefix}{key}": record[key] for key in keys if isinstance(record.get(key), int | float)}
+    stats = _read_optional_json(Path(params.pseudo_masks.out) / "stats.json") or {}
+    classifier_record = _read_optional_json(Path(params.classifier.out) / "metrics.json") or {}
+    for record, keys in ((stats, PSEUDO_MASK_METRICS), (classifier_record, CLASSIFIER_METRICS)):
+        metrics |= {ours: record[theirs] for ours, theirs in keys if isinstance(record.get(theirs), int | float)}
     per_class = {name: {s: _json_number(r["iou"][name]) for s, r in results.items()} for name in names}
 
     metrics_dir, plots_dir = Path(params.evaluate.metrics_dir), Path(params.evaluate.plots_dir)
@@ -295,7 +303,6 @@ def _evaluate(params: Params, device: torch.device) -> dict[str, Any]:
     if params.evaluate.grid_images > 0:
         pictures["grid.png"] = _grid_image(dataset, split, pseudo, segmenter, params.evaluate.grid_images, device)
         classifier = Path(params.classifier.out) / MODEL_FILE
-        stats = _read_optional_json(Path(params.pseudo_masks.out) / "stats.json") or {}
         if classifier.is_file() and stats.get("map_blocks"):
             pictures["maps.png"] = _maps_image(dataset, split, classifier, stats, params.evaluate.grid_images, device)
     _write_plots(plots_dir, results, names, pictures)

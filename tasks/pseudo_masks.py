@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wsss.lib.artifacts import MODEL_FILE, load_map_model, read_ingested
+from wsss.lib.artifacts import MODEL_FILE, classifier_images, load_map_model, read_ingested
 from wsss.lib.config import Params, PseudoMaskParams
 from wsss.lib.datasets import (
     DatasetIndex,
     SplitData,
     encode_mask_png,
-    load_split,
     read_mask,
+    resize_mask,
     write_encoded_mask_table,
 )
 from wsss.lib.errors import WsssError
@@ -39,7 +39,6 @@ from wsss.lib.mask_rule import (
     attention_maps,
     block_candidates,
     class_specificity,
-    downsample_mask,
     grid_ceiling_mask,
     map_block_count,
     merge_maps,
@@ -123,7 +122,7 @@ def _split_maps(
     rows = dataset.split(params.split)
     picked = rows.iloc[positions]
     subset = dataclasses.replace(dataset, manifest=picked)
-    data = load_split(subset, params.split, model.grid_size[0] * model.patch_size, False, model.patch_size)
+    data = classifier_images(model, subset, params.split)
     with _thread_count_invariant_kernels(), autocast(precision, device):
         maps, probs = attention_maps(
             model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block,
@@ -200,7 +199,7 @@ def decide_rule(
     # Scored at a reduced size (longer side TUNE_SIDE): the search merges every image about 60 times per
     # candidate, and maps blown up from a token grid lose little at that size; the masks are full size.
     pairs = zip(sample.gt_paths, sample.data.original_sizes, strict=True)
-    gts = [downsample_mask(read_mask(dataset.root / path), tuning_size(size)) for path, size in pairs]
+    gts = [resize_mask(read_mask(dataset.root / path), tuning_size(size)) for path, size in pairs]
     usable = model.map_layers(None)
     scores, best = {}, None
     for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):

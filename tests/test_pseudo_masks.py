@@ -116,14 +116,15 @@ def test_threshold_search_refines_off_the_coarse_grid():
 
 
 def test_tuning_scores_large_images_downscaled_and_small_ones_as_they_are():
-    from wsss.lib.mask_rule import TUNE_SIDE, downsample_mask, tuning_size
+    from wsss.lib.datasets import resize_mask
+    from wsss.lib.mask_rule import TUNE_SIDE, tuning_size
 
     assert tuning_size((64, 64)) == (64, 64) and tuning_size((TUNE_SIDE, 90)) == (TUNE_SIDE, 90)
     assert tuning_size((375, 500)) == (96, 128) and tuning_size((500, 375)) == (128, 96)
     gt = np.zeros((375, 500), np.uint8)
     gt[:, 250:] = 2  # right half class 2, a column of ignore at the seam
     gt[:, 249] = 255
-    small = downsample_mask(gt, (96, 128))
+    small = resize_mask(gt, (96, 128))
     assert small.shape == (96, 128) and set(np.unique(small)) <= {0, 2, 255}
     assert (small[:, :60] == 0).all() and (small[:, 68:] == 2).all()
-    assert downsample_mask(gt, gt.shape) is gt
+    assert resize_mask(gt, gt.shape) is gt

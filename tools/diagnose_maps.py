@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from wsss.lib.datasets import DatasetIndex, load_split, normalize, read_mask, shape_groups
+from wsss.lib.artifacts import classifier_images
+from wsss.lib.datasets import DatasetIndex, normalize, read_mask, shape_groups
 from wsss.lib.errors import WsssError
 from wsss.lib.mask_rule import block_candidates, class_specificity, normalized_maps, tune_thresholds
 from wsss.models.token_masking_vit import TokenMaskingViT
@@ -71,7 +72,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     if not isinstance(model, TokenMaskingViT) or model.class_tokens.shape[1] != model.num_classes:
         raise WsssError("diagnose-maps needs a classifier with one [CLS] token per class (wsss_vit_*)")
     subset, gts = multi_class_train_images(dataset, max_images)
-    data = load_split(subset, "train", model.grid_size[0] * model.patch_size, False, model.patch_size)
+    data = classifier_images(model, subset, "train")
     open_heads = [blk.attn.open_heads().cpu() for blk in model.blocks]
     num_heads = model.blocks[0].attn.num_heads
     # per block: lists of (attention share, area share) for open-mean, all-mean and each head

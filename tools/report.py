@@ -202,8 +202,8 @@ def qualitative_grid(
     """Training images with >= 2 classes: image, ground truth, every variant's pseudo mask (lowest seed), then
     the attention maps of the image's first classes for ``full`` and ``no_masking`` (class named in the cell)."""
 
-    from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
-    from wsss.lib.datasets import decode_mask_png, display_rgb, load_split, read_image, read_mask_table, to_uint8
+    from wsss.lib.artifacts import MODEL_FILE, classifier_images, load_classifier, read_ingested
+    from wsss.lib.datasets import decode_mask_png, display_rgb, read_image, read_mask_table, to_uint8
     from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps
     from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
     from wsss.tools.diagnose_maps import multi_class_train_images
@@ -223,7 +223,7 @@ def qualitative_grid(
     for variant in (v for v in MAP_VARIANTS if v in first.index):
         model, record = load_classifier(Path(first.loc[variant, "classifier_dir"]) / MODEL_FILE, device)
         # the model's own input (all bands, its size), as the pseudo-mask stage feeds it
-        data = load_split(subset, "train", model.grid_size[0] * model.patch_size, False, model.patch_size)
+        data = classifier_images(model, subset, "train")
         # the blocks the run's pseudo masks were made from (map_blocks: auto resolved by the stage)
         stats = json.loads((_run_dir(root, first.loc[variant]) / "pseudo_masks" / "stats.json").read_text())
         blocks = map_block_count(stats.get("map_blocks", "last"))

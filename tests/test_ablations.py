@@ -305,6 +305,7 @@ def test_diagnose_maps_scores_every_block(finished_grid, capsys):
     assert list(blocks["block"]) == [0, 1, 2, 3] and (blocks["open_heads"] == 4).all()
     for column in ("open_mean", "all_heads_mean", "best_head_share", "area_share", "tuned_miou"):
         assert blocks[column].between(0, 1).all(), column
+    assert blocks["class_token_cosine"].between(-1, 1).all() and blocks["class_token_cosine"].nunique() == 4
     # the aggregations map_blocks can choose: last (= block 3), last2, last3, all (every block, 16 heads)
     assert list(aggregated["block"]) == ["last [3]", "last2 [2, 3]", "last3 [1, 2, 3]", "all [0, 1, 2, 3]"]
     assert list(aggregated["open_heads"]) == [4, 8, 12, 16]
@@ -314,3 +315,15 @@ def test_diagnose_maps_scores_every_block(finished_grid, capsys):
     cam, _ = load_classifier(Path(rows["cam_baseline"]["classifier_dir"]) / "model.pt")
     with pytest.raises(WsssError, match=r"one \[CLS\] token per class"):
         specificity_by_block(cam, read_ingested(root / "dataset"))
+
+
+def test_pairwise_cosine_of_class_tokens():
+    import torch
+
+    from wsss.tools.diagnose_maps import _pairwise_cosine
+
+    same = torch.ones(3, 8)
+    assert _pairwise_cosine(same) == pytest.approx(1.0)
+    assert _pairwise_cosine(torch.eye(4, 8)) == pytest.approx(0.0)
+    # pairs (a, b), (a, c), (b, c) of a=(1,0), b=(0,1), c=(1,1)/sqrt2: cosines 0, 0.707, 0.707
+    assert _pairwise_cosine(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])) == pytest.approx(2**0.5 / 3)

@@ -4,8 +4,10 @@ For training images with at least two ground-truth classes, every block's [CLS]_
 are scored with the pseudo-mask stage's class-specificity measure (share of CLS_c's attention mass on class
 c's pixels among the image's foreground pixels; equal to the area share when the map does not tell the
 classes apart). Per block: the mean over open heads (what the pseudo masks use in the map block), over
-all heads (do closed heads hide a signal?) and the best single head; and the pseudo-mask mIoU that the
-open-head maps of each block would give on these images (thresholds tuned per block, as the stage does).
+all heads (do closed heads hide a signal?) and the best single head; the mean pairwise cosine similarity
+of the present classes' token states entering the block (the queries are linear in them: tokens that have
+become alike attend alike, whatever the masking); and the pseudo-mask mIoU that the open-head maps of each
+block would give on these images (thresholds tuned per block, as the stage does).
 Then one row per aggregation ``pseudo_masks.map_blocks`` can choose (``last``, ``last2``, ..., ``all``):
 the open-head maps summed over those blocks, scored the same way.
 """
@@ -27,18 +29,29 @@ from wsss.models.token_masking_vit import TokenMaskingViT
 
 
 @torch.no_grad()
-def block_class_rows(model: TokenMaskingViT, images: torch.Tensor) -> list[torch.Tensor]:
-    """Every block's class-token -> patch attention, ``[B, H, C, h, w]`` per block (gates not applied)."""
+def block_class_rows(model: TokenMaskingViT, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block: the class-token -> patch attention ``[B, H, C, h, w]`` (gates not applied) and the class
+    tokens' normalised input states ``[B, C, D]`` (what the block's queries are computed from)."""
     model.eval()
     x, (h, w) = model._embed(normalize(images))
     Q = model.num_classes
     mask = model.attn_mask(Q, x.shape[1], x.device)
-    rows = []
+    rows, states = [], []
     for blk in model.blocks:
-        attn = blk.attn.query_attention(blk.norm1(x), Q, mask)
+        tokens = blk.norm1(x)
+        attn = blk.attn.query_attention(tokens, Q, mask)
         rows.append(attn[..., Q : Q + h * w].reshape(*attn.shape[:3], h, w))
+        states.append(tokens[:, :Q])
         x = blk(x, attn_mask=mask)
-    return rows
+    return rows, states
+
+
+def _pairwise_cosine(states: torch.Tensor) -> float:
+    """Mean cosine similarity over the distinct pairs of ``[K, D]`` token states (K >= 2)."""
+    unit = F.normalize(states, dim=-1)
+    gram = unit @ unit.T
+    K = states.shape[0]
+    return float((gram.sum() - gram.diagonal().sum()) / (K * (K - 1)))
 
 
 def multi_class_train_images(dataset: DatasetIndex, limit: int) -> tuple[DatasetIndex, list[np.ndarray]]:
@@ -77,7 +90,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     num_heads = model.blocks[0].attn.num_heads
     # per block: lists of (attention share, area share) for open-mean, all-mean and each head
     scores = [{key: [] for key in ("open", "all", *range(num_heads))} for _ in model.blocks]
-    areas = []
+    areas, cosines = [], [[] for _ in model.blocks]
     mask_samples = [[] for _ in model.blocks]  # (normalised maps, classes, probabilities, gt) per block
     candidates = {name: model.map_layers(count) for name, count in block_candidates(model).items()}
     agg_scores = {name: [] for name in candidates}
@@ -86,11 +99,12 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
         group for start in range(0, len(gts), 64) for group in shape_groups(data.images[start : start + 64], start)
     )
     for indices, images in groups:  # images of one size (each at its own aspect ratio)
-        batch_rows = block_class_rows(model, images)
+        batch_rows, batch_states = block_class_rows(model, images)
         probs = torch.sigmoid(model(normalize(images))).numpy()
         for i, gt in enumerate(gts[k] for k in indices):
             classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
             for block, attn in enumerate(batch_rows):
+                cosines[block].append(_pairwise_cosine(batch_states[block][i, classes]))
                 heads = attn[i][:, classes]  # [H, K, h, w]
                 views = {"all": heads.mean(0), **{head: heads[head] for head in range(num_heads)}}
                 if open_heads[block].any():
@@ -118,6 +132,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
                 "best_head": int(np.argmax(heads)),
                 "best_head_share": max(heads),
                 "area_share": float(np.mean(areas)),
+                "class_token_cosine": float(np.mean(cosines[block])),
                 "tuned_miou": tune_thresholds(mask_samples[block], model.num_classes)[2]
                 if mask_samples[block]
                 else float("nan"),

@@ -320,10 +320,10 @@ def test_diagnose_maps_scores_every_block(finished_grid, capsys):
 def test_pairwise_cosine_of_class_tokens():
     import torch
 
-    from wsss.tools.diagnose_maps import _pairwise_cosine
+    from wsss.tools.diagnose_maps import pairwise_cosine
 
     same = torch.ones(3, 8)
-    assert _pairwise_cosine(same) == pytest.approx(1.0)
-    assert _pairwise_cosine(torch.eye(4, 8)) == pytest.approx(0.0)
+    assert pairwise_cosine(same) == pytest.approx(1.0)
+    assert pairwise_cosine(torch.eye(4, 8)) == pytest.approx(0.0)
     # pairs (a, b), (a, c), (b, c) of a=(1,0), b=(0,1), c=(1,1)/sqrt2: cosines 0, 0.707, 0.707
-    assert _pairwise_cosine(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])) == pytest.approx(2**0.5 / 3)
+    assert pairwise_cosine(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])) == pytest.approx(2**0.5 / 3)

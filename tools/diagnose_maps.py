@@ -46,7 +46,7 @@ def block_class_rows(model: TokenMaskingViT, images: torch.Tensor) -> tuple[list
     return rows, states
 
 
-def _pairwise_cosine(states: torch.Tensor) -> float:
+def pairwise_cosine(states: torch.Tensor) -> float:
     """Mean cosine similarity over the distinct pairs of ``[K, D]`` token states (K >= 2)."""
     unit = F.normalize(states, dim=-1)
     gram = unit @ unit.T
@@ -104,7 +104,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
         for i, gt in enumerate(gts[k] for k in indices):
             classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
             for block, attn in enumerate(batch_rows):
-                cosines[block].append(_pairwise_cosine(batch_states[block][i, classes]))
+                cosines[block].append(pairwise_cosine(batch_states[block][i, classes]))
                 heads = attn[i][:, classes]  # [H, K, h, w]
                 views = {"all": heads.mean(0), **{head: heads[head] for head in range(num_heads)}}
                 if open_heads[block].any():

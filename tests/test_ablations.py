@@ -301,7 +301,7 @@ def test_diagnose_maps_scores_every_block(finished_grid, capsys):
     rows = {p.parent.parent.name: json.loads(p.read_text()) for p in root.glob("tiny/*/seed0/result.json")}
     model, _ = load_classifier(Path(rows["full"]["classifier_dir"]) / "model.pt")
     table = specificity_by_block(model, read_ingested(root / "dataset"), max_images=8)
-    blocks, aggregated = table.iloc[:4], table.iloc[4:]
+    blocks, aggregated, refined = table.iloc[:4], table.iloc[4:8], table.iloc[8:]
     assert list(blocks["block"]) == [0, 1, 2, 3] and (blocks["open_heads"] == 4).all()
     for column in ("open_mean", "all_heads_mean", "best_head_share", "area_share", "tuned_miou"):
         assert blocks[column].between(0, 1).all(), column
@@ -312,9 +312,39 @@ def test_diagnose_maps_scores_every_block(finished_grid, capsys):
     assert aggregated.iloc[0]["open_mean"] == pytest.approx(blocks.iloc[3]["open_mean"])
     for column in ("open_mean", "tuned_miou"):
         assert aggregated[column].between(0, 1).all(), column
+        assert refined[column].between(0, 1).all(), column
+    # the same aggregations after one affinity step: a row spreads over 1..P patches, the top
+    # three hold at most all of it, and averaging over patches can only lower a map's spread
+    patches = model.grid_size[0] * model.grid_size[1]
+    assert list(refined["block"]) == [f"refined {name}" for name in aggregated["block"]]
+    assert refined["affinity_patches"].between(1, patches).all()
+    assert refined["affinity_top3"].between(3 / patches, 1).all()
+    assert refined["refined_contrast"].between(0, 1).all() and aggregated["refined_contrast"].isna().all()
     cam, _ = load_classifier(Path(rows["cam_baseline"]["classifier_dir"]) / "model.pt")
     with pytest.raises(WsssError, match=r"one \[CLS\] token per class"):
         specificity_by_block(cam, read_ingested(root / "dataset"))
+
+
+def test_diagnosis_affinity_is_the_refinement_of_the_maps(finished_grid):
+    """Oracle: the affinity diagnose-maps builds from per-block query rows refines the maps the way the
+    model's one-pass ``class_attention_maps(refine=1)`` does."""
+    import torch
+
+    from wsss.lib.artifacts import classifier_images, load_classifier, read_ingested
+    from wsss.lib.datasets import normalize, shape_groups
+    from wsss.tools.diagnose_maps import block_class_rows
+
+    _, _, root = finished_grid
+    result = json.loads((root / "tiny/full/seed0/result.json").read_text())
+    model, _ = load_classifier(Path(result["classifier_dir"]) / "model.pt")
+    _, images = next(shape_groups(classifier_images(model, read_ingested(root / "dataset"), "train").images[:8], 0))
+    rows, _, transition = block_class_rows(model, images)
+    assert torch.allclose(transition.sum(-1), torch.ones(transition.shape[:2]))
+    layers = model.map_layers(None)
+    summed = sum(rows[b][:, model.blocks[b].attn.open_heads()].mean(1) for b in layers)
+    expected = (summed.flatten(2) @ transition.transpose(1, 2)).reshape(summed.shape)
+    maps, _ = model.class_attention_maps(normalize(images), blocks=None, refine=1)
+    assert torch.allclose(maps, expected, atol=1e-5)
 
 
 def test_pairwise_cosine_of_class_tokens():

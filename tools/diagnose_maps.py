@@ -9,7 +9,10 @@ of the present classes' token states entering the block (the queries are linear 
 become alike attend alike, whatever the masking); and the pseudo-mask mIoU that the open-head maps of each
 block would give on these images (thresholds tuned per block, as the stage does).
 Then one row per aggregation ``pseudo_masks.map_blocks`` can choose (``last``, ``last2``, ..., ``all``):
-the open-head maps summed over those blocks, scored the same way.
+the open-head maps summed over those blocks, scored the same way; and the same aggregations after one step
+of ``pseudo_masks.refine: affinity`` (MCTformer's patch affinity), with what the affinity does to a map:
+``affinity_patches`` (how many patches a row spreads over: exp of its entropy), ``affinity_top3`` (the
+mass of a row's three largest entries) and ``refined_contrast`` (std over patches of ``A m`` / of ``m``).
 """
 
 from __future__ import annotations
@@ -29,21 +32,28 @@ from wsss.models.token_masking_vit import TokenMaskingViT
 
 
 @torch.no_grad()
-def block_class_rows(model: TokenMaskingViT, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def block_class_rows(
+    model: TokenMaskingViT, images: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Per block: the class-token -> patch attention ``[B, H, C, h, w]`` (gates not applied) and the class
-    tokens' normalised input states ``[B, C, D]`` (what the block's queries are computed from)."""
+    tokens' normalised input states ``[B, C, D]`` (what the block's queries are computed from); and the
+    patch affinity ``[B, P, P]`` the refinement uses (open heads' mean patch -> patch attention, summed
+    over the blocks with an open head, rows normalised over patches)."""
     model.eval()
     x, (h, w) = model._embed(normalize(images))
-    Q = model.num_classes
+    Q, P = model.num_classes, h * w
     mask = model.attn_mask(Q, x.shape[1], x.device)
-    rows, states = [], []
+    rows, states, affinity = [], [], torch.zeros(x.shape[0], P, P)
     for blk in model.blocks:
         tokens = blk.norm1(x)
-        attn = blk.attn.query_attention(tokens, Q, mask)
-        rows.append(attn[..., Q : Q + h * w].reshape(*attn.shape[:3], h, w))
+        attn = blk.attn.query_attention(tokens, Q + P, mask)
+        rows.append(attn[:, :, :Q, Q : Q + P].reshape(*attn.shape[:2], Q, h, w))
         states.append(tokens[:, :Q])
+        heads = blk.attn.open_heads()
+        if heads.any():
+            affinity += attn[:, heads, Q:, Q : Q + P].mean(dim=1)
         x = blk(x, attn_mask=mask)
-    return rows, states
+    return rows, states, affinity / affinity.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def pairwise_cosine(states: torch.Tensor) -> float:
@@ -93,13 +103,14 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     areas, cosines = [], [[] for _ in model.blocks]
     mask_samples = [[] for _ in model.blocks]  # (normalised maps, classes, probabilities, gt) per block
     candidates = {name: model.map_layers(count) for name, count in block_candidates(model).items()}
-    agg_scores = {name: [] for name in candidates}
-    agg_samples = {name: [] for name in candidates}
+    agg_scores = {name: [] for name in (*candidates, *(f"refined {n}" for n in candidates))}
+    agg_samples = {name: [] for name in agg_scores}
+    spread, top3, contrast = [], [], {name: [] for name in candidates}
     groups = (
         group for start in range(0, len(gts), 64) for group in shape_groups(data.images[start : start + 64], start)
     )
     for indices, images in groups:  # images of one size (each at its own aspect ratio)
-        batch_rows, batch_states = block_class_rows(model, images)
+        batch_rows, batch_states, batch_affinity = block_class_rows(model, images)
         probs = torch.sigmoid(model(normalize(images))).numpy()
         for i, gt in enumerate(gts[k] for k in indices):
             classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
@@ -116,10 +127,16 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
                     scores[block][key] += shares
                     if block == 0 and key == "all":
                         areas += area
+            transition = batch_affinity[i]
+            spread.append(float(torch.exp(-(transition * transition.clamp_min(1e-12).log()).sum(-1)).mean()))
+            top3.append(float(transition.topk(3, dim=-1).values.sum(-1).mean()))
             for name, layers in candidates.items():
                 summed = sum(batch_rows[b][i][open_heads[b]][:, classes].mean(0) for b in layers)
-                agg_scores[name] += _specificity(summed, gt, classes)[0]
-                agg_samples[name].append((normalized_maps(summed, gt.shape), classes, probs[i], gt))
+                refined = (summed.flatten(1) @ transition.T).reshape(summed.shape)
+                contrast[name] += (refined.flatten(1).std(1) / summed.flatten(1).std(1).clamp_min(1e-12)).tolist()
+                for key, maps in ((name, summed), (f"refined {name}", refined)):
+                    agg_scores[key] += _specificity(maps, gt, classes)[0]
+                    agg_samples[key].append((normalized_maps(maps, gt.shape), classes, probs[i], gt))
     table = []
     for block, per_key in enumerate(scores):
         heads = [float(np.mean(per_key[h])) for h in range(num_heads)]
@@ -138,16 +155,20 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
                 else float("nan"),
             }
         )
-    for name, layers in candidates.items():
-        table.append(
-            {
-                "block": f"{name} {layers}",
-                "open_heads": int(sum(open_heads[b].sum() for b in layers)),
-                "open_mean": float(np.mean(agg_scores[name])),
-                "area_share": float(np.mean(areas)),
-                "tuned_miou": tune_thresholds(agg_samples[name], model.num_classes)[2],
-            }
-        )
+    affinity = {"affinity_patches": float(np.mean(spread)), "affinity_top3": float(np.mean(top3))}
+    for refine in (False, True):
+        for name, layers in candidates.items():
+            key = f"refined {name}" if refine else name
+            table.append(
+                {
+                    "block": f"{key} {layers}",
+                    "open_heads": int(sum(open_heads[b].sum() for b in layers)),
+                    "open_mean": float(np.mean(agg_scores[key])),
+                    "area_share": float(np.mean(areas)),
+                    "tuned_miou": tune_thresholds(agg_samples[key], model.num_classes)[2],
+                    **({**affinity, "refined_contrast": float(np.mean(contrast[name]))} if refine else {}),
+                }
+            )
     return pd.DataFrame(table)
 
 

@@ -357,3 +357,30 @@ def test_pairwise_cosine_of_class_tokens():
     assert pairwise_cosine(torch.eye(4, 8)) == pytest.approx(0.0)
     # pairs (a, b), (a, c), (b, c) of a=(1,0), b=(0,1), c=(1,1)/sqrt2: cosines 0, 0.707, 0.707
     assert pairwise_cosine(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])) == pytest.approx(2**0.5 / 3)
+
+
+def test_mask_ratio_curve_marks_a_ratio_without_maps(tmp_path, monkeypatch):
+    """A sweep point whose classifiers closed every head (mask_ratio 1: the labels leak) has no mIoU; the
+    table keeps it as NaN and the curve marks it instead of dropping it silently."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from wsss.tools.report import mask_ratio_curve, mask_ratio_table
+
+    runs = pd.DataFrame(
+        {
+            "variant": ["no_masking", "full", "full", "mask_1.0"],
+            "mask_ratio": [0.0, 0.5, 0.5, 1.0],
+            "pseudo_miou": [0.38, 0.39, 0.41, None],
+            "segmenter_miou": [0.37, 0.36, 0.38, None],
+        }
+    )
+    table = mask_ratio_table(runs, ["no_masking", "full", "mask_1.0"])
+    assert list(table["mask_ratio"]) == [0.0, 0.5, 1.0]
+    assert table["pseudo_miou_mean"].isna().tolist() == [False, False, True]
+    assert table["pseudo_miou_mean"].iloc[1] == pytest.approx(0.40)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its annotations
+    mask_ratio_curve(table, tmp_path / "mask_ratio.png")
+    assert (tmp_path / "mask_ratio.png").stat().st_size > 0
+    assert [text.get_text() for text in figures[0].axes[0].texts] == ["no maps\n(every head\nclosed)"]

@@ -184,6 +184,10 @@ def mask_ratio_curve(table: pd.DataFrame, path: Path) -> None:
             table["mask_ratio"], table[f"{column}_mean"], yerr=table[f"{column}_std"].fillna(0), marker="o",
             capsize=3, label=METRICS[column],
         )  # fmt: skip
+    # a ratio whose classifiers closed every head has no maps: marked on the axis instead of left out
+    for ratio in table.loc[table["pseudo_miou_mean"].isna(), "mask_ratio"]:
+        ax.axvline(ratio, color="grey", linestyle=":")
+        ax.annotate("no maps\n(every head\nclosed)", (ratio, 0.5), xycoords=("data", "axes fraction"), ha="right")
     ax.set_xlabel("mask ratio (P(zeroing an absent class's [CLS] output))")
     ax.set_ylabel("mIoU")
     ax.grid(alpha=0.3)

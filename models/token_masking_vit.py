@@ -459,15 +459,28 @@ class TokenMaskingViT(nn.Module):
             x = x + blk.drop_path1(blk.ls1(out))
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         if refine:
-            transition = affinity / affinity.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-            for _ in range(refine):
-                block_maps = [(m.flatten(2) @ transition.transpose(1, 2)).reshape(m.shape) for m in block_maps]
+            transition = affinity_transition(affinity)
+            block_maps = [propagate_affinity(m, transition, refine) for m in block_maps]
         maps = torch.stack(block_maps, dim=1) if per_block else sum(block_maps[1:], block_maps[0])
         x = self.norm(x)
         if subset:
             return maps, (x[:, :Q] * self.head_weight[classes]).sum(-1) + self.head_bias[classes]
         logits = self.forward_head(x)
         return maps, logits if classes is None else logits.gather(1, classes)
+
+
+def affinity_transition(affinity: torch.Tensor) -> torch.Tensor:
+    """A patch affinity ``[..., P, P]`` with its rows normalised over patches (a transition matrix)."""
+    return affinity / affinity.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def propagate_affinity(maps: torch.Tensor, transition: torch.Tensor, steps: int = 1) -> torch.Tensor:
+    """The patch-affinity refinement ``T^steps m`` of maps ``[..., K, h, w]``, ``transition`` ``[..., P, P]``
+    (P = h w, :func:`affinity_transition`): each patch takes the weighted map of the patches it attends to."""
+    flat = maps.flatten(-2)
+    for _ in range(steps):
+        flat = flat @ transition.transpose(-1, -2)
+    return flat.reshape(maps.shape)
 
 
 def load_timm_vit_weights(model: TokenMaskingViT, path: str | Path) -> list[str]:

@@ -28,7 +28,7 @@ from wsss.lib.artifacts import classifier_images
 from wsss.lib.datasets import DatasetIndex, normalize, read_mask, shape_groups
 from wsss.lib.errors import WsssError
 from wsss.lib.mask_rule import block_candidates, class_specificity, normalized_maps, tune_thresholds
-from wsss.models.token_masking_vit import TokenMaskingViT
+from wsss.models.token_masking_vit import TokenMaskingViT, affinity_transition, propagate_affinity
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def block_class_rows(
     x, (h, w) = model._embed(normalize(images))
     Q, P = model.num_classes, h * w
     mask = model.attn_mask(Q, x.shape[1], x.device)
-    rows, states, affinity = [], [], torch.zeros(x.shape[0], P, P)
+    rows, states, affinity = [], [], x.new_zeros(x.shape[0], P, P)
     for blk in model.blocks:
         tokens = blk.norm1(x)
         attn = blk.attn.query_attention(tokens, Q + P, mask)
@@ -53,7 +53,7 @@ def block_class_rows(
         if heads.any():
             affinity += attn[:, heads, Q:, Q : Q + P].mean(dim=1)
         x = blk(x, attn_mask=mask)
-    return rows, states, affinity / affinity.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return rows, states, affinity_transition(affinity)
 
 
 def pairwise_cosine(states: torch.Tensor) -> float:
@@ -132,7 +132,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
             top3.append(float(transition.topk(3, dim=-1).values.sum(-1).mean()))
             for name, layers in candidates.items():
                 summed = sum(batch_rows[b][i][open_heads[b]][:, classes].mean(0) for b in layers)
-                refined = (summed.flatten(1) @ transition.T).reshape(summed.shape)
+                refined = propagate_affinity(summed, transition)
                 contrast[name] += (refined.flatten(1).std(1) / summed.flatten(1).std(1).clamp_min(1e-12)).tolist()
                 for key, maps in ((name, summed), (f"refined {name}", refined)):
                     agg_scores[key] += _specificity(maps, gt, classes)[0]

@@ -27,6 +27,29 @@ class ConfigError(WsssError):
     """A params file or override that cannot be used; the message names the key and the problem."""
 
 
+# Run keys (a classifier's resume id, an ablation cell, the folder of its classifier) hash the params. An option
+# added after such runs exist is declared with added_option(default): at that default it stays out of the keys,
+# so the runs made before it keep their keys and are not redone.
+_KEYED_AT_DEFAULT = "keyed_at_default"
+
+
+def added_option(default: Any) -> Any:
+    """A dataclass field that run keys omit while it holds ``default`` (see :func:`key_settings`)."""
+    return field(default=default, metadata={_KEYED_AT_DEFAULT: False})
+
+
+def key_settings(section: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` of a params dataclass, without the :func:`added_option` fields at their default."""
+    settings = {}
+    for spec in dataclasses.fields(section):
+        value = getattr(section, spec.name)
+        if dataclasses.is_dataclass(value):
+            settings[spec.name] = key_settings(value)
+        elif spec.metadata.get(_KEYED_AT_DEFAULT, True) or value != spec.default:
+            settings[spec.name] = list(value) if isinstance(value, list) else value
+    return settings
+
+
 @dataclass
 class EmbeddedParams:
     """Recipe of the embedded default data set (``wsss import embedded``)."""
@@ -52,7 +75,8 @@ class IngestParams:
 
 @dataclass
 class ClassifierParams:
-    """Token-masking ViT classifier: BCE + lambda * L0 gate penalty."""
+    """Token-masking ViT classifier: BCE + lambda * L0 gate penalty (+ ``diversity`` times the reference's
+    optional diversity loss on the class maps, not the paper's; 0: off)."""
 
     model: str = "wsss_vit_tiny_patch8"
     img_size: int = 64
@@ -73,6 +97,7 @@ class ClassifierParams:
     gate_lr: float = 0.01
     gate_start: float = 0.4
     gate_init: float = 3.0
+    diversity: float = added_option(0.0)
     out: str = "artifacts/classifier"
 
 
@@ -191,6 +216,7 @@ _UNIT_INTERVAL = {
     "pseudo_masks.fg_threshold",
     "pseudo_masks.bg_threshold",
 }
+_NON_NEGATIVE = {"classifier.diversity", "classifier.gate_lambda", "trainer.num_workers"}
 _POSITIVE = {
     "num_threads",
     "embedded.image_size",
@@ -266,8 +292,9 @@ def _validate(params: Params) -> None:
     for key in _UNIT_INTERVAL:
         if not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key}: {flat[key]} is outside [0, 1]")
-    if params.trainer.num_workers < 0:
-        raise ConfigError(f"trainer.num_workers: must be >= 0, got {params.trainer.num_workers}")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
     for key in _POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")

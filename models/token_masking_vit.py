@@ -23,7 +23,16 @@ from torch import nn
 
 from wsss.models.gates import HardConcreteGate
 
-__all__ = ["VIT_SIZES", "GatedAttention", "TokenMaskingViT", "create_vit", "load_timm_vit_weights"]
+__all__ = [
+    "VIT_SIZES",
+    "GatedAttention",
+    "TokenMaskingViT",
+    "affinity_transition",
+    "class_map_diversity",
+    "create_vit",
+    "load_timm_vit_weights",
+    "propagate_affinity",
+]
 
 GatePenalty = Literal["sum", "layer_mean", "mean"]
 ClassTokens = Literal["joint", "read_only"]
@@ -392,9 +401,38 @@ class TokenMaskingViT(nn.Module):
             return (cls * self.head_weight).sum(-1) + self.head_bias
         return self.head(cls.flatten(1))
 
+    def forward_features_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_features` and the class tokens' attention over the patches ``[B, C, h*w]``: the mean
+        over every head (gates not applied, as the reference's training maps), summed over the blocks.
+
+        Differentiable (the training loss of ``classifier.diversity`` uses it); the class rows come from the
+        qkv projection each block computes anyway, so it costs a ``C x N`` product per head and block.
+        """
+        x, (h, w) = self._embed(x)
+        Q = self._num_class_tokens()
+        mask = self.attn_mask(Q, x.shape[1], x.device)
+        maps = x.new_zeros(x.shape[0], Q, h * w)
+        for blk in self.blocks:
+            if blk.attn.num_heads == 0:  # every head pruned: no attention
+                x = blk(x, attn_mask=mask)
+                continue
+            out, attn = blk.attn.forward_with_query_attention(blk.norm1(x), Q, mask)
+            maps = maps + attn[:, :, :, Q : Q + h * w].mean(dim=1)
+            x = _add_block_residuals(blk, x, out)
+        return self.norm(x), maps
+
     def forward(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mask_noise: torch.Tensor | None = None,
+        class_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Class logits ``[B, C]``; with ``class_attention`` also the maps of :meth:`forward_features_with_attention`
+        (one method, so data-parallel wrappers see the whole training forward)."""
+        if class_attention:
+            tokens, maps = self.forward_features_with_attention(x)
+            return self.forward_head(tokens, labels, mask_noise), maps
         return self.forward_head(self.forward_features(x), labels, mask_noise)
 
     @torch.no_grad()
@@ -456,8 +494,7 @@ class TokenMaskingViT(nn.Module):
             if i in layers:
                 rows = attn[:, heads].mean(dim=1)
                 block_maps.append(rows[:, :, Q : Q + h * w].reshape(B, -1, h, w))
-            x = x + blk.drop_path1(blk.ls1(out))
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            x = _add_block_residuals(blk, x, out)
         if refine:
             transition = affinity_transition(affinity)
             block_maps = [propagate_affinity(m, transition, refine) for m in block_maps]
@@ -467,6 +504,26 @@ class TokenMaskingViT(nn.Module):
             return maps, (x[:, :Q] * self.head_weight[classes]).sum(-1) + self.head_bias[classes]
         logits = self.forward_head(x)
         return maps, logits if classes is None else logits.gather(1, classes)
+
+
+def _add_block_residuals(blk: Block, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The rest of timm ``Block.forward`` once the attention's output ``attn_out`` (of ``blk.norm1(x)``) is known."""
+    x = x + blk.drop_path1(blk.ls1(attn_out))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def class_map_diversity(maps: torch.Tensor) -> torch.Tensor:
+    """The reference code's optional diversity loss (its README's training command; not in the paper).
+
+    For class maps ``[B, C, P]``: the Frobenius distance between the Gram matrix of the unit-length maps and
+    the identity, per image, averaged over the batch. 0 when the C maps are orthogonal (for attention, which
+    is non-negative: disjoint), ``sqrt(C^2 - C)`` when they coincide. Computed in fp32.
+    """
+    unit = F.normalize(maps.float(), dim=-1)
+    gram = unit @ unit.transpose(-1, -2)
+    eye = torch.eye(maps.shape[1], device=maps.device)
+    # The epsilon keeps the square root's gradient finite at a perfect score.
+    return ((gram - eye).square().sum(dim=(-2, -1)) + 1e-10).sqrt().mean()
 
 
 def affinity_transition(affinity: torch.Tensor) -> torch.Tensor:

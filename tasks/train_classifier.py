@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import wsss.models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* models with timm)
 from wsss.lib.artifacts import MODEL_FILE, read_ingested
 from wsss.lib.checkpoint import fingerprint, tensor_digest
-from wsss.lib.config import ClassifierParams, Params, TrainerParams
+from wsss.lib.config import ClassifierParams, Params, TrainerParams, key_settings
 from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, StreamedSplit, image_batches, normalize
 from wsss.lib.distributed import (
     World,
@@ -30,7 +30,7 @@ from wsss.lib.io import atomic_file, write_csv, write_json
 from wsss.lib.metrics import f1_scores, mean_average_precision
 from wsss.lib.runtime import resolve_precision
 from wsss.lib.training import Loop, fit, param_groups, prepare_model
-from wsss.models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
+from wsss.models.token_masking_vit import TokenMaskingViT, class_map_diversity, load_timm_vit_weights
 
 
 def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int = 3) -> TokenMaskingViT:
@@ -45,6 +45,11 @@ def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int =
         model = timm.create_model(params.model, **model_kwargs(params, num_classes, in_chans))
     except ValueError as err:  # e.g. a CAM baseline with mask_ratio > 0
         raise WsssError(f"classifier ({params.model}): {err}") from None
+    if params.diversity > 0 and model.class_tokens.shape[1] != num_classes:
+        raise WsssError(
+            f"classifier.diversity: {params.model} has one [CLS] token, the loss needs one per class "
+            "(a wsss_vit_* model, or classifier.diversity=0)"
+        )
     if params.pretrained:
         try:
             load_timm_vit_weights(model, params.pretrained)
@@ -144,7 +149,7 @@ def train_classifier(
         raise WsssError(f"{dataset.root}: train image {bad} has no labels (every training image needs ≥ 1)")
     in_chans = train.image(0).shape[0]
     run_id = fingerprint(
-        params={k: v for k, v in vars(params).items() if k != "out"},
+        params={k: v for k, v in key_settings(params).items() if k != "out"},
         seed=seed,
         classes=dataset.classes,
         train_ids=train.ids,
@@ -182,12 +187,14 @@ def train_classifier(
             group["lr"] = base if group.get("is_gate") else base * factor
         images, labels = images.to(device), labels.to(device)
         with loop.autocast():
-            logits = network(images, labels, mask_noise=mask_noise.to(device))
+            out = network(images, labels, mask_noise=mask_noise.to(device), class_attention=params.diversity > 0)
+        logits, maps = out if params.diversity > 0 else (out, None)
         bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
         penalty = model.gate_penalty(params.gate_penalty)
-        loss = bce + params.gate_lambda * penalty
+        diversity = class_map_diversity(maps) if maps is not None else bce.new_zeros(())
+        loss = bce + params.gate_lambda * penalty + params.diversity * diversity
         loop.optimize(loss)
-        return torch.stack([loss.detach(), bce.detach(), penalty.detach()])
+        return torch.stack([loss.detach(), bce.detach(), penalty.detach(), diversity.detach()])
 
     def validate(totals: torch.Tensor) -> dict[str, Any]:
         # Each rank's mean is over an equal share of the global batch: the global mean is their mean.
@@ -196,7 +203,7 @@ def train_classifier(
             probs = predict_probabilities(model, val, device, num_workers=num_workers)
         metrics = classification_metrics(probs, val.labels)
         return {
-            **dict(zip(("loss", "bce", "penalty"), means, strict=True)),
+            **dict(zip(("loss", "bce", "penalty", "diversity"), means, strict=True)),
             "val_map": metrics["map"],
             "val_f1_macro": metrics["f1_macro"],
             "closed_heads": model.num_closed_heads(),

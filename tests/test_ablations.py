@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from wsss.lib.config import ConfigError, Params, load_params
+from wsss.lib.config import ConfigError, Params, key_settings, load_params
 from wsss.lib.errors import WsssError
 from wsss.tools import ablations, cli
 from wsss.tools.ablations import plan, read_config, run_cell, run_grid
@@ -121,6 +121,22 @@ def test_plan_shares_a_classifier_only_between_variants_with_equal_classifier_pa
     assert cells["full"].fingerprint != cells["fixed_thresholds"].fingerprint
     longer = plan(read_config(config_file), params_file, tmp_path / "runs", scale="longer", variants=["full"])
     assert longer[0].params.classifier.epochs == 3 and longer[0].run_dir == tmp_path / "runs/longer/full/seed0"
+
+
+def test_an_option_added_later_keys_runs_only_when_it_is_set(tmp_path: Path, tiny_params: Params):
+    params_file, config_file = _write_grid(tmp_path, tiny_params)
+    config = read_config(config_file)
+    (before,) = plan(config, params_file, tmp_path / "runs", variants=["full"])
+    assert "diversity" not in key_settings(before.params)["classifier"]
+    # the key without the option is the hash of every other param, as it was before the option existed
+    settings = before.params.to_dict()
+    del settings["classifier"]["diversity"]
+    assert key_settings(before.params) == settings
+    (after,) = plan(
+        config, params_file, tmp_path / "runs", variants=["full"], base_overrides=["classifier.diversity=0.1"]
+    )
+    assert after.fingerprint != before.fingerprint and after.params.classifier.out != before.params.classifier.out
+    assert key_settings(after.params)["classifier"]["diversity"] == 0.1
 
 
 def test_a_scale_runs_its_own_variants_unless_variants_are_named(tmp_path: Path, tiny_params: Params):

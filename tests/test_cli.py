@@ -55,6 +55,7 @@ def test_all_stages_end_to_end(tiny_params: Params, tmp_path: Path, capsys):
     ("override", "expected"),
     [
         ("classifier.mask_ratio=2", "classifier.mask_ratio: 2.0 is outside [0, 1]"),
+        ("classifier.diversity=-0.1", "classifier.diversity: must be >= 0, got -0.1"),
         ("classifier.epochs=many", "classifier.epochs: expected int"),
         ("classifier.dropout=0.1", "unknown parameter classifier.dropout"),
         ("classifier.epoch=3", "unknown parameter classifier.epoch (did you mean classifier.epochs? known:"),

@@ -165,3 +165,14 @@ def test_mixed_precision_training_runs_on_cpu(tiny_params: Params, precision: st
     assert 0.0 <= segmenter["val_miou"] <= 1.0
     state = torch.load(artifacts.segmenter_dir(params, "gt") / "checkpoint.pt", weights_only=False)
     assert ("scaler" in state) == (precision == "fp16")  # the loss scale resumes with the run
+
+
+def test_diversity_loss_enters_the_classifier_objective(tiny_params: Params) -> None:
+    """classifier.diversity > 0 adds the weighted diversity of the class maps to every step's loss."""
+    params = dataclasses.replace(tiny_params, classifier=dataclasses.replace(tiny_params.classifier, diversity=0.1))
+    ingest(Path(params.ingest.source), Path(params.ingest.out))
+    train_classifier.main(params)
+    for row in _history(Path(params.classifier.out)):
+        bce, penalty, diversity = (float(row[key]) for key in ("bce", "penalty", "diversity"))
+        assert 0.0 < diversity <= 6**0.5  # 3 classes in the tiny set: at most sqrt(C^2 - C)
+        assert float(row["loss"]) == pytest.approx(bce + params.classifier.gate_lambda * penalty + 0.1 * diversity)

@@ -3,7 +3,10 @@ import timm
 import torch
 
 import wsss.models  # noqa: F401  (registers wsss_vit_*)
-from wsss.models.token_masking_vit import TokenMaskingViT, load_timm_vit_weights
+from wsss.lib.config import ClassifierParams
+from wsss.lib.errors import WsssError
+from wsss.models.token_masking_vit import TokenMaskingViT, class_map_diversity, load_timm_vit_weights
+from wsss.tasks.train_classifier import build_classifier
 
 C = 5
 
@@ -71,6 +74,49 @@ def test_class_attention_maps_equal_rows_of_naive_full_attention(closed):
     assert maps.shape == (2, C, 4, 4)
     assert torch.allclose(maps, naive_class_attention(model, images), atol=1e-6)
     assert torch.allclose(logits, model(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("class_tokens", ["joint", "read_only"])
+def test_training_maps_are_the_naive_attention_summed_over_every_block(class_tokens):
+    model = tiny_model(class_tokens=class_tokens).eval()
+    images = torch.randn(2, 3, 32, 32)
+    x, (h, w) = model._embed(images)
+    mask = model.attn_mask(C, x.shape[1], x.device)
+    naive = 0
+    for blk in model.blocks:  # full N x N attention, every head (gates are not applied to the training maps)
+        q, k, _ = blk.attn._qkv(blk.norm1(x))
+        logits = (q * blk.attn.scale) @ k.transpose(-2, -1)
+        full = (logits if mask is None else logits.masked_fill(~mask, float("-inf"))).softmax(-1)
+        naive = naive + full[:, :, :C, C : C + h * w].mean(1)
+        x = blk(x, attn_mask=mask)
+    logits, maps = model(images, class_attention=True)
+    assert maps.shape == (2, C, h * w)
+    assert torch.allclose(maps, naive, atol=1e-6)
+    assert torch.allclose(logits, model(images), atol=1e-5)
+    # every head is open at initialisation: the stage's maps over all blocks are the same sums
+    assert torch.allclose(maps.reshape(2, C, h, w), model.class_attention_maps(images, blocks=None)[0], atol=1e-6)
+
+
+def test_diversity_loss_is_the_gram_distance_from_identity_and_trains_the_attention():
+    torch.manual_seed(0)
+    maps = torch.rand(3, C, 16)
+    naive = []
+    for image in maps:
+        unit = [row / row.norm() for row in image]
+        naive.append(sum((unit[i] @ unit[j] - float(i == j)) ** 2 for i in range(C) for j in range(C)) ** 0.5)
+    assert torch.isclose(class_map_diversity(maps), torch.stack(naive).mean(), atol=1e-6)
+    assert torch.isclose(class_map_diversity(torch.ones(2, C, 16)), torch.tensor((C * C - C) ** 0.5), atol=1e-5)
+    assert float(class_map_diversity(torch.eye(16)[:C].expand(2, -1, -1))) < 1e-4  # disjoint maps
+    model = tiny_model().train()
+    class_map_diversity(model(torch.randn(2, 3, 32, 32), class_attention=True)[1]).backward()
+    assert model.class_tokens.grad.abs().sum() > 0 and model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_diversity_needs_a_class_token_per_class():
+    params = ClassifierParams(model="wsss_cam_vit_tiny_patch8", mask_ratio=0, reg_token=False, gates=False)
+    build_classifier(params, C)
+    with pytest.raises(WsssError, match="classifier.diversity: wsss_cam_vit_tiny_patch8 has one .CLS. token"):
+        build_classifier(ClassifierParams(**{**vars(params), "diversity": 0.1}), C)
 
 
 def test_closed_heads_change_nothing_when_their_weights_change():

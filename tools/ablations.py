@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsss.lib.config import ConfigError, Params, load_params, read_yaml
+from wsss.lib.config import ConfigError, Params, key_settings, load_params, read_yaml
 from wsss.lib.errors import WsssError
 from wsss.lib.io import write_json
 
@@ -68,7 +68,7 @@ class Cell:
         """What decides the cell's numbers: every param except output folders and how it runs."""
         from wsss.lib.checkpoint import fingerprint  # imports torch: not at `wsss --help` time
 
-        settings = self.params.to_dict()
+        settings = key_settings(self.params)
         for section in ("classifier", "pseudo_masks", "segmenter", "ingest"):
             settings[section].pop("out")
         for how in ("dask", "trainer", "num_threads", "evaluate", "embedded"):
@@ -143,7 +143,7 @@ def classifier_dir(params: Params, root: Path, scale: str) -> Path:
     """Where the classifier of ``params`` lives: keyed by its params, the seed and the data set."""
     from wsss.lib.checkpoint import fingerprint
 
-    settings = {k: v for k, v in dataclasses.asdict(params.classifier).items() if k != "out"}
+    settings = {k: v for k, v in key_settings(params.classifier).items() if k != "out"}
     key = fingerprint(classifier=settings, seed=params.seed, source=params.ingest.source, device=params.device)
     return root / scale / "classifiers" / key[:16]
 

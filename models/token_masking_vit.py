@@ -283,6 +283,11 @@ class TokenMaskingViT(nn.Module):
     def gated(self) -> bool:
         return self.blocks[0].attn.head_gate is not None
 
+    @property
+    def class_token_per_class(self) -> bool:
+        """One [CLS] token per class (False for the single-[CLS] CAM baseline)."""
+        return self._num_class_tokens() == self.num_classes
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay besides the 1-d ones (timm's convention)."""

@@ -181,7 +181,7 @@ def decide_rule(
     """
     if not any(blk.attn.open_heads().any() for blk in model.blocks):
         raise WsssError("the classifier closed every attention head: no block can provide attention maps")
-    if refine_steps(params) and model.class_tokens.shape[1] != model.num_classes:
+    if refine_steps(params) and not model.class_token_per_class:
         raise WsssError("pseudo_masks.refine: affinity refines class-token attention; this classifier has one [CLS]")
     rows = dataset.split(params.split)
     with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)]

@@ -45,7 +45,7 @@ def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int =
         model = timm.create_model(params.model, **model_kwargs(params, num_classes, in_chans))
     except ValueError as err:  # e.g. a CAM baseline with mask_ratio > 0
         raise WsssError(f"classifier ({params.model}): {err}") from None
-    if params.diversity > 0 and model.class_tokens.shape[1] != num_classes:
+    if params.diversity > 0 and not model.class_token_per_class:
         raise WsssError(
             f"classifier.diversity: {params.model} has one [CLS] token, the loss needs one per class "
             "(a wsss_vit_* model, or classifier.diversity=0)"

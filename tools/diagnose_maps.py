@@ -92,7 +92,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     Raises:
         WsssError: the model has one shared [CLS] token, or no training image has two classes.
     """
-    if not isinstance(model, TokenMaskingViT) or model.class_tokens.shape[1] != model.num_classes:
+    if not isinstance(model, TokenMaskingViT) or not model.class_token_per_class:
         raise WsssError("diagnose-maps needs a classifier with one [CLS] token per class (wsss_vit_*)")
     subset, gts = multi_class_train_images(dataset, max_images)
     data = classifier_images(model, subset, "train")

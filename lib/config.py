@@ -52,7 +52,8 @@ def key_settings(section: Any) -> dict[str, Any]:
 
 @dataclass
 class EmbeddedParams:
-    """Recipe of the embedded default data set (``wsss import embedded``)."""
+    """Recipe of an embedded data set (``wsss import embedded``); ``family``: ``animals`` (silhouettes on
+    photo textures, the default) or ``shapes`` (procedural shapes on procedural backgrounds)."""
 
     out: str = "data/embedded"
     seed: int = 0
@@ -63,6 +64,7 @@ class EmbeddedParams:
     max_objects: int = 3
     min_object_size: int = 26
     max_object_size: int = 44
+    family: str = added_option("animals")
 
 
 @dataclass
@@ -98,6 +100,9 @@ class ClassifierParams:
     gate_start: float = 0.4
     gate_init: float = 3.0
     diversity: float = added_option(0.0)
+    backbone_lr: float | None = added_option(None)
+    class_token_spread: float = added_option(0.0)
+    patch_cam: bool = added_option(False)
     out: str = "artifacts/classifier"
 
 
@@ -216,7 +221,12 @@ _UNIT_INTERVAL = {
     "pseudo_masks.fg_threshold",
     "pseudo_masks.bg_threshold",
 }
-_NON_NEGATIVE = {"classifier.diversity", "classifier.gate_lambda", "trainer.num_workers"}
+_NON_NEGATIVE = {
+    "classifier.diversity",
+    "classifier.gate_lambda",
+    "classifier.class_token_spread",
+    "trainer.num_workers",
+}
 _POSITIVE = {
     "num_threads",
     "embedded.image_size",
@@ -227,6 +237,7 @@ _POSITIVE = {
     "classifier.epochs",
     "classifier.batch_size",
     "classifier.lr",
+    "classifier.backbone_lr",
     "pseudo_masks.batch_size",
     "pseudo_masks.tune_images",
     "pseudo_masks.refine_iterations",
@@ -257,6 +268,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value):
+        return float(value)  # YAML 1.1 reads 2e-5 (no dot) as a string; it is plainly a number
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation in (bool, str) and isinstance(value, annotation):
@@ -296,7 +309,7 @@ def _validate(params: Params) -> None:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
     for key in _POSITIVE:
-        if flat[key] <= 0:
+        if flat[key] is not None and flat[key] <= 0:  # None: an optional value left unset
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
     blocks = params.pseudo_masks.map_blocks
     if blocks not in ("auto", "all") and not re.fullmatch(r"last([1-9][0-9]*)?", blocks):

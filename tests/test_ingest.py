@@ -78,6 +78,20 @@ def test_labels_match_masks_and_files_follow_the_format(tiny_dataset: Path) -> N
     assert (label_counts > 0).all()
 
 
+def test_shapes_family_labels_match_masks_and_differ_from_the_animals(tiny_params: Params, tmp_path: Path) -> None:
+    shapes = ["star", "heart", "crescent", "cross"]
+    params = dataclasses.replace(tiny_params.embedded, family="shapes", classes=shapes, out=str(tmp_path / "shapes"))
+    root = build_embedded_dataset(params, Path(params.out))
+    dataset = read_dataset(root, check_files=True)
+    assert dataset.classes == shapes
+    for item in dataset.manifest.itertuples():
+        values = set(np.unique(read_mask(root / item.mask)).tolist())
+        assert values <= {0, 1, 2, 3, 4, 255}, item.id
+        assert values - {0, 255} == {k + 1 for k in np.flatnonzero(item.labels)}, item.id
+    assert (np.stack(dataset.manifest["labels"].to_list()).sum(axis=0) > 0).all()
+    assert file_bytes(build_embedded_dataset(params, tmp_path / "again")) == file_bytes(root)  # seeded
+
+
 def test_ignore_band_is_one_pixel_outside_the_top_object() -> None:
     instances = np.zeros((7, 7), dtype=np.int32)
     instances[1:5, 1:5] = 1
@@ -92,7 +106,9 @@ def test_ignore_band_is_one_pixel_outside_the_top_object() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"classes": ["bird", "unicorn"]}, "embedded.classes: unknown class 'unicorn'"),
+        ({"classes": ["bird", "unicorn"]}, "embedded.classes: unknown class 'unicorn' of family animals"),
+        ({"family": "shapes"}, "embedded.classes: unknown class 'bird' of family shapes .known: star, heart"),
+        ({"family": "plants"}, "embedded.family: 'plants' is not one of animals, shapes"),
         ({"classes": ["bird", "bird"]}, "embedded.classes: must be a non-empty list without duplicates"),
         ({"max_object_size": 40}, "embedded.max_object_size: 40 exceeds image_size 32"),
         ({"min_object_size": 4}, "embedded.min_object_size: must be >= 12"),

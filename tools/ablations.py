@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsss.lib.config import ConfigError, Params, key_settings, load_params, read_yaml
+from wsss.lib.config import ConfigError, IngestParams, Params, key_settings, load_params, read_yaml
 from wsss.lib.errors import WsssError
 from wsss.lib.io import write_json
 
@@ -37,6 +37,8 @@ class AblationConfig:
     """The grid: seeds, run lengths (``scales``) and variants, each a list of params overrides.
 
     ``scale_variants``: the variants a scale runs when none are named (every variant for a scale not in it);
+    ``scale_variant_overrides``: scale -> variant -> overrides applied after the variant's (a variant that
+    names a model, e.g. the CAM twin, names the scale's backbone);
     ``paired``: variant -> the variant the report's paired table subtracts from it (default ``full``).
     """
 
@@ -46,6 +48,7 @@ class AblationConfig:
     mask_ratio_sweep: list[str]
     scale_variants: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     paired: dict[str, str] = dataclasses.field(default_factory=dict)
+    scale_variant_overrides: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
     tree = read_yaml(path, "ablation grid")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping with seeds, scales, variants, got {tree!r}")
-    known = ("mask_ratio_sweep", "paired", "scale_variants", "scales", "seeds", "variants")
+    known = ("mask_ratio_sweep", "paired", "scale_variant_overrides", "scale_variants", "scales", "seeds", "variants")
     unknown = sorted(set(tree) - set(known))
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
@@ -121,7 +124,16 @@ def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
     if not isinstance(paired, dict) or not all(isinstance(v, str) for v in paired.values()):
         raise ConfigError(f"{path}: paired: expected a mapping of variant -> reference variant, got {paired!r}")
     _check_names([*paired, *paired.values()], sections["variants"], f"{path}: paired names unknown variant")
-    return AblationConfig(seeds, sections["scales"], sections["variants"], sweep, scale_variants, paired)
+    extra = tree.get("scale_variant_overrides") or {}
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        raise ConfigError(f"{path}: scale_variant_overrides: expected scale -> variant -> overrides, got {extra!r}")
+    _check_names(list(extra), sections["scales"], f"{path}: scale_variant_overrides names unknown scale")
+    for scale, entries in extra.items():
+        _check_names(
+            list(entries), sections["variants"], f"{path}: scale_variant_overrides.{scale} names unknown variant"
+        )
+        extra[scale] = {v: _string_list(o, f"{path}: scale_variant_overrides.{scale}.{v}") for v, o in entries.items()}
+    return AblationConfig(seeds, sections["scales"], sections["variants"], sweep, scale_variants, paired, extra)
 
 
 def _check_names(names: Sequence[str], known: dict[str, Any], message: str) -> None:
@@ -137,6 +149,13 @@ def _pick(requested: Sequence[str] | None, known: dict[str, Any], what: str) -> 
     if unknown:
         raise WsssError(f"unknown {what} {unknown[0]!r} (known: {', '.join(known)})")
     return list(dict.fromkeys(requested))
+
+
+def dataset_dir(params: Params, root: Path) -> Path:
+    """The grid's ingested copy of the cell's data set: ``<root>/dataset`` for the default embedded set, else
+    ``<root>/dataset-<source folder name>`` (scales may train on other data)."""
+    source = Path(params.ingest.source)
+    return root / ("dataset" if source == Path(IngestParams().source) else f"dataset-{source.name}")
 
 
 def classifier_dir(params: Params, root: Path, scale: str) -> Path:
@@ -170,7 +189,8 @@ def plan(
     # Seed-major: a grid stopped early holds whole seeds of every variant.
     for seed in seeds if seeds else config.seeds:
         for variant in names:
-            overrides = (*base_overrides, *config.scales[scale], *config.variants[variant], f"seed={seed}")
+            after = config.scale_variant_overrides.get(scale, {}).get(variant, [])
+            overrides = (*base_overrides, *config.scales[scale], *config.variants[variant], *after, f"seed={seed}")
             try:
                 params = load_params(params_file, overrides)
             except ConfigError as err:
@@ -178,7 +198,7 @@ def plan(
             run_dir = root / scale / variant / f"seed{seed}"
             params = dataclasses.replace(
                 params,
-                ingest=dataclasses.replace(params.ingest, out=str(root / "dataset")),
+                ingest=dataclasses.replace(params.ingest, out=str(dataset_dir(params, root))),
                 pseudo_masks=dataclasses.replace(params.pseudo_masks, out=str(run_dir / "pseudo_masks")),
                 segmenter=dataclasses.replace(params.segmenter, out=str(run_dir / "segmenter")),
             )

@@ -1,8 +1,15 @@
-"""The embedded default data set (``wsss import embedded``), built offline from package files.
+"""The embedded data sets (``wsss import embedded``), built offline, deterministically from a seed.
 
-Embedded set: animal-mnist silhouettes pasted on toned-down scikit-image textures. Classes differ only
-by shape (each object gets a random colour), train and val draw from disjoint silhouette pools, and the
-image labels are derived from the final mask so the two always agree.
+Two families of a different kind, so that a default is not chosen on one set's artefacts:
+
+- ``animals`` (the default): animal-mnist silhouettes pasted on toned-down scikit-image textures; train and
+  val draw from disjoint silhouette pools.
+- ``shapes``: procedural filled shapes (star, heart, crescent, ...; random rotation, aspect and size, a
+  shading gradient) on procedural backgrounds (coloured gratings over smooth noise, no photo); train and val
+  draw their shapes' random geometry from separate streams.
+
+In both, classes differ only by shape (each object gets a random colour) and the image labels are derived
+from the final mask, so the two always agree.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import skimage.data
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from wsss.lib.config import EmbeddedParams
@@ -35,6 +42,9 @@ from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_dir, check_replaceable
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+SHAPE_CLASSES = ("star", "heart", "crescent", "cross", "arrow", "triangle", "ring", "hexagon")
+FAMILIES = {"animals": ANIMAL_CLASSES, "shapes": SHAPE_CLASSES}
+SHAPE_SUPERSAMPLE = 4  # shapes are drawn this many times larger, then reduced (smooth edges, as the silhouettes')
 # CC0 images bundled with scikit-image (no download). chelsea/cat and horse are left out: they show animals.
 TEXTURES = ("brick", "grass", "gravel", "moon", "coffee", "rocket", "astronaut", "immunohistochemistry")
 SILHOUETTE_THRESHOLD = 100
@@ -121,24 +131,124 @@ def ignore_band(instances: np.ndarray) -> np.ndarray:
     return band
 
 
+def _shape_outline(kind: str, rng: np.random.Generator) -> list[np.ndarray]:
+    """Polygons (unit square coordinates, [K, 2] x/y) whose even-odd fill is one shape of ``kind``."""
+    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    circle = np.stack([np.cos(t), np.sin(t)], axis=1)
+    if kind == "star":
+        points = 5 + int(rng.integers(0, 2))
+        angles = np.arange(2 * points) * np.pi / points
+        radii = np.where(np.arange(2 * points) % 2 == 0, 1.0, rng.uniform(0.38, 0.5))
+        polygons = [np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)]
+    elif kind == "heart":
+        x = 16 * np.sin(t) ** 3
+        y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+        polygons = [np.stack([x, -y], axis=1) / 17]
+    elif kind == "crescent":
+        shift = rng.uniform(0.35, 0.6)
+        polygons = [circle, circle * rng.uniform(0.8, 0.95) + [shift, 0]]
+    elif kind == "cross":
+        a = rng.uniform(0.25, 0.4)
+        polygons = [np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a],
+                              [-1, a], [-1, -a], [-a, -a]])]  # fmt: skip
+    elif kind == "arrow":
+        shaft = rng.uniform(0.18, 0.3)
+        polygons = [np.array([[-1, -shaft], [0.1, -shaft], [0.1, -0.7], [1, 0], [0.1, 0.7], [0.1, shaft], [-1, shaft]])]
+    elif kind == "triangle":
+        polygons = [np.array([[0, -1], [0.95, 0.75], [-0.95, 0.75]])]
+    elif kind == "ring":
+        polygons = [circle, circle * rng.uniform(0.45, 0.6)]
+    elif kind == "hexagon":
+        angles = np.arange(6) * np.pi / 3
+        polygons = [np.stack([np.cos(angles), np.sin(angles)], axis=1)]
+    else:
+        raise ValueError(f"unknown shape {kind!r}")
+    rotation = rng.uniform(0, 2 * np.pi)
+    turn = np.array([[np.cos(rotation), -np.sin(rotation)], [np.sin(rotation), np.cos(rotation)]])
+    stretch = np.array([1.0, rng.uniform(0.7, 1.0)])
+    return [(p * stretch) @ turn.T for p in polygons]
+
+
+def _draw_shape(kind: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One shape whose longer side is ``size``: (grey float32 shading in 0..255, filled object mask)."""
+    polygons = _shape_outline(kind, rng)
+    corners = np.concatenate(polygons)
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    scale = (size * SHAPE_SUPERSAMPLE - 1) / (high - low).max()
+    w, h = (np.ceil((high - low) * scale).astype(int) + 1).tolist()
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for i, polygon in enumerate(polygons):  # the first is the outline, later ones cut holes (even-odd)
+        draw.polygon([tuple(p) for p in ((polygon - low) * scale).tolist()], fill=255 if i == 0 else 0)
+    small = (max(1, round(w / SHAPE_SUPERSAMPLE)), max(1, round(h / SHAPE_SUPERSAMPLE)))
+    coverage = np.asarray(canvas.resize(small, Image.BOX), dtype=np.float32)
+    shape = coverage > 127
+    # A linear shading gradient in a random direction, in the silhouettes' grey range (above the threshold).
+    ys, xs = np.mgrid[0 : shape.shape[0], 0 : shape.shape[1]]
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * xs + np.sin(angle) * ys
+    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
+    return (150 + 105 * ramp).astype(np.float32), shape
+
+
+def _procedural_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Float RGB [S, S, 3] in [0, 1]: two coloured gratings over smooth colour noise, toned down as the
+    textures are (no photo: the shapes family shares nothing with the animals' backgrounds)."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    image = np.zeros((size, size, 3), dtype=np.float32)
+    for _ in range(2):
+        angle, frequency, phase = rng.uniform(0, np.pi), rng.uniform(2, 9), rng.uniform(0, 2 * np.pi)
+        wave = 0.5 + 0.5 * np.sin(2 * np.pi * frequency * (np.cos(angle) * xs + np.sin(angle) * ys) + phase)
+        image += wave[..., None] * rng.uniform(0, 1, size=3)
+    coarse = rng.uniform(0, 1, size=(4, 4, 3)).astype(np.float32)
+    noise = np.stack(
+        [np.asarray(Image.fromarray(c).resize((size, size), Image.BICUBIC)) for c in coarse.transpose(2, 0, 1)], -1
+    )
+    image = image / 2 + noise
+    grey = image.mean(axis=-1, keepdims=True)
+    image = grey + rng.uniform(0.2, 0.5) * (image - grey)
+    image = rng.uniform(0.25, 0.5) + rng.uniform(0.3, 0.6) * (image - image.mean()) / max(float(image.std()) * 3, 1e-6)
+    return np.clip(image, 0, 1)
+
+
+class _Objects:
+    """What a family pastes: ``draw(rng, class index, size)`` -> (grey shading 0..255, filled mask)."""
+
+    def __init__(self, params: EmbeddedParams) -> None:
+        self.family = params.family
+        if self.family == "animals":
+            self.silhouettes, animal_labels = load_silhouettes()
+            self.pools = split_pools(animal_labels, [ANIMAL_CLASSES.index(c) for c in params.classes])
+            self.textures = _load_textures()
+        self.classes = list(params.classes)
+
+    def background(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        if self.family == "animals":
+            return _background(rng, self.textures, size)
+        return _procedural_background(rng, size)
+
+    def draw(
+        self, rng: np.random.Generator, split: str, k: int, sizes: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Object of class ``k`` with a longer side drawn from ``sizes`` (inclusive); the silhouette is drawn
+        before the size, the order the animals family has always used (its files stay byte for byte)."""
+        if self.family == "animals":
+            grey = self.silhouettes[rng.choice(self.pools[split][k])]
+            return _silhouette(grey, rng.integers(sizes[0], sizes[1] + 1))
+        return _draw_shape(self.classes[k], rng, rng.integers(sizes[0], sizes[1] + 1))
+
+
 def _compose(
-    rng: np.random.Generator,
-    params: EmbeddedParams,
-    silhouettes: np.ndarray,
-    pools: list[np.ndarray],
-    textures: list[np.ndarray],
+    rng: np.random.Generator, params: EmbeddedParams, objects: _Objects, split: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image: returns (RGB uint8 [S, S, 3], mask uint8 [S, S], labels int8 [C])."""
-    size = params.image_size
-    image = _background(rng, textures, size)
+    size, num_classes = params.image_size, len(params.classes)
+    image = objects.background(rng, size)
     classes = np.zeros((size, size), dtype=np.uint8)
     instances = np.zeros((size, size), dtype=np.int32)
     for instance in range(1, rng.integers(1, params.max_objects + 1) + 1):
-        k = rng.integers(len(pools))
-        grey, shape = _silhouette(
-            silhouettes[rng.choice(pools[k])],
-            rng.integers(params.min_object_size, params.max_object_size + 1),
-        )
+        k = rng.integers(num_classes)
+        grey, shape = objects.draw(rng, split, k, (params.min_object_size, params.max_object_size))
         h, w = shape.shape
         top, left = rng.integers(size - h + 1), rng.integers(size - w + 1)
         # One random bright colour per object, not per class: classes must be told apart by shape.
@@ -148,7 +258,7 @@ def _compose(
         classes[top : top + h, left : left + w][shape] = k + 1
         instances[top : top + h, left : left + w][shape] = instance
     mask = np.where(ignore_band(instances), np.uint8(IGNORE_INDEX), classes)
-    counts = np.bincount(mask.ravel(), minlength=256)[1 : len(pools) + 1]
+    counts = np.bincount(mask.ravel(), minlength=256)[1 : num_classes + 1]
     labels = (counts >= MIN_VISIBLE_PIXELS).astype(np.int8)
     # Barely visible objects are unlabelled, so their pixels must not count as background either.
     mask[np.isin(mask, np.flatnonzero(counts < MIN_VISIBLE_PIXELS) + 1)] = IGNORE_INDEX
@@ -156,10 +266,12 @@ def _compose(
 
 
 def _check_recipe(params: EmbeddedParams) -> None:
-    unknown = [c for c in params.classes if c not in ANIMAL_CLASSES]
+    if params.family not in FAMILIES:
+        raise WsssError(f"embedded.family: {params.family!r} is not one of {', '.join(FAMILIES)}")
+    unknown = [c for c in params.classes if c not in FAMILIES[params.family]]
     if unknown:
-        known = ", ".join(ANIMAL_CLASSES)
-        raise WsssError(f"embedded.classes: unknown class {unknown[0]!r} (known: {known})")
+        known = ", ".join(FAMILIES[params.family])
+        raise WsssError(f"embedded.classes: unknown class {unknown[0]!r} of family {params.family} (known: {known})")
     if not params.classes or len(set(params.classes)) != len(params.classes):
         raise WsssError("embedded.classes: must be a non-empty list without duplicates")
     if params.min_object_size < MIN_OBJECT_SIZE:
@@ -178,9 +290,7 @@ def build_embedded_dataset(params: EmbeddedParams, out: Path) -> Path:
         WsssError: a recipe that cannot be built (unknown class, object larger than the image, ...).
     """
     _check_recipe(params)
-    silhouettes, animal_labels = load_silhouettes()
-    pools = split_pools(animal_labels, [ANIMAL_CLASSES.index(c) for c in params.classes])
-    textures = _load_textures()
+    objects = _Objects(params)
     rows = []
     check_replaceable(out, DATASET_ENTRIES, "data set")
     with atomic_dir(out) as tmp:
@@ -191,10 +301,10 @@ def build_embedded_dataset(params: EmbeddedParams, out: Path) -> Path:
             # One stream per split: changing val_images leaves the train images unchanged.
             rng = np.random.default_rng([params.seed, split_index])
             for i in range(count):
-                image, mask, labels = _compose(rng, params, silhouettes, pools[split], textures)
+                image, mask, labels = _compose(rng, params, objects, split)
                 # Occlusion can hide every object; a training image without labels is invalid, so redraw.
                 while split in LABELLED_SPLITS and not labels.any():
-                    image, mask, labels = _compose(rng, params, silhouettes, pools[split], textures)
+                    image, mask, labels = _compose(rng, params, objects, split)
                 image_id = f"{split}_{i:05d}"
                 Image.fromarray(image).save(tmp / "images" / f"{image_id}.png")
                 write_mask_png(tmp / "masks" / f"{image_id}.png", mask)

@@ -8,6 +8,8 @@ on the training code that wrote it.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,17 +69,30 @@ def segmenter_dir(params: Params, mask_source: str) -> Path:
     return Path(params.segmenter.out + ("_gt" if mask_source == "gt" else ""))
 
 
+def refusal(path: Path, err: pickle.UnpicklingError) -> str:
+    """The line for a file ``torch.load(weights_only=True)`` refused: it would run code when unpickled."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    called = f" ({found[1]})" if found else ""
+    return f"{path}: refused, holds code that loading would run{called}, not only tensors and plain data"
+
+
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[TokenMaskingViT, dict]:
     """Rebuilds a trained classifier from ``model.pt``; returns it in eval mode with its saved record."""
     path = Path(path)
     if not path.is_file():
         raise WsssError(f"{path}: classifier checkpoint not found (run `wsss train-classifier` first)")
     try:
-        record = torch.load(path, map_location="cpu", weights_only=False)
+        # Plain data only (tensors, numbers, strings, lists, dicts): a file that carries code is refused, not run.
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WsssError(refusal(path, err)) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise WsssError(f"{path}: not a usable classifier checkpoint ({one_line(err)})") from None
+    try:
         model = timm.create_model(record["model_name"], **record["model_kwargs"])
         model.load_state_dict(record["state_dict"])
-    except (KeyError, RuntimeError, EOFError, ValueError) as err:
-        raise WsssError(f"{path}: not a usable classifier checkpoint ({err})") from None
+    except (KeyError, TypeError, RuntimeError, ValueError) as err:
+        raise WsssError(f"{path}: not a usable classifier checkpoint ({one_line(err)})") from None
     model.class_names = list(record.get("classes", []))  # travels with the module (e.g. into MLflow's pickle)
     return model.to(device).eval(), record
 
@@ -89,10 +104,15 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tupl
         raise WsssError(f"{path}: segmenter model not found (run `wsss train-segmenter` first)")
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WsssError(refusal(path, err)) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise WsssError(f"{path}: not a usable segmenter model ({one_line(err)})") from None
+    try:
         model = Segmenter(**record["model_kwargs"])
         model.load_state_dict(record["state_dict"])
-    except (KeyError, TypeError, RuntimeError, EOFError, ValueError) as err:
-        raise WsssError(f"{path}: not a usable segmenter model ({err})") from None
+    except (KeyError, TypeError, RuntimeError, ValueError) as err:
+        raise WsssError(f"{path}: not a usable segmenter model ({one_line(err)})") from None
     model.class_names = list(record.get("classes", []))  # travels with the module (e.g. into MLflow's pickle)
     return model.to(device).eval(), record
 

@@ -354,7 +354,7 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     try:
         node[leaf] = yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from None
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({_yaml_problem(err)[1]})") from None
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
@@ -369,7 +369,15 @@ def read_yaml(path: str | Path, what: str) -> Any:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        where, problem = _yaml_problem(err)
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> tuple[str, str]:
+    """(``:line:column`` or "", the problem) of a parser error, whose own message spans several lines."""
+    mark = getattr(err, "problem_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    return where, getattr(err, "problem", None) or str(err).splitlines()[0]
 
 
 def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | tuple[str, ...] = ()) -> Params:

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import tifffile
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from wsss.lib.errors import WsssError
@@ -158,7 +158,10 @@ def _read_array(path: Path) -> np.ndarray:
     else:
         with Image.open(path) as image:
             image.load()
-            array = np.array(image.convert("RGB"))
+            # The pixels as every viewer shows them: a phone photo stores them as the sensor read them and an
+            # EXIF orientation tag saying how to turn them. Masks drawn on such a photo (annotation tools apply
+            # the tag too) and masks predicted for it must line up with what a person sees.
+            array = np.array(ImageOps.exif_transpose(image).convert("RGB"))
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.dtype.kind not in "uif":
@@ -171,8 +174,9 @@ def _read_array(path: Path) -> np.ndarray:
 def read_image(path: str | Path, name: str | None = None) -> np.ndarray:
     """Reads an image file as an HxWxC array.
 
-    PNG/JPEG/... (Pillow) come back as RGB uint8; ``.tif``/``.tiff`` (tifffile) and ``.npy`` arrays keep
-    their dtype and channel count, channels last (a (C, H, W) array with C < W is transposed).
+    PNG/JPEG/... (Pillow) come back as RGB uint8, turned by their EXIF orientation tag as viewers show them
+    (the one place images are read: data sets, importers, predict); ``.tif``/``.tiff`` (tifffile) and ``.npy``
+    arrays keep their dtype and channel count, channels last (a (C, H, W) array with C < W is transposed).
 
     Raises:
         WsssError: missing, corrupt, truncated or non-image file (the message starts with ``name``).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import shutil
@@ -18,28 +19,75 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def os_error_line(err: OSError, path: str | Path | None = None) -> str:
+    """``<path>: <what> (<errno name>)`` for an OSError, e.g. ``out/model.pt: File too large (EFBIG)``."""
+    path = path if path is not None else err.filename
+    what = err.strerror or os.strerror(err.errno or 0) or type(err).__name__
+    name = f" ({errno.errorcode[err.errno]})" if err.errno in errno.errorcode else ""
+    return f"{path}: {what}{name}" if path is not None else f"{what}{name}"
+
+
+# (temporary folder, the folder it becomes) of every atomic_dir being written: an error names the real path.
+_STAGED: list[tuple[Path, Path]] = []
+
+
+@contextlib.contextmanager
+def writing(target: str | Path) -> Iterator[None]:
+    """Turns an OSError raised while writing ``target`` (disk full, file too large, no permission, read-only
+    file system) into the one-line :class:`WsssError` naming ``target`` (inside an :func:`atomic_dir`: the path
+    it will have, not the temporary one)."""
+    try:
+        yield
+    except OSError as err:
+        path = Path(target)
+        for tmp, final in reversed(_STAGED):
+            if path.is_relative_to(tmp):
+                path = final / path.relative_to(tmp)
+                break
+        raise WsssError(f"cannot write {os_error_line(err, path)}") from None
+
+
+def check_writable(folder: str | Path) -> None:
+    """Checks before expensive work that files can be created in ``folder`` (made when missing).
+
+    Raises:
+        WsssError: the folder cannot be made or written (the line names it and the reason).
+    """
+    folder = Path(folder)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yields a fresh temporary directory that replaces ``target`` only if the block succeeds.
 
     For folders the pipeline owns whole (stage outputs). A folder a user names goes through
     :func:`check_replaceable` first: replacing it must not delete a file the command did not write.
+    An OSError while writing becomes one :class:`WsssError` line; the old ``target`` stays as it was.
     """
     target = Path(target).resolve()  # "." and "out/" have a name to put the temporary sibling beside
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _STAGED.append((tmp, target))
     try:
-        yield tmp
-        tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; artifacts get the usual permissions
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        with writing(target):
+            yield tmp
+            tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; artifacts get the usual permissions
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
     finally:
+        _STAGED.remove((tmp, target))
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -65,15 +113,21 @@ def check_replaceable(target: str | Path, owned: Iterable[str], what: str) -> No
 
 @contextlib.contextmanager
 def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
-    """Opens a temporary sibling of ``target`` for writing; renames it over ``target`` on success."""
+    """Opens a temporary sibling of ``target`` for writing; renames it over ``target`` on success.
+
+    An OSError while writing (disk full, file too large, no permission, read-only file system) becomes one
+    :class:`WsssError` line naming ``target``; the old ``target`` stays and no temporary file is left.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
-        os.replace(tmp, target)
+        with writing(target):
+            with os.fdopen(fd, mode) as handle:
+                yield handle
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
+            os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

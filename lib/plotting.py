@@ -71,14 +71,7 @@ def image_grid(
                     (x + 2, y + 1), captions[titles[c]][r], fill="white", font=font, stroke_width=1, stroke_fill="black"
                 )
         y += row_height + GRID_GAP
-    colours = np.asarray(palette(), dtype=np.uint8).reshape(256, 3)
-    for entries in legend_rows:
-        for x, k, name in entries:
-            draw.rectangle(
-                (x, y, x + FONT_SIZE, y + FONT_SIZE), fill=tuple(int(v) for v in colours[k]), outline="black"
-            )
-            draw.text((x + FONT_SIZE + GRID_GAP, y), name, fill="black", font=font)
-        y += FONT_SIZE + GRID_GAP
+    _draw_legend(draw, legend_rows, y, font)
     return canvas
 
 
@@ -106,3 +99,40 @@ def _legend_layout(names: Sequence[tuple[int, str]], width: int, font) -> list[l
         rows[-1].append((x, k, name))
         x += entry
     return rows
+
+
+OVERLAY_MIN_SIDE = 256  # smaller images are enlarged (nearest, whole factor) so the legend stays legible
+
+
+def overlay_picture(image: np.ndarray, mask: np.ndarray, names: Sequence[str] | None = None) -> Image.Image:
+    """``image`` (``[H, W, 3]`` uint8) with ``mask`` coloured on it at half opacity and, below it on white, the
+    legend of the values the mask holds (``names[value]`` when given, else the value): never drawn over the
+    picture, where dark pixels would hide black text."""
+    factor = max(1, -(-OVERLAY_MIN_SIDE // max(image.shape[:2])))
+    upscale = np.ones((factor, factor, 1), np.uint8)
+    blend = (0.5 * image.astype(np.float32) + 0.5 * colorize(mask).astype(np.float32)).round().astype(np.uint8)
+    picture = Image.fromarray(np.kron(blend, upscale))
+    font = _font(FONT_SIZE)
+    values = [int(v) for v in np.unique(mask)]
+    legend = [(v, names[v] if names is not None and v < len(names) else str(v)) for v in values]
+    if IGNORE_INDEX in values and names is not None:
+        legend[values.index(IGNORE_INDEX)] = (IGNORE_INDEX, "ignore")
+    rows = _legend_layout(legend, picture.width, font)
+    canvas = Image.new("RGB", (picture.width, picture.height + len(rows) * (FONT_SIZE + GRID_GAP) + GRID_GAP), "white")
+    canvas.paste(picture, (0, 0))
+    _draw_legend(ImageDraw.Draw(canvas), rows, picture.height + GRID_GAP, font)
+    return canvas
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, rows: list[list[tuple[int, int, str]]], y: int, font) -> int:
+    """Draws :func:`_legend_layout` rows from ``y`` down (swatch in the class colour, name in black); returns
+    the ``y`` below them."""
+    colours = np.asarray(palette(), dtype=np.uint8).reshape(256, 3)
+    for entries in rows:
+        for x, k, name in entries:
+            draw.rectangle(
+                (x, y, x + FONT_SIZE, y + FONT_SIZE), fill=tuple(int(v) for v in colours[k]), outline="black"
+            )
+            draw.text((x + FONT_SIZE + GRID_GAP, y), name, fill="black", font=font)
+        y += FONT_SIZE + GRID_GAP
+    return y

@@ -50,6 +50,17 @@ def tracking_uri(root: str | Path = ".") -> str:
     return f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
 
 
+def store_error_line(err: BaseException) -> str | None:
+    """One line for an error raised by the MLflow store (its SQL database, its server), naming the store;
+    None for any other exception (a bug, whose traceback stays)."""
+    package = type(err).__module__.split(".")[0]
+    if package not in ("mlflow", "sqlalchemy", "sqlite3", "alembic"):
+        return None
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    return f"MLflow store {tracking_uri()}: {first[:300]} ({type(err).__name__})"
+
+
 def get_client(root: str | Path = "."):
     """An MlflowClient on :func:`tracking_uri`; the fluent API (``mlflow.start_run``) is pointed there too."""
     import mlflow
@@ -145,12 +156,14 @@ def history_metrics(path: str | Path, prefix: str) -> list[tuple[str, float, int
     return rows
 
 
-def _git(root: Path, *args: str) -> str | None:
+def _git(root: Path, *args: str, strip: bool = True) -> str | None:
     try:
         result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() if result.returncode == 0 else None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() if strip else result.stdout
 
 
 def git_tags(root: str | Path = ".") -> dict[str, str]:
@@ -160,8 +173,19 @@ def git_tags(root: str | Path = ".") -> dict[str, str]:
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"git.commit": "none"}
-    status = _git(root, "status", "--porcelain", "--untracked-files=normal") or ""
-    dirty = sorted(line[3:] for line in status.splitlines() if line[3:].strip() != "dvc.lock")
+    # -z: entries "XY path" separated by NUL, paths verbatim (a stripped listing would lose the first entry's
+    # leading status blank and with it a letter of its path); a rename's source path follows as its own entry.
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=normal", strip=False) or ""
+    entries = status.split("\0")
+    paths, i = [], 0
+    while i < len(entries):
+        entry = entries[i]
+        if len(entry) > 3:
+            paths.append(entry[3:])
+            i += 1 if entry[0] not in "RC" else 2
+        else:
+            i += 1
+    dirty = sorted(path for path in paths if path != "dvc.lock")
     return {
         "git.commit": commit,
         "mlflow.source.git.commit": commit,

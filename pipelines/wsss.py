@@ -61,7 +61,11 @@ STAGE_SHARE = {
     "evaluate": 0.04,
     "register": 0.01,
 }
-MLFLOW_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
+
+
+def mlflow_ui() -> str:
+    """Where `make mlflow-ui` serves the store: its MLFLOW_PORT (default 5000), as the Makefile reads it."""
+    return f"http://127.0.0.1:{os.environ.get('MLFLOW_PORT') or 5000}"
 
 
 # --- params.yaml -------------------------------------------------------------------------------------
@@ -259,11 +263,11 @@ def _publish(root: Path, results: list[dict[str, Any]], summary: dict[str, Any])
         registry = json.loads(registry_file.read_text())
         from wsss.lib.tracking import experiment_link
 
-        link = f"{MLFLOW_UI}/{experiment_link(registry['experiment_id'], registry['run_id'])}"
+        link = f"{mlflow_ui()}/{experiment_link(registry['experiment_id'], registry['run_id'])}"
         lines += [
             "",
             f"MLflow run [{registry['run_id']}]({link}) (store `{registry.get('tracking_uri')}`; "
-            "`make mlflow-ui` serves it)",
+            f"`make mlflow-ui MLFLOW_PORT={os.environ.get('MLFLOW_PORT') or 5000}` serves it)",
         ]
     create_markdown_artifact(
         key="wsss-pipeline", markdown="\n".join(lines), description="metrics, stages and the MLflow run"

@@ -38,7 +38,7 @@ from wsss.lib.datasets import (
     to_uint8,
 )
 from wsss.lib.errors import WsssError
-from wsss.lib.io import atomic_file, write_json
+from wsss.lib.io import atomic_file, check_writable, write_json
 from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps, present_classes
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix
 from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
@@ -241,17 +241,23 @@ def _maps_image(
     data = classifier_images(model, subset, split)
     blocks = map_block_count(stats["map_blocks"])
     maps, probs = attention_maps(model, data.images, device, blocks=blocks, refine=stats.get("refine_iterations", 0))
-    columns: dict[str, list[np.ndarray]] = {"image": [], **{f"map {k + 1}": [] for k in range(MAPS_PER_IMAGE)}}
+    shown = [
+        present_classes(data.labels[i].numpy() if split == "train" else None, probs[i].numpy())
+        for i in range(len(rows))
+    ]
+    # As many map columns as the shown images have classes (at most MAPS_PER_IMAGE): no column of empty cells.
+    width = min(MAPS_PER_IMAGE, max((len(classes) for classes in shown), default=0))
+    columns: dict[str, list[np.ndarray]] = {"image": [], **{f"map {k + 1}": [] for k in range(width)}}
     captions: dict[str, list[str]] = {name: [] for name in list(columns)[1:]}  # the class of each map
     for i, row in enumerate(rows.itertuples(index=False)):
         image = display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands))
         columns["image"].append(image)
-        classes = present_classes(data.labels[i].numpy() if split == "train" else None, probs[i].numpy())
+        classes = shown[i]
         norm = normalized_maps(maps[i][classes], image.shape[:2]).cpu().numpy()
-        for k in range(MAPS_PER_IMAGE):
-            shown = k < len(classes)  # an image with fewer classes: an empty cell
-            columns[f"map {k + 1}"].append(heatmap(norm[k]) if shown else np.zeros_like(image))
-            captions[f"map {k + 1}"].append(dataset.classes[classes[k]] if shown else "")
+        for k in range(width):
+            has_map = k < len(classes)  # an image with fewer classes: a blank (white, as the grid) cell
+            columns[f"map {k + 1}"].append(heatmap(norm[k]) if has_map else np.full_like(image, 255))
+            captions[f"map {k + 1}"].append(dataset.classes[classes[k]] if has_map else "")
     source = "labelled" if split == "train" else "predicted"
     title = (
         f"{split} split, first {len(rows)} images: [CLS] attention of each {source} class (maps {stats['map_blocks']})"
@@ -262,6 +268,8 @@ def _maps_image(
 def main(params: Params) -> dict[str, Any]:
     """CLI entry: scores pseudo masks and (when trained) the segmenters; writes metrics and plots."""
     device = setup_runtime(params.seed, params.num_threads, params.device)
+    for folder in (params.evaluate.metrics_dir, params.evaluate.plots_dir):
+        check_writable(folder)
     with autocast(resolve_precision(params.trainer.precision, device), device):
         return _evaluate(params, device)
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from wsss.lib.config import Params
-from wsss.lib.datasets import BANDS_FILE, SPLITS, read_dataset, summarize, write_bands, write_classes, write_manifest
+from wsss.lib.datasets import (
+    BANDS_FILE,
+    SPLITS,
+    DatasetIndex,
+    read_dataset,
+    summarize,
+    write_bands,
+    write_classes,
+    write_manifest,
+)
 from wsss.lib.io import atomic_dir, write_json
 
 
@@ -13,8 +23,9 @@ def ingest(source: Path, out: Path) -> dict:
     """The ingest stage: fully validates the data set at ``source`` and writes the canonical ``out/``.
 
     ``out/`` holds manifest.parquet, classes.json, bands.json (array images only), source.json
-    (``{"root": source}``, against which later stages resolve image paths) and summary.json. Nothing is
-    written when validation fails.
+    (``{"root": source, "content": <md5>}``: the root against which later stages resolve image paths, and a hash
+    of the bytes of every file the manifest names, so this output changes whenever a pixel does) and
+    summary.json. Nothing is written when validation fails.
 
     Raises:
         WsssError: the first problem in the data set, or a missing train/val split.
@@ -26,9 +37,20 @@ def ingest(source: Path, out: Path) -> dict:
         write_classes(tmp / "classes.json", dataset.classes)
         if dataset.bands is not None:
             write_bands(tmp / BANDS_FILE, dataset.bands)
-        write_json(tmp / "source.json", {"root": str(source)})
+        write_json(tmp / "source.json", {"root": str(source), "content": content_hash(dataset)})
         write_json(tmp / "summary.json", summary)
     return summary
+
+
+def content_hash(dataset: DatasetIndex) -> str:
+    """md5 over the bytes of every image and mask the manifest names, in manifest order."""
+    digest = hashlib.md5()
+    for column in ("image", "mask"):
+        for relative in dataset.manifest[column].tolist():
+            if isinstance(relative, str):
+                digest.update(relative.encode())
+                digest.update(dataset.path(relative).read_bytes())
+    return digest.hexdigest()
 
 
 def main(params: Params) -> dict:

@@ -33,7 +33,7 @@ from wsss.lib.datasets import (
     write_encoded_mask_table,
 )
 from wsss.lib.errors import WsssError
-from wsss.lib.io import write_json
+from wsss.lib.io import check_writable, write_json
 from wsss.lib.mask_rule import (
     ThresholdSearch,
     attention_maps,
@@ -362,6 +362,7 @@ def main(params: Params) -> dict[str, Any]:
     in this process. (``dask.shards`` > 1: the CLI runs the Prefect flow ``pseudo-masks-sharded`` of
     pipelines/pseudo_masks.py instead, which writes the same artifact bit for bit.)"""
     device = setup_runtime(params.seed, params.num_threads, params.device)
+    check_writable(params.pseudo_masks.out)
     dataset = read_ingested(Path(params.ingest.out))
     model = load_map_model(Path(params.classifier.out) / MODEL_FILE, device)
     precision = resolve_precision(params.trainer.precision, device)

@@ -26,7 +26,7 @@ from wsss.lib.distributed import (
     shard_loader,
 )
 from wsss.lib.errors import WsssError
-from wsss.lib.io import atomic_file, write_csv, write_json
+from wsss.lib.io import atomic_file, check_writable, write_csv, write_json
 from wsss.lib.metrics import f1_scores, mean_average_precision
 from wsss.lib.runtime import resolve_precision
 from wsss.lib.training import Loop, fit, param_groups, prepare_model
@@ -142,6 +142,8 @@ def train_classifier(
     trainer = trainer or TrainerParams()
     num_workers = trainer.num_workers
     out = Path(out)
+    if world.is_main:
+        check_writable(out)  # before minutes of training, not after them
     # Streamed: only the manifest is held; images are decoded where they are used (DataLoader workers),
     # training images at their original size (crops are cut from it), val ones at their own aspect ratio.
     train = StreamedSplit(dataset, "train")

@@ -33,7 +33,7 @@ from wsss.lib.distributed import (
     shard_loader,
 )
 from wsss.lib.errors import WsssError
-from wsss.lib.io import atomic_file, write_csv
+from wsss.lib.io import atomic_file, check_writable, write_csv
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
 from wsss.lib.runtime import resolve_precision
 from wsss.lib.training import Loop, fit, prepare_model
@@ -89,6 +89,8 @@ def train_segmenter(
     num_workers = trainer.num_workers
     device = torch.device(device)
     out = Path(out)
+    if world.is_main:
+        check_writable(out)  # before minutes of training, not after them
     num_classes = dataset.num_classes + 1
     # Streamed: only the manifest (and the given masks) is held; images are decoded where they are used.
     # Streamed: only the manifest (and the given masks, PNG-encoded) is held; images are decoded where

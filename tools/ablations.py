@@ -275,6 +275,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "classifier_seconds": classifier["train_seconds"],
         "segmenter_seconds": segmenter["seconds"],
         "classifier_dir": params.classifier.out,
+        "dataset": params.ingest.out,
         "device": _device_name(params.device),
         "overrides": list(cell.overrides),
         "fingerprint": cell.fingerprint,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from wsss.lib.config import DEFAULT_PARAMS, Params, load_params
 from wsss.lib.errors import WsssError
+from wsss.lib.io import os_error_line
 
 
 def _import_embedded(params: Params, args: argparse.Namespace) -> None:
@@ -284,7 +285,8 @@ REPO_FREE = ("predict", "bench", "import")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0])
+    # The module docstring is reST; a terminal shows plain text.
+    parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0].replace("``", ""))
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
     common.add_argument(
@@ -339,6 +341,17 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(params, args)
     except WsssError as err:
         print(f"wsss {command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a fault of the machine (disk, permissions) outside an artifact write: still one line
+        print(f"wsss {command}: error: {os_error_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        from wsss.lib.tracking import store_error_line
+
+        line = store_error_line(err)
+        if line is None:
+            raise
+        print(f"wsss {command}: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"wsss {command}: interrupted", file=sys.stderr)

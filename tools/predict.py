@@ -10,19 +10,20 @@ predicts, with ``pseudo_masks.fg_threshold``/``bg_threshold`` and the test-time 
 ``pseudo_masks.scales``/``flip`` (scales of the image size the model is given).
 
 ``OUT/<image name>.png`` is the mask (VOC palette, 0 = background, k + 1 = class k); ``--overlay`` adds
-``OUT/<image name>_overlay.png``. ``OUT`` is written as a whole (temporary folder, renamed at the end).
+``OUT/<image name>_overlay.png``. Each file is written atomically; ``--out``, the outputs and the inputs are
+checked before the model is loaded. Photos are read as viewers show them (EXIF orientation applied), so
+each mask lines up with its image on screen.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import imgviz
 import numpy as np
 import torch
-from PIL import Image
 
 from wsss.lib.config import Params
 from wsss.lib.datasets import (
@@ -39,7 +40,8 @@ from wsss.lib.datasets import (
     write_mask_png,
 )
 from wsss.lib.errors import WsssError
-from wsss.lib.io import atomic_file
+from wsss.lib.io import atomic_file, check_writable
+from wsss.lib.plotting import overlay_picture
 from wsss.lib.runtime import setup_runtime
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -150,6 +152,19 @@ def _attention_masks(
     return masks
 
 
+def _check_out_folder(out: Path) -> None:
+    """``--out`` must be a folder, or not exist yet below one this process can write to.
+
+    Raises:
+        WsssError: ``out`` is a file, or it (or its nearest existing parent) cannot be written.
+    """
+    if out.exists() and not out.is_dir():
+        raise WsssError(f"{out}: exists and is not a folder (--out names the folder the masks are written to)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise WsssError(f"{existing}: cannot write there (permission denied or read-only); name another --out")
+
+
 def _check_outputs(files: list[Path], images: list[Path], overwrite: bool) -> None:
     """Masks go into ``--out`` beside whatever is there; nothing but a mask of an earlier run is replaced.
 
@@ -197,6 +212,10 @@ def predict(
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise WsssError(f"two input images are named {duplicate!r}: their masks would overwrite each other")
+    # Everything a user can get wrong is checked before the model is loaded and run: outputs, then inputs.
+    _check_out_folder(out)
+    files = {name: [out / f"{name}.png"] + ([out / f"{name}_overlay.png"] if overlay else []) for name in names}
+    _check_outputs([f for group in files.values() for f in group], images, overwrite)
     pixels = []
     for path in images:
         image = read_image(path)
@@ -234,21 +253,16 @@ def predict(
     # or a model registered by `wsss register`); otherwise it shows their values.
     classes = getattr(model, "class_names", None)
     names_by_value = ["background", *classes] if overlay and classes else None
-    files = {name: [out / f"{name}.png"] + ([out / f"{name}_overlay.png"] if overlay else []) for name in names}
-    _check_outputs([f for group in files.values() for f in group], images, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     written = []
     for name, image in zip(names, pixels, strict=True):
         with atomic_file(files[name][0]) as handle:
             write_mask_png(handle, masks[name])
         written.append(files[name][0])
         if overlay:
-            picture = imgviz.label2rgb(
-                masks[name], image=display_rgb(image), alpha=0.5, label_names=names_by_value,
-                font_size=max(10, min(image.shape[:2]) // 24), loc="rb",
-            )  # fmt: skip
+            picture = overlay_picture(display_rgb(image), masks[name], names_by_value)
             with atomic_file(files[name][1]) as handle:
-                Image.fromarray(picture).save(handle, format="PNG")
+                picture.save(handle, format="PNG")
     return written
 
 

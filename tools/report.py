@@ -212,7 +212,9 @@ def qualitative_grid(
     from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
     from wsss.tools.diagnose_maps import multi_class_train_images
 
-    dataset = read_ingested(root / "dataset")
+    # The grid's copy of the data set the runs trained on (rows of older grids do not name it: the default's).
+    named = runs["dataset"].dropna() if "dataset" in runs else pd.Series(dtype=str)
+    dataset = read_ingested(Path(named.iloc[0]) if len(named) else root / "dataset")
     with_masks = runs[runs["pseudo_miou"].notna()]  # a variant that closed every head has no masks
     first = with_masks.sort_values("seed").groupby("variant", sort=False).head(1).set_index("variant")
     first = first.loc[_in_order(list(first.index), order)]
@@ -304,7 +306,9 @@ def write_report(
     files.append(out / "bars.png")
     sweep = mask_ratio_table(runs, config.mask_ratio_sweep)
     if len(sweep) >= 2:
-        write("mask_ratio.csv", sweep.to_csv(index=False, float_format="%.6g"))
+        # Only ratios with maps: a plotter reads a blank as 0 (DVC's chart drew 0.00 at 1.0); the PNG marks them.
+        with_maps = sweep.dropna(subset=["pseudo_miou_mean"])
+        write("mask_ratio.csv", with_maps.to_csv(index=False, float_format="%.6g"))
         mask_ratio_curve(sweep, out / "mask_ratio.png")
         files.append(out / "mask_ratio.png")
     if grid_images > 0:

@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
 .PHONY: setup run stages data test test-slow lint format lock clean
-.PHONY: plots repro prefect-server prefect-worker prefect-deploy mlflow-ui run-s3 s3-server
+.PHONY: plots repro exp prefect-server prefect-worker prefect-deploy mlflow-ui run-s3 s3-server
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,13 @@ s3-server: setup
 # The plain DVC path: rebuilds what changed (no-op rerun in about a second), same stages as `make run`.
 repro: data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The experiments (`dvc exp run -S ...`, the queue of `wsss ablations --print-dvc`) as one readable table: the
+# params that differ between them and the headline metrics; no code-file hashes, no secondary metrics.
+EXP_HEADLINE := pseudo_mask_miou|segmenter_miou|segmenter_gt_miou|classifier_val_map|class_specificity|area_share
+exp: setup
+	$(BIN)/dvc exp show --no-pager --only-changed --keep 'Experiment|Created|$(EXP_HEADLINE)' \
+	  --drop '.*\.py$$|.*/.*|^data$$|.*_pixel_accuracy$$|pseudo_mask_(ceiling_miou|fg_threshold|bg_threshold)$$|classifier_(val_f1_macro|closed_heads)$$'
 
 # Prefect UI/API in the foreground (same PREFECT_HOME as `make run`, so past flow runs are there). The UI is
 # told its API's port: by default it would call 4200 whatever --port says.

@@ -53,11 +53,17 @@ def map_block_count(spec: str) -> int | None:
     raise ValueError(f"map_blocks must be auto, all, last or lastK (K >= 1), got {spec!r}")
 
 
+AUTO_BLOCK_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # lastK candidates: every K up to 4, then sparser
+
+
 def block_candidates(model: TokenMaskingViT) -> dict[str, int | None]:
-    """What ``map_blocks: auto`` chooses among: ``last``, ``last2``, ... and ``all``, one name per distinct set of
-    map blocks (a fully pruned block is skipped, so ``lastK`` over K usable blocks is ``all``)."""
+    """What ``map_blocks: auto`` chooses among: ``last``, ``last2``, ``last3``, ``last4``, ``last6``, ``last8``, ...
+    and ``all``, one name per distinct set of map blocks (a fully pruned block is skipped, so ``lastK`` over K
+    usable blocks is ``all``). Every K up to 4 (all of a 4-block model's choices), then sparser: each candidate
+    costs a threshold search, and a 12-block ViT's neighbouring K differ by little (measured on DINOv2-S/14:
+    tuning mIoU 0.405-0.421 over last2..last11)."""
     usable = len(model.map_layers(None))
-    names = {"last" if k == 1 else f"last{k}": k for k in range(1, usable)}
+    names = {"last" if k == 1 else f"last{k}": k for k in AUTO_BLOCK_COUNTS if k < usable}
     return names | {"all": None}
 
 

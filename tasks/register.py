@@ -3,9 +3,10 @@
 The run (experiment ``wsss``) holds the flattened params, the per-epoch history of the classifier and both
 segmenters (step = epoch), the final metrics of ``metrics/metrics.json`` and the per-class IoU, the
 pictures and JSON metrics as artifacts, and tags with the git commit/dirty flag and the DVC hashes of the
-data (data.dvc) and of every stage in dvc.lock. The classifier and the segmenter are logged with
-``mlflow.pytorch`` (pickle format) and registered as ``wsss-classifier`` / ``wsss-segmenter``; see
-:mod:`wsss.lib.tracking` for the champion rule.
+data (data.dvc) and of every stage in dvc.lock. The classifier and the segmenter are logged as pyfunc models
+(:mod:`wsss.lib.serving`: images in, masks out, with a signature, an input example, their code and pinned
+requirements) and registered as ``wsss-classifier`` / ``wsss-segmenter``, each version described by its model
+card (also ``MODEL_CARD.md`` among the model's artifacts); see :mod:`wsss.lib.tracking` for the champion rule.
 
 Idempotent: DVC skips the stage when its inputs did not change, and a rerun on inputs that an earlier
 finished run already registered (same model files, metrics and params; e.g. after a retried task or a
@@ -14,34 +15,33 @@ finished run already registered (same model files, metrics and params; e.g. afte
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from wsss.lib import storage, tracking
-from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, load_classifier, load_segmenter, segmenter_dir
+from wsss.lib import serving, storage, tracking
+from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, segmenter_dir
 from wsss.lib.config import Params, flatten
 from wsss.lib.errors import WsssError
 from wsss.lib.io import write_json
+from wsss.lib.mask_rule import map_block_count
+from wsss.models.pretrained import parse_source
 
 REGISTRY_FILE = Path("artifacts") / "registry.json"
-REQUIREMENTS = ("torch", "timm", "numpy")
-
-
-class _QuietPickleWarning(logging.Filter):
-    """Pickle is chosen on purpose (the default pt2 export is slow and fixes the batch size)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Pickle or CloudPickle" not in record.getMessage()
-
-
-def _pip_requirements() -> list[str]:
-    """Pinned runtime requirements of the pickled models (the classes themselves come from this package)."""
-    return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
+MODEL_SUMMARY = {
+    "segmenter": (
+        "Semantic segmentation trained on pseudo masks from class-token attention (weakly supervised: image "
+        "labels only). Input: images (base64 PNG/JPEG or uint8 HxWx3); output: a class-index mask per image at "
+        "its own size. Each version's description is its model card (data, backbone, metrics, limits)."
+    ),
+    "classifier": (
+        "Multi-label image classifier with one [CLS] token per class (Class-specific Token Masking, ICCV 2025); "
+        "the source of the pseudo masks. Input: images; output: class probabilities and, on request, masks "
+        "painted from its class-token attention. Each version's description is its model card."
+    ),
+}
 
 
 def _require(path: Path, hint: str) -> Path:
@@ -133,7 +133,6 @@ class _Run:
         import mlflow
 
         client = self.client
-        logging.getLogger("mlflow.pytorch").addFilter(_QuietPickleWarning())
         git = tracking.git_tags(self.root)
         # e.g. "embedded-1a2b3c4-5f3e9d0c": data set, code commit, digest of the models, metrics and params
         name = f"{Path(self.params.ingest.source).name}-{git['git.commit'][:7]}-{self.inputs_hash[:8]}"
@@ -150,21 +149,21 @@ class _Run:
             self._log_metrics(run_id, metrics)
             self._log_files()
             versions = {}
-            for name, artifact, (model, _) in (
-                (tracking.CLASSIFIER_MODEL, "classifier", load_classifier(classifier_file)),
-                (tracking.SEGMENTER_MODEL, "segmenter", load_segmenter(segmenter_file)),
+            rule = self.params.pseudo_masks  # `wsss predict --from-attention`'s rule, served by the classifier
+            attention = {"fg_threshold": rule.fg_threshold, "bg_threshold": rule.bg_threshold,
+                         "map_blocks": map_block_count(rule.map_blocks)}  # fmt: skip
+            for name, kind, model_file, config in (
+                (tracking.CLASSIFIER_MODEL, "classifier", classifier_file, attention),
+                (tracking.SEGMENTER_MODEL, "segmenter", segmenter_file, None),
             ):
-                info = mlflow.pytorch.log_model(
-                    model,
-                    name=artifact,
-                    serialization_format="pickle",  # the default pt2 export is slow and fixes the batch size
-                    pip_requirements=_pip_requirements(),
-                    registered_model_name=name,
-                )
+                card = model_card(kind, self.params, metrics, model_file, self.root)
+                info = serving.log_pyfunc(kind, model_file, name, config, card)
                 versions[name] = str(info.registered_model_version)
                 tags = {"run_id": run_id, tracking.SCORE_KEY: score, tracking.INPUTS_TAG: self.inputs_hash}
                 for key, value in tags.items():
                     client.set_model_version_tag(name, versions[name], key, "none" if value is None else str(value))
+                client.update_model_version(name, versions[name], description=card)
+                client.update_registered_model(name, description=MODEL_SUMMARY[kind])
             champion = tracking.promote_if_better(client, versions, score)
             record = {
                 "run_id": run_id,
@@ -212,6 +211,77 @@ class _Run:
         for name in ("params.yaml", "dvc.lock", "data.dvc"):
             if (self.root / name).is_file():
                 mlflow.log_artifact(str(self.root / name), "dvc")
+
+
+def _backbone(spec: str | None, model: str) -> str:
+    if not spec:
+        return f"{model}, trained from scratch on the data set below"
+    return f"{model}, initialised from {parse_source(spec).label}"
+
+
+def model_card(kind: str, params: Params, metrics: dict[str, Any], model_file: Path, root: Path) -> str:
+    """The model card of a registered version (Markdown): what it is, its data (and the data.dvc hash), backbone
+    and weight source, metrics with their splits, intended use and limits."""
+    dvc = tracking.dvc_tags(root)
+    record = _checkpoint_record(model_file)
+    classes = ", ".join(record.get("classes", [])) or "unknown"
+
+    def metric(key: str) -> str:
+        value = metrics.get(key)
+        return f"{value:.3f}" if isinstance(value, int | float) else "not measured"
+
+    if kind == "segmenter":
+        what = f"`{params.segmenter.encoder}` encoder with an FPN decoder, trained on the classifier's pseudo masks"
+        backbone = _backbone(params.segmenter.pretrained, params.segmenter.encoder)
+        size = params.segmenter.img_size
+        rows = [
+            ("segmenter mIoU", "val", metric("segmenter_miou")),
+            ("same segmenter trained on ground truth (upper bound)", "val", metric("segmenter_gt_miou")),
+            ("pseudo masks it was trained on, mIoU", "train", metric("pseudo_mask_miou")),
+        ]
+    else:
+        what = "ViT with one [CLS] token per class and a [REG] token, random masking of absent classes' [CLS] outputs"
+        backbone = _backbone(params.classifier.pretrained, params.classifier.model)
+        size = params.classifier.img_size
+        rows = [
+            ("classification mAP", "val", metric("classifier_val_map")),
+            ("pseudo masks from its attention, mIoU", "train", metric("pseudo_mask_miou")),
+            ("class specificity of the [CLS]_c attention (area share)", "train",
+             f"{metric('class_specificity')} ({metric('area_share')})"),
+        ]  # fmt: skip
+    table = "\n".join(f"| {name} | {split} | {value} |" for name, split, value in rows)
+    return f"""# {kind} — wsss (Class-specific Token Masking for WSSS)
+
+**What it is.** {what}. Weakly supervised: trained from image-level labels only, no pixel annotation.
+Input: images (base64 PNG/JPEG, or uint8 HxWx3 arrays), any size; each is resized to a longer side of {size} px at
+its own aspect ratio and normalised with ImageNet statistics. Output: see the registered model's signature.
+
+**Data.** `{params.ingest.source}` (data.dvc md5 `{dvc.get("dvc.data.md5", "unknown")}`); classes: {classes}.
+
+**Backbone.** {backbone}.
+
+**Metrics** (splits named; pseudo masks are scored on the training split they are made for):
+
+| metric | split | value |
+|---|---|---|
+{table}
+
+**Intended use.** Research and prototyping of weakly supervised segmentation on data like the training set.
+**Limits.** Supervision is pseudo masks, not annotation: boundaries follow the token grid
+({params.classifier.img_size} px input, patch-sized cells), small objects and touching objects of two classes are
+where it fails first; it knows only the classes above and labels everything else background. Numbers on the
+embedded synthetic sets do not transfer to photographs.
+"""
+
+
+def _checkpoint_record(model_file: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        record = torch.load(model_file, map_location="cpu", weights_only=True)
+    except Exception:  # the card is descriptive; an unreadable record is reported by the loaders elsewhere
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def main(params: Params) -> dict[str, Any]:

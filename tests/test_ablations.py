@@ -123,6 +123,30 @@ def test_plan_shares_a_classifier_only_between_variants_with_equal_classifier_pa
     assert longer[0].params.classifier.epochs == 3 and longer[0].run_dir == tmp_path / "runs/longer/full/seed0"
 
 
+def test_a_scale_with_its_own_backbone_and_data(tmp_path: Path, tiny_params: Params):
+    """A scale may splice another scale's overrides (YAML alias), train on another data set (its own ingested
+    copy) and replace a variant's model (the CAM twin of its backbone)."""
+    grid = {
+        **GRID,
+        "scales": {
+            "tiny": (base := ["classifier.epochs=1"]),
+            "other_data": [base, "ingest.source=data/other", "embedded.out=data/other"],
+        },
+        "scale_variant_overrides": {"other_data": {"cam_baseline": ["classifier.model=wsss_cam_vit_tiny_patch16"]}},
+    }
+    params_file, config_file = _write_grid(tmp_path, tiny_params, grid)
+    config = read_config(config_file)
+    assert config.scales["other_data"] == ["classifier.epochs=1", "ingest.source=data/other", "embedded.out=data/other"]
+    cells = {c.variant: c for c in plan(config, params_file, tmp_path / "runs", scale="other_data")}
+    assert cells["cam_baseline"].params.classifier.model == "wsss_cam_vit_tiny_patch16"
+    assert cells["full"].params.ingest.out == str(tmp_path / "runs/datasets/other")
+    (tiny,) = plan(config, params_file, tmp_path / "runs", variants=["cam_baseline"])
+    assert tiny.params.classifier.model == "wsss_cam_vit_tiny_patch8"
+    with pytest.raises(ConfigError, match="scale_variant_overrides.other_data names unknown variant 'nope'"):
+        bad = {**grid, "scale_variant_overrides": {"other_data": {"nope": []}}}
+        read_config(_write_grid(tmp_path, tiny_params, bad)[1])
+
+
 def test_an_option_added_later_keys_runs_only_when_it_is_set(tmp_path: Path, tiny_params: Params):
     params_file, config_file = _write_grid(tmp_path, tiny_params)
     config = read_config(config_file)
@@ -316,7 +340,7 @@ def test_diagnose_maps_scores_every_block(finished_grid, capsys):
     _, _, root = finished_grid
     rows = {p.parent.parent.name: json.loads(p.read_text()) for p in root.glob("tiny/*/seed0/result.json")}
     model, _ = load_classifier(Path(rows["full"]["classifier_dir"]) / "model.pt")
-    table = specificity_by_block(model, read_ingested(root / "dataset"), max_images=8)
+    table = specificity_by_block(model, read_ingested(root / "datasets/embedded"), max_images=8)
     blocks, aggregated, refined = table.iloc[:4], table.iloc[4:8], table.iloc[8:]
     assert list(blocks["block"]) == [0, 1, 2, 3] and (blocks["open_heads"] == 4).all()
     for column in ("open_mean", "all_heads_mean", "best_head_share", "area_share", "tuned_miou"):
@@ -338,7 +362,7 @@ def test_diagnose_maps_scores_every_block(finished_grid, capsys):
     assert refined["refined_contrast"].between(0, 1).all() and aggregated["refined_contrast"].isna().all()
     cam, _ = load_classifier(Path(rows["cam_baseline"]["classifier_dir"]) / "model.pt")
     with pytest.raises(WsssError, match=r"one \[CLS\] token per class"):
-        specificity_by_block(cam, read_ingested(root / "dataset"))
+        specificity_by_block(cam, read_ingested(root / "datasets/embedded"))
 
 
 def test_diagnosis_affinity_is_the_refinement_of_the_maps(finished_grid):
@@ -353,7 +377,8 @@ def test_diagnosis_affinity_is_the_refinement_of_the_maps(finished_grid):
     _, _, root = finished_grid
     result = json.loads((root / "tiny/full/seed0/result.json").read_text())
     model, _ = load_classifier(Path(result["classifier_dir"]) / "model.pt")
-    _, images = next(shape_groups(classifier_images(model, read_ingested(root / "dataset"), "train").images[:8], 0))
+    dataset = read_ingested(root / "datasets/embedded")
+    _, images = next(shape_groups(classifier_images(model, dataset, "train").images[:8], 0))
     rows, _, transition = block_class_rows(model, images)
     assert torch.allclose(transition.sum(-1), torch.ones(transition.shape[:2]))
     layers = model.map_layers(None)

@@ -82,20 +82,17 @@ def test_predict_from_the_registry_matches_the_checkpoint(
 ) -> None:
     import mlflow
 
-    from wsss.lib.artifacts import load_segmenter
+    from wsss.lib.serving import log_pyfunc
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # an earlier test's get_client() set another
     experiment = mlflow.create_experiment("predict", artifact_location=str(tmp_path / "mlruns"))
-    model, _ = load_segmenter(trained / "segmenter" / "model.pt")
     with mlflow.start_run(experiment_id=experiment):
-        mlflow.log_param("segmenter.img_size", 32)
-        info = mlflow.pytorch.log_model(
-            model, name="segmenter", serialization_format="pickle", registered_model_name="wsss-segmenter"
-        )
+        info = log_pyfunc("segmenter", trained / "segmenter" / "model.pt", "wsss-segmenter")
     mlflow.MlflowClient().set_registered_model_alias("wsss-segmenter", "champion", info.registered_model_version)
+    store_files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "mlruns").rglob("*"))
 
     uri = "models:/wsss-segmenter@champion"
     elsewhere = tmp_path / "elsewhere"  # no params.yaml here: predict needs none, and creates no store
@@ -107,6 +104,8 @@ def test_predict_from_the_registry_matches_the_checkpoint(
     assert run_cli(capsys, "predict", photo, "--model", trained / "segmenter", "--out", tmp_path / "file")[0] == 0
     from_registry = assert_palette_mask(tmp_path / "registry" / "voc_photo.png", num_classes=3)
     np.testing.assert_array_equal(from_registry, read_mask(tmp_path / "file" / "voc_photo.png"))
+    # loading the registered model wrote nothing into the store (MLflow's registered_model_meta goes to a copy)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "mlruns").rglob("*")) == store_files
 
     code, _, err = run_cli(capsys, "predict", photo, "--model", "models:/wsss-segmenter@gone", "--out", tmp_path / "x")
     assert code == 1 and err.count("\n") == 1 and not (tmp_path / "x").exists()

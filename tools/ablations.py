@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsss.lib.config import ConfigError, IngestParams, Params, key_settings, load_params, read_yaml
+from wsss.lib.config import ConfigError, Params, key_settings, load_params, read_yaml
 from wsss.lib.errors import WsssError
 from wsss.lib.io import write_json
 
@@ -80,8 +80,11 @@ class Cell:
 
 
 def _string_list(value: Any, where: str) -> list[str]:
+    """A list of overrides; a nested list (a YAML alias of another entry, ``- *pretrained``) is spliced in."""
     if value is None:
         return []
+    if isinstance(value, list):
+        value = [v for item in value for v in (item if isinstance(item, list) else [item])]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: expected a list of section.key=value strings, got {value!r}")
     return list(value)
@@ -152,10 +155,9 @@ def _pick(requested: Sequence[str] | None, known: dict[str, Any], what: str) -> 
 
 
 def dataset_dir(params: Params, root: Path) -> Path:
-    """The grid's ingested copy of the cell's data set: ``<root>/dataset`` for the default embedded set, else
-    ``<root>/dataset-<source folder name>`` (scales may train on other data)."""
-    source = Path(params.ingest.source)
-    return root / ("dataset" if source == Path(IngestParams().source) else f"dataset-{source.name}")
+    """The grid's ingested copy of the cell's data set, ``<root>/datasets/<source folder name>`` (scales may
+    train on other data)."""
+    return root / "datasets" / Path(params.ingest.source).name
 
 
 def classifier_dir(params: Params, root: Path, scale: str) -> Path:

@@ -18,21 +18,16 @@ each mask lines up with its image on screen.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from wsss.lib.config import Params
 from wsss.lib.datasets import (
     BANDS_FILE,
     Bands,
-    SplitData,
-    aspect_size,
     display_rgb,
-    image_tensor,
     one_line,
     read_bands,
     read_image,
@@ -40,40 +35,15 @@ from wsss.lib.datasets import (
     write_mask_png,
 )
 from wsss.lib.errors import WsssError
+from wsss.lib.inference import attention_masks, in_chans, model_input_size, segment_images
 from wsss.lib.io import atomic_file, check_writable
 from wsss.lib.plotting import overlay_picture
 from wsss.lib.runtime import setup_runtime
-
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
 
 
 def is_uri(ref: str) -> bool:
     """Whether a model reference is an MLflow URI rather than a file path."""
     return ref.startswith(("models:/", "runs:/")) or "://" in ref
-
-
-def _registered_params(uri: str) -> dict[str, str]:
-    """Params of the MLflow run that logged the model at ``uri`` (empty when unknown)."""
-    from mlflow.exceptions import MlflowException
-
-    from wsss.lib import tracking
-
-    client = tracking.get_client()
-    try:
-        if match := _MODELS_URI.match(uri):
-            if match["alias"]:
-                version = client.get_model_version_by_alias(match["name"], match["alias"])
-            else:
-                version = client.get_model_version(match["name"], match["version"])
-            run_id = version.run_id
-        elif match := _RUNS_URI.match(uri):
-            run_id = match["run_id"]
-        else:
-            return {}
-        return dict(client.get_run(run_id).data.params)
-    except MlflowException:
-        return {}
 
 
 def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Module, int | None]:
@@ -86,6 +56,8 @@ def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Modu
         WsssError: the model cannot be found or loaded.
     """
     if is_uri(ref):
+        import tempfile
+
         import mlflow
         from mlflow.exceptions import MlflowException
 
@@ -100,11 +72,16 @@ def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Modu
             )
         tracking.get_client()  # points mlflow at the project's store
         try:
-            model = mlflow.pytorch.load_model(ref, map_location=device)
+            # Loaded from a copy: loading in place writes registered_model_meta into the store's own folder.
+            with tempfile.TemporaryDirectory() as tmp:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp)
+                served = mlflow.pyfunc.load_model(local).unwrap_python_model()
         except (MlflowException, OSError) as err:
             raise WsssError(f"{ref}: cannot load model from the store {uri} ({one_line(err)})") from None
-        size = _registered_params(ref).get(f"{kind}.img_size")
-        return model.to(device).eval(), int(size) if size else None
+        model = served.model
+        if not hasattr(model, "grid_size" if kind == "classifier" else "size_multiple"):
+            raise WsssError(f"{ref}: is a {type(model).__name__}, not a {kind} (use the other option)")
+        return model.to(device).eval(), getattr(served, "size", None)
     path = Path(ref)
     if path.is_dir():
         path = path / "model.pt"
@@ -117,39 +94,6 @@ def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Modu
 
     model, _ = load_classifier(path, device)
     return model, None
-
-
-def _in_chans(model: torch.nn.Module) -> int:
-    """Input channels of a model: those of its first convolution."""
-    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-
-
-@torch.no_grad()
-def _attention_masks(
-    model: torch.nn.Module,
-    data: SplitData,
-    device: torch.device,
-    thresholds: tuple[float, float],
-    batch_size: int,
-    scales: Sequence[float],
-    flip: bool,
-    map_blocks: int | None,
-    refine: int,
-) -> dict[str, np.ndarray]:
-    """Masks painted from the [CLS]_c attention of the classes the classifier predicts."""
-    from wsss.lib.mask_rule import attention_maps, merge_maps, normalized_maps, present_classes
-
-    # As in the pseudo-mask stage: closed heads removed, same maps and logits at less cost.
-    maps, probs = attention_maps(
-        model.prune_heads(), data.images, device, batch_size, scales, flip, map_blocks, refine=refine
-    )
-    masks = {}
-    for i, image_id in enumerate(data.ids):
-        p = probs[i].numpy()
-        classes = present_classes(None, p)
-        norm = normalized_maps(maps[i][classes], data.original_sizes[i])
-        masks[image_id] = merge_maps(norm, classes, p, *thresholds)
-    return masks
 
 
 def _check_out_folder(out: Path) -> None:
@@ -225,30 +169,19 @@ def predict(
             raise WsssError(f"{path}: {err}; pass --bands DATA_SET/{BANDS_FILE}") from None
     kind = "classifier" if from_attention else "segmenter"
     model, trained_size = load_model(model_ref, kind, device)
-    if from_attention:
-        trained_size = model.grid_size[0] * model.patch_size
-    size = img_size or trained_size
+    size = img_size or model_input_size(model, from_attention, trained_size)
     if size is None:
         raise WsssError(f"{model_ref}: training image size unknown (not in the run's params); pass --img-size")
-    channels = _in_chans(model)
+    channels = in_chans(model)
     for path, image in zip(images, pixels, strict=True):
         if image.shape[-1] != channels:
             raise WsssError(f"{path}: image has {image.shape[-1]} channels, the model takes {channels}")
-    # Each image at its own aspect ratio, longer side `size`, in multiples of the model's patch or stride.
-    multiple = model.patch_size if from_attention else model.size_multiple
-    data = SplitData(
-        ids=names,
-        images=[image_tensor(image, aspect_size(*image.shape[:2], size, multiple)) for image in pixels],
-        labels=torch.zeros(len(names), 0),
-        masks=None,
-        original_sizes=[image.shape[:2] for image in pixels],
-    )
     if from_attention:
-        masks = _attention_masks(model, data, device, thresholds, batch_size, scales, flip, map_blocks, refine)
+        views = dict(scales=scales, flip=flip, map_blocks=map_blocks, refine=refine, size=size)
+        found, _ = attention_masks(model, pixels, device, thresholds, batch_size, **views)
     else:
-        from wsss.lib.artifacts import predict_images
-
-        masks = predict_images(model, data, device, batch_size)
+        found = segment_images(model, pixels, size, device, batch_size)
+    masks = dict(zip(names, found, strict=True))
     # The overlay's legend names the classes the masks hold, when the model knows them (a wsss checkpoint
     # or a model registered by `wsss register`); otherwise it shows their values.
     classes = getattr(model, "class_names", None)

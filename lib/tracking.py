@@ -71,6 +71,7 @@ def get_client(root: str | Path = "."):
     store = storage.store_from_env()
     if store is not None:
         storage.use_store_environment(store)  # MLflow's boto3 clients: endpoint and retries
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file on stderr otherwise
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

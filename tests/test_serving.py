@@ -20,6 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from tests.test_predict import run_cli, trained  # noqa: F401  (the module's trained tiny models)
@@ -183,3 +184,36 @@ def test_malformed_payloads_are_4xx_with_a_reason_and_the_server_keeps_serving(s
     assert "stack_trace" not in answer and reason in answer["message"].splitlines()[-1], answer
     ok, _ = _post(server, {"inputs": {"image": [encode_image(np.zeros((16, 16, 3), np.uint8))]}})
     assert ok == 200
+
+
+@pytest.mark.parametrize("kind", ["segmenter", "classifier"])
+def test_onnx_export_matches_torch_on_real_photos_and_is_recorded_on_the_version(
+    registry: str, kind: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+):
+    import onnxruntime
+
+    from wsss.lib.datasets import aspect_size, image_tensor, normalize
+    from wsss.tools.predict import load_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    out = tmp_path / f"{kind}.onnx"
+    code, stdout, err = run_cli(capsys, "export", "--onnx", f"models:/wsss-{kind}@champion", out)
+    assert code == 0, err
+    print(stdout)
+    assert f"recorded on wsss-{kind} v1" in stdout
+    # dynamic batch, height and width: two photos of another size than the export's check images, batched
+    model, size = load_model(f"models:/wsss-{kind}@champion", kind, torch.device("cpu"))
+    multiple = model.patch_size if kind == "classifier" else model.size_multiple
+    photo = _voc()[:240, :400]
+    side = 4 * multiple  # not the training size: the graph's height and width are free
+    shape = aspect_size(240, 400, side, multiple) if kind == "segmenter" else (32, 32)  # tiny ViT: fixed size
+    batch = torch.cat([normalize(image_tensor(photo, shape))[None]] * 2)
+    (found,) = onnxruntime.InferenceSession(str(out)).run(None, {"image": batch.numpy()})
+    with torch.no_grad():
+        expected = (torch.sigmoid(model.prune_heads()(batch)) if kind == "classifier" else model(batch)).numpy()
+    assert found.shape == expected.shape and np.abs(found - expected).max() < 1e-3
+    if kind == "segmenter":
+        assert (found.argmax(1) == expected.argmax(1)).all()
+    client = mlflow.MlflowClient(tracking_uri=registry, registry_uri=registry)
+    tags = client.get_model_version(f"wsss-{kind}", "1").tags
+    assert tags["onnx.masks_equal"] == "True" and float(tags["onnx.max_abs_diff"]) < 1e-3

@@ -89,6 +89,23 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     predict.set_defaults(handler=_predict)
 
 
+def _export(params: Params, args: argparse.Namespace) -> None:
+    from wsss.lib.runtime import setup_runtime
+    from wsss.tools.export import main as export
+
+    setup_runtime(params.seed, params.num_threads, "cpu")
+    model, out = args.onnx
+    export(model, out)
+
+
+def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss export`` (tools/export.py): a trained model as ONNX, checked against torch with onnxruntime."""
+    export = sub.add_parser("export", parents=[common], help="a segmenter or classifier as ONNX (dynamic sizes)")
+    export.add_argument("--onnx", nargs=2, metavar=("MODEL", "OUT"), required=True, dest="onnx",
+                        help="models:/wsss-segmenter@champion, runs:/..., or model.pt; OUT.onnx")  # fmt: skip
+    export.set_defaults(handler=_export)
+
+
 def _stage(module: str, **kwargs) -> Callable[[Params, argparse.Namespace], object]:
     """Imports stage modules lazily so `wsss --help` stays fast."""
 
@@ -281,7 +298,7 @@ def _add_diagnose_maps(sub: argparse._SubParsersAction, common: argparse.Argumen
 
 # Commands that work outside a wsss repo: without a params.yaml in the working directory they use the defaults
 # (the importers write a data set anywhere; predict and bench need no pipeline).
-REPO_FREE = ("predict", "bench", "import")
+REPO_FREE = ("predict", "export", "bench", "import")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register(sub, common)
     _add_bench(sub, common)
     _add_predict(sub, common)
+    _add_export(sub, common)
     _add_s3(sub, common)
     _add_ablations(sub, common)
     _add_diagnose_maps(sub, common)

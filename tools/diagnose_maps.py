@@ -13,6 +13,9 @@ the open-head maps summed over those blocks, scored the same way; and the same a
 of ``pseudo_masks.refine: affinity`` (MCTformer's patch affinity), with what the affinity does to a map:
 ``affinity_patches`` (how many patches a row spreads over: exp of its entropy), ``affinity_top3`` (the
 mass of a row's three largest entries) and ``refined_contrast`` (std over patches of ``A m`` / of ``m``).
+For a ``patch_cam`` classifier (MCTformer-V2's fusion) also each aggregation times ``ReLU(PatchCAM)`` (``fused
+...``: the maps its pseudo masks use) and the PatchCAMs alone: the block rows above stay the class tokens' own
+attention, so the table tells where the class specificity of the fused maps comes from.
 """
 
 from __future__ import annotations
@@ -103,7 +106,9 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     areas, cosines = [], [[] for _ in model.blocks]
     mask_samples = [[] for _ in model.blocks]  # (normalised maps, classes, probabilities, gt) per block
     candidates = {name: model.map_layers(count) for name, count in block_candidates(model).items()}
-    agg_scores = {name: [] for name in (*candidates, *(f"refined {n}" for n in candidates))}
+    fusion = model.patch_head is not None  # MCTformer-V2's PatchCAMs: scored alone and fused with each aggregation
+    extra = ("patchcam", *(f"fused {n}" for n in candidates)) if fusion else ()
+    agg_scores = {name: [] for name in (*candidates, *(f"refined {n}" for n in candidates), *extra)}
     agg_samples = {name: [] for name in agg_scores}
     spread, top3, contrast = [], [], {name: [] for name in candidates}
     groups = (
@@ -112,6 +117,9 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     for indices, images in groups:  # images of one size (each at its own aspect ratio)
         batch_rows, batch_states, batch_affinity = block_class_rows(model, images)
         probs = torch.sigmoid(model(normalize(images))).numpy()
+        if fusion:
+            grid = tuple(batch_rows[0].shape[-2:])
+            cams = F.relu(model.patch_cams(model.forward_features(normalize(images)), grid))
         for i, gt in enumerate(gts[k] for k in indices):
             classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
             for block, attn in enumerate(batch_rows):
@@ -134,7 +142,11 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
                 summed = sum(batch_rows[b][i][open_heads[b]][:, classes].mean(0) for b in layers)
                 refined = propagate_affinity(summed, transition)
                 contrast[name] += (refined.flatten(1).std(1) / summed.flatten(1).std(1).clamp_min(1e-12)).tolist()
-                for key, maps in ((name, summed), (f"refined {name}", refined)):
+                views = [(name, summed), (f"refined {name}", refined)]
+                if fusion:
+                    views += [(f"fused {name}", summed * cams[i][classes])]
+                    views += [("patchcam", cams[i][classes])] if name == "last" else []
+                for key, maps in views:
                     agg_scores[key] += _specificity(maps, gt, classes)[0]
                     agg_samples[key].append((normalized_maps(maps, gt.shape), classes, probs[i], gt))
     table = []
@@ -156,9 +168,9 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
             }
         )
     affinity = {"affinity_patches": float(np.mean(spread)), "affinity_top3": float(np.mean(top3))}
-    for refine in (False, True):
+    for kind in ("", "refined ", *(("fused ",) if fusion else ())):
         for name, layers in candidates.items():
-            key = f"refined {name}" if refine else name
+            key, refine = f"{kind}{name}", kind == "refined "
             table.append(
                 {
                     "block": f"{key} {layers}",
@@ -169,6 +181,15 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
                     **({**affinity, "refined_contrast": float(np.mean(contrast[name]))} if refine else {}),
                 }
             )
+    if fusion:
+        table.append(
+            {
+                "block": "patchcam (the PatchCAM maps alone)",
+                "open_mean": float(np.mean(agg_scores["patchcam"])),
+                "area_share": float(np.mean(areas)),
+                "tuned_miou": tune_thresholds(agg_samples["patchcam"], model.num_classes)[2],
+            }
+        )
     return pd.DataFrame(table)
 
 

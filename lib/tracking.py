@@ -40,6 +40,21 @@ INPUTS_TAG = "wsss.inputs_hash"
 # then on its runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The runs table a person wants first: the headline metrics as columns, best segmenter on top. Stored the way
+# the UI stores a shared view (an experiment tag, opened by ?viewStateShareKey=...), since its own default shows
+# no metric at all.
+HEADLINE_VIEW = "headline"
+HEADLINE_METRICS = (
+    "pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou", "classifier_val_map", "class_specificity", "area_share",
+)  # fmt: skip
+HEADLINE_PARAMS = ("classifier.model", "classifier.pretrained", "classifier.epochs")
+
+
+def headline_view() -> str:
+    """JSON of the shared view :data:`HEADLINE_VIEW`: the UI's default columns plus the headline metrics and params."""
+    columns = [f"attributes.`{name}`" for name in ("Source", "Models", "Dataset")]
+    columns += [f"metrics.`{name}`" for name in HEADLINE_METRICS] + [f"params.`{name}`" for name in HEADLINE_PARAMS]
+    return json.dumps({"selectedColumns": columns, "orderByKey": "metrics.`segmenter_miou`", "orderByAsc": False})
 
 
 def tracking_uri(root: str | Path = ".") -> str:
@@ -92,9 +107,11 @@ def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) ->
 
     store = storage.store_from_env()
     experiment = client.get_experiment_by_name(name)
+    view_tag = f"mlflow.sharedViewState.{HEADLINE_VIEW}"
     if experiment is not None:
-        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        for key, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (view_tag, headline_view())):
+            if experiment.tags.get(key) != value:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         if store is not None and not experiment.artifact_location.startswith(store.mlflow_url):
             raise WsssError(
                 f"MLflow experiment {name!r} keeps its artifacts at {experiment.artifact_location}, not in "
@@ -108,7 +125,8 @@ def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) ->
     elif not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (Path(root) / "mlruns").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, view_tag: headline_view()}
+        return client.create_experiment(name, artifact_location=location, tags=tags)
     except MlflowException:  # created meanwhile by a concurrent run
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -117,10 +135,12 @@ def ensure_experiment(client, root: str | Path = ".", name: str = EXPERIMENT) ->
 
 
 def experiment_link(experiment_id: str, run_id: str | None = None) -> str:
-    """The MLflow UI path (after its address) of an experiment's runs (or one run), in the model-training view:
-    MLflow 3's UI otherwise opens an experiment on its GenAI overview (traces), one tab away from the runs."""
-    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
-    return f"{page}?workflowType=machine_learning"
+    """The MLflow UI path (after its address) of an experiment's runs (or one run), in the model-training view
+    (MLflow 3's UI otherwise opens an experiment on its GenAI overview, one tab away from the runs); the runs
+    table opens on the headline view (:func:`headline_view`)."""
+    if run_id:
+        return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={HEADLINE_VIEW}&workflowType=machine_learning"
 
 
 def metric_key(name: str) -> str:

@@ -132,7 +132,7 @@ Where to look:
   metrics      .venv/bin/dvc metrics show        (dvc metrics diff, dvc exp show)
   plots        make plots                        -> dvc_plots/index.html (renders offline), plots/*.png
   Prefect UI   make prefect-server PREFECT_PORT=$PORT, then http://127.0.0.1:$PORT/runs (flow run, artifact wsss-pipeline)
-  MLflow       make mlflow-ui MLFLOW_PORT=${MLFLOW_PORT:-5000}, then http://127.0.0.1:${MLFLOW_PORT:-5000}/#/experiments/${experiment:-0}/runs?workflowType=machine_learning
+  MLflow       make mlflow-ui MLFLOW_PORT=${MLFLOW_PORT:-5000}, then http://127.0.0.1:${MLFLOW_PORT:-5000}/#/experiments/${experiment:-0}/runs?viewStateShareKey=headline&workflowType=machine_learning
   flow logs    $LOGS/worker.log
 EOF
 exit "$rc"

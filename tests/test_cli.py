@@ -93,3 +93,21 @@ def test_empty_split_is_named_and_ingest_leaves_no_output(tiny_params, tiny_data
 def test_unreadable_params_file(tmp_path, capsys):
     code, _, err = run(capsys, "ingest", "--params", str(tmp_path / "nope.yaml"))
     assert code == 1 and "nope.yaml: cannot read params file" in err
+
+
+def test_help_texts_are_plain_text():
+    """Help is read in a terminal: no reST markup (double backticks) from the docstrings it is built from."""
+    import argparse
+
+    from wsss.tools.cli import build_parser
+
+    def helps(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, str]]:
+        found = [(path, parser.format_help())]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += helps(sub, f"{path} {name}")
+        return found
+
+    marked = [path for path, text in helps(build_parser(), "wsss") if "``" in text]
+    assert not marked, f"reST markup in the help of {marked}"

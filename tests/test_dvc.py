@@ -84,3 +84,19 @@ def test_regenerated_embedded_set_matches_data_dvc():
         fs = LocalFileSystem()
         _, meta, obj = build(LocalHashFileDB(fs, str(Path(tmp) / "odb")), str(data), fs, "md5", dry_run=True)
     assert (obj.hash_info.value, meta.nfiles) == (record["md5"], record["nfiles"])
+
+
+def test_committed_dvc_lock_records_the_committed_code():
+    """dvc.lock is committed with the code it was made with: every code file it records hashes as the file does
+    now. A stale lock makes `make run` on a fresh clone rewrite it (a dirty tree, and a run tagged dirty) and
+    describes a pipeline that is not the committed one: rerun the pipeline (`make run`) and commit dvc.lock."""
+    import hashlib
+
+    lock = yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())
+    stale = []
+    for stage, entry in lock["stages"].items():
+        for dep in entry.get("deps", []):
+            path = REPO_ROOT / dep["path"]
+            if dep["path"].endswith(".py") and hashlib.md5(path.read_bytes()).hexdigest() != dep.get("md5"):
+                stale.append(f"{stage}: {dep['path']}")
+    assert not stale, f"dvc.lock records other code than the tree holds ({len(stale)}): {stale[:5]}"

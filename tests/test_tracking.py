@@ -150,3 +150,23 @@ def test_registered_models_load_beside_a_users_own_models_and_tasks_packages(sto
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(sorted(CLASSES))
+
+
+def test_git_tags_name_dirty_paths_whole_and_leave_out_dvc_lock(tmp_path: Path):
+    """`git status --porcelain` lines start with a status blank: a stripped listing lost the first path's letter."""
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t.invalid", "-c", "commit.gpgsign=false"]
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *identity, *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("dvc.lock", "params.yaml"):
+        (tmp_path / name).write_text("a\n")
+    git("add", "-A")
+    git("commit", "-qm", "clean")
+    assert tracking.git_tags(tmp_path)["git.dirty"] == "false"
+    (tmp_path / "dvc.lock").write_text("rewritten by the pipeline\n")  # the running pipeline's own file
+    assert tracking.git_tags(tmp_path)["git.dirty"] == "false"
+    (tmp_path / "params.yaml").write_text("b\n")
+    tags = tracking.git_tags(tmp_path)
+    assert tags["git.dirty"] == "true" and tags["git.dirty_paths"] == "params.yaml"

@@ -48,17 +48,20 @@ def writing(target: str | Path) -> Iterator[None]:
 
 
 def check_writable(folder: str | Path) -> None:
-    """Checks before expensive work that files can be created in ``folder`` (made when missing).
+    """Checks before expensive work that ``folder`` (or, when it does not exist yet, the nearest existing folder
+    above it, where it would be made) can be written; creates nothing.
 
     Raises:
-        WsssError: the folder cannot be made or written (the line names it and the reason).
+        WsssError: the one line naming ``folder`` and why (read-only file system, no permission, not a folder).
     """
     folder = Path(folder)
-    with writing(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise WsssError(f"cannot write {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        readonly = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        code = errno.EROFS if readonly else errno.EACCES
+        raise WsssError(f"cannot write {folder}: {os.strerror(code)} ({errno.errorcode[code]})")
 
 
 @contextlib.contextmanager

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,9 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wsss.lib.datasets import encode_mask_png
+
+# MLflow suggests type hints on predict() for a schema of its own; ours is the explicit signature below.
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "model"  # the stage's model.pt inside the logged model
@@ -239,13 +245,24 @@ def stage_code(dest: Path) -> Path:
     return package
 
 
+@functools.cache
+def _serving_imports() -> frozenset[str]:
+    """Top-level names of every module that importing the serving path loads, in a fresh interpreter (once per
+    process: the code does not change under a running process)."""
+    probe = (
+        "import sys, wsss.lib.serving, wsss.lib.inference, wsss.lib.artifacts, wsss.lib.mask_rule; "
+        "print('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return frozenset(result.stdout.split())
+
+
 def requirements(package: Path) -> list[str]:
     """Pinned distributions of the third-party modules the staged ``package``'s files import at module level
     and that loading the serving path really imports (measured in a fresh interpreter, so neither a lazy import
     of the pipeline (dvc, boto3) nor anything the caller imported sneaks in); pip resolves what they need."""
     import ast
     import importlib.metadata
-    import subprocess
 
     direct = set()
     for file in package.rglob("*.py"):
@@ -254,11 +271,7 @@ def requirements(package: Path) -> list[str]:
                 direct |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 direct.add(node.module.split(".")[0])
-    probe = (
-        "import sys, wsss.lib.serving, wsss.lib.inference, wsss.lib.artifacts, wsss.lib.mask_rule; "
-        "print('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))"
-    )
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    loaded = _serving_imports()
     owners = importlib.metadata.packages_distributions()
     dists = set()
     for name in direct & set(loaded):

@@ -134,3 +134,28 @@ def run_sharded(params: Params) -> dict[str, Any]:
         if not params.dask.scheduler:
             raise
         raise WsssError(f"dask.scheduler {params.dask.scheduler}: {err}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m wsss.pipelines.pseudo_masks [--params FILE] [-S key=value ...]``: what ``wsss pseudo-masks``
+    starts when ``dask.shards`` > 1 (as it starts torchrun for ``trainer.nproc`` > 1): the CLI does not import
+    the flows. Errors end with the stage's one line and exit code 1."""
+    import argparse
+    import sys
+
+    from wsss.lib.config import load_params
+
+    parser = argparse.ArgumentParser(prog="python -m wsss.pipelines.pseudo_masks")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    try:
+        run_sharded(load_params(args.params, args.overrides))
+    except WsssError as err:
+        print(f"wsss pseudo-masks: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

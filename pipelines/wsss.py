@@ -34,33 +34,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from wsss.pipelines.commands import StageError, dvc_command, is_transient, run_logged, stage_failure
+from wsss.tasks.stages import STAGES as PIPELINE
 
-# data.dvc first: `dvc repro` also verifies (and, if changed, re-adds) the raw data it tracks.
-STAGES = (
-    "data.dvc",
-    "ingest",
-    "train_classifier",
-    "pseudo_masks",
-    "train_segmenter",
-    "train_segmenter_gt",
-    "evaluate",
-    "register",
-)
+# data.dvc first: `dvc repro` also verifies (and, if changed, re-adds) the raw data it tracks; then the stages
+# in the order of their table.
+STAGES = ("data.dvc", *(stage.name for stage in PIPELINE))
 PARAMS_FILE = "params.yaml"
 EMBEDDED = "embedded"
 SUMMARY_KEYS = ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou", "classifier_val_map")
-# Share of a full run's time each stage takes on the embedded set (the classifier is two thirds of it):
-# what the progress line's estimate for the whole run weighs the stages by.
-STAGE_SHARE = {
-    "data.dvc": 0.01,
-    "ingest": 0.01,
-    "train_classifier": 0.66,
-    "pseudo_masks": 0.07,
-    "train_segmenter": 0.1,
-    "train_segmenter_gt": 0.1,
-    "evaluate": 0.04,
-    "register": 0.01,
-}
+# Share of a full run's time each stage takes: what the progress line's estimate for the whole run weighs by.
+STAGE_SHARE = {"data.dvc": 0.01, **{stage.name: stage.share for stage in PIPELINE}}
 
 
 def mlflow_ui() -> str:

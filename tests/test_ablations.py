@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -19,9 +18,9 @@ import yaml
 
 from wsss.lib.config import ConfigError, Params, key_settings, load_params
 from wsss.lib.errors import WsssError
-from wsss.tools import ablations, cli
-from wsss.tools.ablations import plan, read_config, run_cell, run_grid
-from wsss.tools.report import paired_differences, paired_markdown, write_report
+from wsss.research import ablations, cli
+from wsss.research.ablations import plan, read_config, run_cell, run_grid
+from wsss.research.report import paired_differences, paired_markdown, write_report
 
 GRID = {
     "seeds": [0],
@@ -262,30 +261,15 @@ def test_report_without_finished_runs_is_one_clear_error(tmp_path: Path, capsys:
     code = cli.main(["report", "--config", str(config), "--root", str(tmp_path / "none"), "--no-mlflow"])
     assert code == 1
     assert capsys.readouterr().err.strip() == (
-        f"wsss report: error: {tmp_path / 'none' / 'tiny'}: no finished ablation runs (run `wsss ablations` first)"
+        f"wsss-research report: error: {tmp_path / 'none' / 'tiny'}: no finished ablation runs "
+        "(run `wsss-research ablations` first)"
     )
-
-
-def test_print_dvc_gives_queued_experiments_with_valid_overrides(
-    tmp_path: Path, tiny_params: Params, capsys: pytest.CaptureFixture
-):
-    params_file, config_file = _write_grid(tmp_path, tiny_params)
-    args = ["ablations", "--config", str(config_file), "--params", str(params_file), "--print-dvc"]
-    assert cli.main([*args, "--seed", "0", "--seed", "1"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[-2:] == ["dvc queue start --jobs 1", "dvc exp show --only-changed --drop 'Created|State|Executor'"]
-    assert len(lines) == 4 * 2 + 2
-    words = shlex.split(lines[1])  # no_masking, seed 0 (seed-major order)
-    assert words[:6] == ["dvc", "exp", "run", "--queue", "-n", "no_masking-tiny-s0"]
-    overrides = [words[i + 1] for i, word in enumerate(words) if word == "-S"]
-    assert overrides == ["classifier.mask_ratio=0", "seed=0"]
-    assert load_params(params_file, overrides).classifier.mask_ratio == 0
 
 
 def test_prefect_flow_runs_the_grid_in_processes_and_reports(
     finished_grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server
 ):
-    from wsss.pipelines.ablations import ablations as ablations_flow
+    from wsss.research.flow import ablations as ablations_flow
 
     params_file, config_file, _ = finished_grid
     shutil.copy2(params_file, tmp_path / "params.yaml")
@@ -302,23 +286,8 @@ def test_prefect_flow_runs_the_grid_in_processes_and_reports(
 
     state = ablations_flow(variants=["no_reg"], return_state=True)  # an unknown variant fails at planning
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"wsss ablations: error: unknown variant 'no_reg'"):
+    with pytest.raises(Exception, match=r"wsss-research ablations: error: unknown variant 'no_reg'"):
         state.result()
-
-
-def test_jobs_run_groups_in_processes_with_the_same_numbers(finished_grid, tmp_path: Path, capsys):
-    params_file, config_file, root = finished_grid
-    args = ["ablations", "--params", str(params_file), "--config", str(config_file), "--root", str(tmp_path)]
-    variants = ["--variant", "no_masking", "--variant", "fixed_thresholds", "--seed", "0"]
-    assert cli.main([*args, *variants, "--jobs", "2", "--no-report"]) == 0
-    assert "ablation tiny/no_masking/seed0: done" in capsys.readouterr().out
-    for variant in ("no_masking", "fixed_thresholds"):
-        parallel = json.loads((tmp_path / f"tiny/{variant}/seed0/result.json").read_text())
-        serial = json.loads((root / f"tiny/{variant}/seed0/result.json").read_text())
-        assert {k: v for k, v in parallel.items() if k not in VOLATILE} == {
-            k: v for k, v in serial.items() if k not in VOLATILE
-        }
-    assert (tmp_path / "tiny/no_masking/seed0.log").read_text().strip()
 
 
 def test_a_variant_that_closes_every_head_is_a_row_without_maps(finished_grid, tmp_path: Path):
@@ -335,7 +304,7 @@ def test_a_variant_that_closes_every_head_is_a_row_without_maps(finished_grid, t
 
 def test_diagnose_maps_scores_every_block(finished_grid, capsys):
     from wsss.lib.artifacts import load_classifier, read_ingested
-    from wsss.tools.diagnose_maps import specificity_by_block
+    from wsss.research.diagnose_maps import specificity_by_block
 
     _, _, root = finished_grid
     rows = {p.parent.parent.name: json.loads(p.read_text()) for p in root.glob("tiny/*/seed0/result.json")}
@@ -372,7 +341,7 @@ def test_diagnosis_affinity_is_the_refinement_of_the_maps(finished_grid):
 
     from wsss.lib.artifacts import classifier_images, load_classifier, read_ingested
     from wsss.lib.datasets import normalize, shape_groups
-    from wsss.tools.diagnose_maps import block_class_rows
+    from wsss.research.diagnose_maps import block_class_rows
 
     _, _, root = finished_grid
     result = json.loads((root / "tiny/full/seed0/result.json").read_text())
@@ -391,7 +360,7 @@ def test_diagnosis_affinity_is_the_refinement_of_the_maps(finished_grid):
 def test_pairwise_cosine_of_class_tokens():
     import torch
 
-    from wsss.tools.diagnose_maps import pairwise_cosine
+    from wsss.research.diagnose_maps import pairwise_cosine
 
     same = torch.ones(3, 8)
     assert pairwise_cosine(same) == pytest.approx(1.0)
@@ -406,7 +375,7 @@ def test_mask_ratio_curve_marks_a_ratio_without_maps(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from wsss.tools.report import mask_ratio_curve, mask_ratio_table
+    from wsss.research.report import mask_ratio_curve, mask_ratio_table
 
     runs = pd.DataFrame(
         {

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from tests.test_token_masking_vit import close_heads, tiny_model
-from wsss.benchmarks.bench import TARGETS, fast_pseudo_masks, naive_pseudo_masks, recorded_attention_maps
+from wsss.research.bench import TARGETS, fast_pseudo_masks, naive_pseudo_masks, recorded_attention_maps
 from wsss.tools.cli import main
 
 

@@ -11,17 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wsss.tasks.stages import STAGES
+
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "lib", "tasks", "tools", "pipelines", "benchmarks")
-STAGE_MODULES = {  # dvc.yaml stage -> the module its `wsss` command runs
-    "ingest": "wsss.tasks.ingest",
-    "train_classifier": "wsss.tasks.train_classifier",
-    "pseudo_masks": "wsss.tasks.pseudo_masks",
-    "train_segmenter": "wsss.tasks.train_segmenter",
-    "train_segmenter_gt": "wsss.tasks.train_segmenter",
-    "evaluate": "wsss.tasks.evaluate",
-    "register": "wsss.tasks.register",
-}
+PACKAGES = ("models", "lib", "tasks", "tools", "pipelines", "research")
+STAGE_MODULES = {stage.name: f"wsss.tasks.{stage.module}" for stage in STAGES}  # dvc.yaml stage -> its module
 
 
 def module_file(name: str) -> Path | None:
@@ -78,6 +72,22 @@ def test_dvc_code_deps_are_exactly_the_stage_modules_import_closure():
         assert listed == expected, f"{stage}: missing {sorted(expected - listed)}, extra {sorted(listed - expected)}"
 
 
+def test_dvc_yaml_runs_the_stage_table():
+    """dvc.yaml's stages are the table's (wsss.tasks.stages), in its order, each running its command with its
+    params; the CLI offers every command and the flow runs every stage."""
+    from wsss.pipelines.wsss import STAGES as FLOW_STAGES
+    from wsss.tools.cli import build_parser
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == [stage.name for stage in STAGES]
+    for stage in STAGES:
+        assert stages[stage.name]["cmd"] == " ".join(["wsss", stage.command, *stage.options]), stage.name
+        assert tuple(stages[stage.name].get("params", ())) == stage.params, stage.name
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {stage.command for stage in STAGES} <= set(commands)
+    assert ("data.dvc", *stages) == FLOW_STAGES
+
+
 def test_no_stage_imports_another_stage_and_nothing_imports_upward():
     """models/ imports nothing of the app; lib/ nothing above it; a stage only lib/ and models/."""
     allowed = {
@@ -90,6 +100,14 @@ def test_no_stage_imports_another_stage_and_nothing_imports_upward():
             for name in imported_modules(path):
                 layer = name.split(".")[1] if name.count(".") else ""
                 assert layer in may_import, f"{path.relative_to(REPO)} imports {name}"
+
+
+def test_the_product_never_imports_the_research_bench():
+    """research/ imports the product; nothing of the product (models, lib, tasks, tools, pipelines) imports it."""
+    for package in ("models", "lib", "tasks", "tools", "pipelines"):
+        for path in sorted((REPO / package).glob("*.py")):
+            found = [name for name in imported_modules(path) if name.startswith("wsss.research")]
+            assert not found, f"{path.relative_to(REPO)} imports {found[0]}"
 
 
 def test_no_private_names_imported_across_modules():

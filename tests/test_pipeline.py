@@ -85,9 +85,8 @@ def test_flow_runs_the_dvc_stages_registers_and_then_skips(pipeline_repo: Path, 
     assert "| segmenter_miou |" in artifact.data and run.info.run_id in artifact.data
     for name in (tracking.CLASSIFIER_MODEL, tracking.SEGMENTER_MODEL):
         assert str(client.get_model_version_by_alias(name, tracking.CHAMPION).version) == "1"
-    model = mlflow.pytorch.load_model(f"models:/{tracking.SEGMENTER_MODEL}@{tracking.CHAMPION}")
-    with torch.no_grad():
-        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4, 32, 32)
+    model = mlflow.pyfunc.load_model(f"models:/{tracking.SEGMENTER_MODEL}@{tracking.CHAMPION}")
+    assert model.unwrap_python_model().model(torch.rand(1, 3, 32, 32)).shape == (1, 4, 32, 32)
 
     # Second run, nothing changed: every stage is skipped and nothing new is registered.
     again = wsss(dataset="embedded", overrides=["evaluate.grid_images=4"], return_state=True)

@@ -64,8 +64,10 @@ def test_predict_from_a_segmenter_checkpoint(trained: Path, photo: Path, tmp_pat
     assert stdout == f"1 mask written to {out}\n"
     assert sorted(p.name for p in out.iterdir()) == ["voc_photo.png", "voc_photo_overlay.png"]
     assert_palette_mask(out / "voc_photo.png", num_classes=3)
-    with Image.open(out / "voc_photo_overlay.png") as overlay:
-        assert overlay.mode == "RGB" and overlay.size == VOC_SIZE
+    with Image.open(out / "voc_photo_overlay.png") as overlay:  # the photo, then the legend on white below it
+        assert overlay.mode == "RGB" and overlay.width == VOC_SIZE[0] and overlay.height > VOC_SIZE[1]
+        legend = np.asarray(overlay)[VOC_SIZE[1] :]
+        assert (legend == 255).mean() > 0.5  # mostly white: the swatches and names, not the picture
 
 
 def test_predict_from_the_classifier_attention(trained: Path, photo: Path, tmp_path: Path, capsys) -> None:

@@ -219,8 +219,8 @@ def test_mlflow_artifacts_and_registered_models_live_in_the_bucket(
         run_id=record["run_id"], artifact_path="metrics/metrics.json", dst_path=str(downloads)
     )
     assert json.loads(Path(downloaded).read_text()) == {"segmenter_miou": 0.25}
-    segmenter = mlflow.pytorch.load_model("models:/wsss-segmenter@champion", dst_path=str(downloads))
-    assert segmenter(torch.rand(1, 3, 32, 32)).shape == (1, 4, 32, 32)
+    segmenter = mlflow.pyfunc.load_model("models:/wsss-segmenter@champion", dst_path=str(downloads))
+    assert segmenter.unwrap_python_model().model(torch.rand(1, 3, 32, 32)).shape == (1, 4, 32, 32)
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(storage.StorageError, match=r"refused the credentials \(SignatureDoesNotMatch\)"):

@@ -11,6 +11,8 @@ import textwrap
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -100,9 +102,15 @@ def test_champion_moves_only_when_the_new_miou_is_better(store: Path, tiny_param
     assert [m.step for m in client.get_metric_history(run.info.run_id, "classifier/val_map")] == [1, 2]
     assert {"git.commit", tracking.INPUTS_TAG, "wsss.registered"} <= set(run.data.tags)
 
-    model = mlflow.pytorch.load_model(f"models:/{tracking.SEGMENTER_MODEL}@{tracking.CHAMPION}")
-    with torch.no_grad():
-        assert model(torch.rand(2, 3, 32, 32)).shape == (2, len(CLASSES) + 1, 32, 32)
+    model = mlflow.pyfunc.load_model(f"models:/{tracking.SEGMENTER_MODEL}@{tracking.CHAMPION}")
+    answer = model.predict(pd.DataFrame({"image": [np.zeros((32, 48, 3), np.uint8)] * 2}))
+    assert list(answer["height"]) == [32, 32] and list(answer["width"]) == [48, 48]
+    version = client.get_model_version(tracking.SEGMENTER_MODEL, versions[-1]["segmenter_version"])
+    assert (
+        version.description.startswith("# segmenter — wsss")
+        and "| segmenter mIoU | val | 0.450 |" in version.description
+    )
+    assert client.get_registered_model(tracking.SEGMENTER_MODEL).description.startswith("Semantic segmentation")
 
 
 def test_a_run_without_a_score_never_becomes_champion(store: Path, tiny_params: Params):

@@ -13,6 +13,7 @@ from pathlib import Path
 from wsss.lib.config import DEFAULT_PARAMS, Params, load_params
 from wsss.lib.errors import WsssError
 from wsss.lib.io import os_error_line
+from wsss.tasks.stages import STAGES
 
 
 def _import_embedded(params: Params, args: argparse.Namespace) -> None:
@@ -84,7 +85,7 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     predict.add_argument("--out", required=True, help="output folder (created if missing; other files are kept)")
     predict.add_argument("--overwrite", action="store_true", help="replace masks of the same names already in --out")
     predict.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
-    predict.add_argument("--img-size", type=_positive_int, help="model input size (default: its training size)")
+    predict.add_argument("--img-size", type=positive_int, help="model input size (default: its training size)")
     predict.add_argument("--bands", help="bands.json of the training data set (multi-band .tif/.npy images)")
     predict.set_defaults(handler=_predict)
 
@@ -118,11 +119,18 @@ def _stage(module: str, **kwargs) -> Callable[[Params, argparse.Namespace], obje
 
 
 def _pseudo_masks(params: Params, args: argparse.Namespace) -> object:
-    """Serial in this process, or with ``dask.shards`` > 1 the sharded Prefect flow (same artifact bit for bit)."""
+    """Serial in this process, or with ``dask.shards`` > 1 the sharded Prefect flow (same artifact bit for bit),
+    started as its own program (``python -m wsss.pipelines.pseudo_masks``): the CLI never imports the flows."""
     if params.dask.shards > 1:
-        from wsss.pipelines.pseudo_masks import run_sharded
+        import subprocess
 
-        return run_sharded(params)["stats"]
+        overrides = [f"-S{override}" for override in args.overrides]
+        code = subprocess.run(
+            [sys.executable, "-m", "wsss.pipelines.pseudo_masks", "--params", args.params, *overrides]
+        )
+        if code.returncode:
+            raise SystemExit(code.returncode)  # the flow printed its own one-line error
+        return None
     from wsss.tasks.pseudo_masks import main
 
     return main(params)
@@ -134,47 +142,13 @@ def _train_segmenter(params: Params, args: argparse.Namespace) -> object:
     return main(params, mask_source=args.masks)
 
 
-def _add_register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``wsss register`` (the pipeline's last DVC stage, see tasks/register.py)."""
-    text = "log the pipeline run to MLflow, register both models, move alias champion if better"
-    sub.add_parser("register", parents=[common], help=text).set_defaults(handler=_stage("register"))
+STAGE_HANDLERS = {"pseudo-masks": _pseudo_masks, "train-segmenter": _train_segmenter}  # commands with options
 
 
-def _bench(params: Params, args: argparse.Namespace) -> None:
-    from wsss.benchmarks.bench import run_benchmarks
-
-    record = run_benchmarks(
-        args.size, args.device, args.out, args.warmup, args.repeats, args.bf16, args.compile, args.profile
-    )
-    print(Path(args.out).with_suffix(".md").read_text(), end="")
-    print(f"written to {args.out} (P1 {record['p1_train_step_ratio']}, P4 {record['p4_pruned_head_speedup']})")
-
-
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return int(text)
-
-
-def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``wsss bench`` (benchmarks/bench.py): speed against plain timm; not a pipeline stage."""
-    from wsss.benchmarks import SIZE_NAMES
-
-    bench = sub.add_parser("bench", parents=[common], help="P1-P4 speed benchmarks, writes reports/bench.json")
-    bench.add_argument(
-        "--size",
-        choices=SIZE_NAMES,
-        default="cpu",
-        help="cpu: ViT-Ti/16, vit-b: ViT-B/16 (GPU), smoke: tiny, for tests",
-    )
-    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    bench.add_argument("--out", default="reports/bench.json", help="JSON record; the table goes beside it (.md)")
-    bench.add_argument("--warmup", type=_positive_int, default=2, help="untimed runs per case")
-    bench.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per case (median reported)")
-    bench.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the models")
-    bench.add_argument("--profile", action="store_true", help="torch.profiler tables of the P1 train steps")
-    bench.set_defaults(handler=_bench)
 
 
 def _s3(params: Params, args: argparse.Namespace) -> None:
@@ -209,73 +183,9 @@ def _add_s3(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) ->
     ):
         action = actions.add_parser(name, parents=[common], help=text)
         if name in ("push", "pull"):
-            action.add_argument("-j", "--jobs", type=_positive_int, help="parallel transfers (DVC's default if unset)")
+            action.add_argument("-j", "--jobs", type=positive_int, help="parallel transfers (DVC's default if unset)")
             action.add_argument("targets", nargs="*", help=".dvc files or stages (default: all)")
         action.set_defaults(handler=_s3)
-
-
-def _ablations(params: Params, args: argparse.Namespace) -> None:
-    from wsss.tools import ablations
-
-    config = ablations.read_config(args.config)
-    cells = ablations.plan(config, args.params, args.root, args.scale, args.variant, args.seed, args.overrides)
-    if args.print_dvc:
-        print("\n".join(ablations.dvc_commands(cells)))
-        return
-    if args.jobs > 1:
-        grid_args = ["--params", args.params, "--config", args.config, "--root", args.root]
-        ablations.run_parallel(cells, args.jobs, [*grid_args, *(f"-S{o}" for o in args.overrides)])
-    else:
-        ablations.run_grid(cells)
-    if not args.no_report:
-        _write_report(config, cells[0].scale, args)
-
-
-def _report(params: Params, args: argparse.Namespace) -> None:
-    from wsss.tools import ablations
-
-    config = ablations.read_config(args.config)
-    _write_report(config, args.scale or next(iter(config.scales)), args)
-
-
-def _write_report(config, scale: str, args: argparse.Namespace) -> None:
-    from wsss.tools.report import write_report
-
-    summary = write_report(config, scale, args.root, args.out, args.grid_images, mlflow=not args.no_mlflow)
-    print((Path(args.out) / scale / "table.md").read_text(), end="")
-    print(f"report of {len(summary)} variants written to {Path(args.out) / scale}")
-
-
-def _add_ablations(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``wsss ablations`` (tools/ablations.py) and ``wsss report`` (tools/report.py); not pipeline stages."""
-    from wsss.tools.ablations import ABLATIONS_FILE, DEFAULT_ROOT, REPORT_ROOT
-
-    grid = argparse.ArgumentParser(add_help=False)
-    grid.add_argument("--config", default=str(ABLATIONS_FILE), help="the grid (default: ablations.yaml)")
-    grid.add_argument("--scale", help="run length of ablations.yaml (default: its first, `default`)")
-    grid.add_argument("--root", default=str(DEFAULT_ROOT), help="where the runs live")
-    grid.add_argument("--out", default=str(REPORT_ROOT), help="report folder (a subfolder per scale)")
-    grid.add_argument("--grid-images", type=int, default=6, help="rows of the qualitative grid (0: none)")
-    grid.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
-    abl = sub.add_parser(
-        "ablations", parents=[common, grid], help="run the ablation grid (ablations.yaml), then the report"
-    )
-    abl.add_argument("--variant", action="append", help="only this variant (repeatable; default: all)")
-    abl.add_argument("--seed", action="append", type=int, help="only this seed (repeatable; default: the grid's)")
-    abl.add_argument("--print-dvc", action="store_true", help="print the grid as queued `dvc exp run` commands")
-    abl.add_argument("--no-report", action="store_true", help="run the cells only")
-    abl.add_argument(
-        "--jobs", type=_positive_int, default=1, help="concurrent runs, one process each (e.g. on a GPU box)"
-    )
-    abl.set_defaults(handler=_ablations)
-    rep = sub.add_parser("report", parents=[common, grid], help="ablation table, charts and grid from finished runs")
-    rep.set_defaults(handler=_report)
-
-
-def _diagnose_maps(params: Params, args: argparse.Namespace) -> None:
-    from wsss.tools.diagnose_maps import main
-
-    main(args.classifier, args.dataset or params.ingest.out, args.images, args.out)
 
 
 def _plots(params: Params, args: argparse.Namespace) -> None:
@@ -284,32 +194,26 @@ def _plots(params: Params, args: argparse.Namespace) -> None:
     print(f"plots written to {show(args.out)} (renders offline: Vega inline)")
 
 
-def _add_diagnose_maps(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``wsss diagnose-maps`` (tools/diagnose_maps.py): class specificity of every block's attention."""
-    diag = sub.add_parser(
-        "diagnose-maps", parents=[common], help="class specificity of the class-token attention, per block"
-    )
-    diag.add_argument("classifier", help="classifier model.pt")
-    diag.add_argument("--dataset", help="ingested data set (default: ingest.out)")
-    diag.add_argument("--images", type=_positive_int, default=300, help="training images with >= 2 classes")
-    diag.add_argument("--out", help="also write the table as CSV")
-    diag.set_defaults(handler=_diagnose_maps)
-
-
 # Commands that work outside a wsss repo: without a params.yaml in the working directory they use the defaults
 # (the importers write a data set anywhere; predict and bench need no pipeline).
-REPO_FREE = ("predict", "export", "bench", "import")
+REPO_FREE = ("predict", "export", "import")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # The module docstring is reST; a terminal shows plain text.
-    parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0].replace("``", ""))
+def common_parser() -> argparse.ArgumentParser:
+    """The options every command takes: ``--params`` and ``-S key=value`` overrides."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
     common.add_argument(
         "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a parameter, e.g. -S classifier.epochs=5 (repeatable)",
     )  # fmt: skip
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The module docstring is reST; a terminal shows plain text.
+    parser = argparse.ArgumentParser(prog="wsss", description=__doc__.splitlines()[0].replace("``", ""))
+    common = common_parser()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     imp = sub.add_parser("import", help="write a data set in the wsss on-disk format")
@@ -319,49 +223,42 @@ def build_parser() -> argparse.ArgumentParser:
     emb.set_defaults(handler=_import_embedded)
     _add_importers(imp_sub, common)
 
-    # The stages in pipeline order (as `wsss --help` lists them).
-    for name, module, text in (
-        ("ingest", "ingest", "validate the data set, write the canonical manifest"),
-        ("train-classifier", "train_classifier", "train the token-masking ViT classifier"),
-    ):
-        sub.add_parser(name, parents=[common], help=text).set_defaults(handler=_stage(module))
-    masks = sub.add_parser("pseudo-masks", parents=[common], help="pseudo masks from the class-token attention")
-    masks.set_defaults(handler=_pseudo_masks)
-    seg = sub.add_parser("train-segmenter", parents=[common], help="train the segmenter on the pseudo masks")
-    seg.add_argument("--masks", choices=("pseudo", "gt"), default="pseudo", help="gt: the upper bound")
-    seg.set_defaults(handler=_train_segmenter)
-    text = "score pseudo masks and segmenter (mIoU), write metrics and plots"
-    sub.add_parser("evaluate", parents=[common], help=text).set_defaults(handler=_stage("evaluate"))
-    _add_register(sub, common)
-    _add_bench(sub, common)
+    # The stages in pipeline order (as `wsss --help` lists them), from the one table of them.
+    first_rows = {}
+    for stage in STAGES:  # a command that runs two stages (train-segmenter, --masks gt) is listed once
+        first_rows.setdefault(stage.command, stage)
+    for command, stage in first_rows.items():
+        parser_ = sub.add_parser(command, parents=[common], help=stage.help)
+        parser_.set_defaults(handler=STAGE_HANDLERS.get(command) or _stage(stage.module))
+        if command == "train-segmenter":
+            parser_.add_argument("--masks", choices=("pseudo", "gt"), default="pseudo", help="gt: the upper bound")
     _add_predict(sub, common)
     _add_export(sub, common)
     _add_s3(sub, common)
-    _add_ablations(sub, common)
-    _add_diagnose_maps(sub, common)
     plots = sub.add_parser("plots", parents=[common], help="dvc plots show, rendering offline (Vega inline)")
     plots.add_argument("--out", default="dvc_plots", help="output folder of the page (default: dvc_plots)")
     plots.set_defaults(handler=_plots)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str, repo_free: tuple[str, ...] = ()) -> int:
+    """Parses ``argv``, loads the params and runs the command's handler; bad input and faults of the machine or
+    of the MLflow store end with one line ``<prog> <command>: error: ...`` and exit code 1."""
     args = parser.parse_args(argv)
     command = args.command if args.command != "import" else f"import {args.source}"
     if args.command == "s3":
         command = f"s3 {args.action}"
     try:
         params_file = args.params
-        if args.command in REPO_FREE and args.params == str(DEFAULT_PARAMS) and not DEFAULT_PARAMS.is_file():
+        if args.command in repo_free and args.params == str(DEFAULT_PARAMS) and not DEFAULT_PARAMS.is_file():
             params_file = None  # outside the repo: the defaults (and -S overrides)
         params = load_params(params_file, args.overrides)
         args.handler(params, args)
     except WsssError as err:
-        print(f"wsss {command}: error: {err}", file=sys.stderr)
+        print(f"{prog} {command}: error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a fault of the machine (disk, permissions) outside an artifact write: still one line
-        print(f"wsss {command}: error: {os_error_line(err)}", file=sys.stderr)
+        print(f"{prog} {command}: error: {os_error_line(err)}", file=sys.stderr)
         return 1
     except Exception as err:
         from wsss.lib.tracking import store_error_line
@@ -369,12 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         line = store_error_line(err)
         if line is None:
             raise
-        print(f"wsss {command}: error: {line}", file=sys.stderr)
+        print(f"{prog} {command}: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"wsss {command}: interrupted", file=sys.stderr)
+        print(f"{prog} {command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv, "wsss", REPO_FREE)
 
 
 if __name__ == "__main__":

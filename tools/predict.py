@@ -17,7 +17,6 @@ each mask lines up with its image on screen.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from wsss.lib.datasets import (
 )
 from wsss.lib.errors import WsssError
 from wsss.lib.inference import attention_masks, in_chans, model_input_size, segment_images
-from wsss.lib.io import atomic_file, check_writable
+from wsss.lib.io import atomic_file, check_writable, writing
 from wsss.lib.plotting import overlay_picture
 from wsss.lib.runtime import setup_runtime
 
@@ -104,9 +103,7 @@ def _check_out_folder(out: Path) -> None:
     """
     if out.exists() and not out.is_dir():
         raise WsssError(f"{out}: exists and is not a folder (--out names the folder the masks are written to)")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise WsssError(f"{existing}: cannot write there (permission denied or read-only); name another --out")
+    check_writable(out)
 
 
 def _check_outputs(files: list[Path], images: list[Path], overwrite: bool) -> None:
@@ -186,7 +183,8 @@ def predict(
     # or a model registered by `wsss register`); otherwise it shows their values.
     classes = getattr(model, "class_names", None)
     names_by_value = ["background", *classes] if overlay and classes else None
-    check_writable(out)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, image in zip(names, pixels, strict=True):
         with atomic_file(files[name][0]) as handle:

@@ -1,6 +1,6 @@
 """Pseudo masks serial vs sharded over a Dask LocalCluster, side by side in one run (not a test).
 
-    python -m wsss.benchmarks.shards [--params params.yaml] [--shards 2] [--workers 2] [--repeats 2]
+    python -m wsss.research.bench_shards [--params params.yaml] [--shards 2] [--workers 2] [--repeats 2]
 
 Needs the ingested data set and the trained classifier of ``params.yaml`` (``dvc repro train_classifier``).
 The serial path runs in this process with ``num_threads`` torch threads; the sharded path is the Prefect
@@ -151,7 +151,7 @@ def _table(record: dict[str, Any], best: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wsss.benchmarks.shards", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m wsss.research.bench_shards", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)

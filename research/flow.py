@@ -6,7 +6,7 @@ The flow is named ``wsss`` like the pipeline's (pipelines/wsss.py) so that its d
 2. one task per classifier: a ``wsss ablations --variant V [--variant W] --seed S --no-report`` process
    runs the cells that share it (e.g. ``full`` and ``multiscale_flip``) in order; at most ``jobs`` tasks
    at once (default: the cores divided by ``num_threads``: 1 on this 2-core machine);
-3. ``wsss report``'s function on every finished run of the scale: table, charts, grid, MLflow run.
+3. ``wsss-research report``'s function on every finished run of the scale: table, charts, grid, MLflow run.
 
 Cells that finished earlier (same params) are not rerun, so a failed or cancelled grid continues.
 """
@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from wsss.pipelines.commands import StageError, run_logged, stage_failure
-from wsss.tools.ablations import ABLATIONS_FILE, DEFAULT_ROOT, REPORT_ROOT
+from wsss.research.ablations import ABLATIONS_FILE, DEFAULT_ROOT, REPORT_ROOT
 
 POLL_S = 5.0
 
@@ -31,10 +31,10 @@ POLL_S = 5.0
 def plan_grid(
     scale: str | None, variants: list[str], seeds: list[int], overrides: list[str]
 ) -> tuple[str, list[tuple[list[str], list[str]]]]:
-    """Per classifier group (its cells run in order): the cells' names and the ``wsss ablations`` command
-    that runs them (wsss.tools.ablations.cell_command, as ``--jobs`` does); ingests the data set once."""
+    """Per classifier group (its cells run in order): the cells' names and the ``wsss-research ablations`` command
+    that runs them (wsss.research.ablations.cell_command, as ``--jobs`` does); ingests the data set once."""
     from wsss.lib.errors import WsssError
-    from wsss.tools import ablations
+    from wsss.research import ablations
 
     try:
         cells = ablations.plan(
@@ -42,7 +42,7 @@ def plan_grid(
         )
         ablations.prepare(cells)
     except WsssError as err:
-        raise StageError(f"wsss ablations: error: {err}") from None
+        raise StageError(f"wsss-research ablations: error: {err}") from None
     overrides_args = [f"-S{o}" for o in overrides]
     groups = [
         ([cell.name for cell in group], ablations.cell_command(group, overrides_args))
@@ -53,7 +53,7 @@ def plan_grid(
 
 @task(name="ablation runs", task_run_name="{label}", cache_policy=NO_CACHE)
 def run_group(names: list[str], cmd: list[str], label: str) -> list[str]:
-    """Runs the cells of one classifier in one ``wsss ablations`` process (own threads, own memory)."""
+    """Runs the cells of one classifier in one ``wsss-research ablations`` process (own threads, own memory)."""
     returncode, lines = run_logged(cmd, Path.cwd(), get_run_logger(), label)
     if returncode != 0:
         raise stage_failure(label, returncode, lines)
@@ -62,8 +62,8 @@ def run_group(names: list[str], cmd: list[str], label: str) -> list[str]:
 
 @task(name="report", cache_policy=NO_CACHE)
 def report(scale: str) -> str:
-    from wsss.tools.ablations import read_config
-    from wsss.tools.report import markdown_table, write_report
+    from wsss.research.ablations import read_config
+    from wsss.research.report import markdown_table, write_report
 
     summary = write_report(read_config(ABLATIONS_FILE), scale, DEFAULT_ROOT, REPORT_ROOT)
     table = markdown_table(summary)

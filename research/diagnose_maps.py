@@ -1,4 +1,4 @@
-"""``wsss diagnose-maps``: in which block and which heads a classifier's class-token attention is class-specific.
+"""``wsss-research diagnose-maps``: in which block and which heads the class-token attention is class-specific.
 
 For training images with at least two ground-truth classes, every block's [CLS]_c -> patch attention rows
 are scored with the pseudo-mask stage's class-specificity measure (share of CLS_c's attention mass on class

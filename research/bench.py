@@ -1,4 +1,4 @@
-"""``wsss bench``: the token-masking ViT against plain timm, side by side in one process.
+"""``wsss-research bench``: the token-masking ViT against plain timm, side by side in one process.
 
 P1 train step (fwd + bwd + AdamW) of ``TokenMaskingViT`` (C = 20, [REG], active gates) / timm
 ``VisionTransformer`` of the same dims; P2 pseudo-mask throughput at 2/3 of the heads closed and 2 present
@@ -36,7 +36,7 @@ from wsss.models.token_masking_vit import TokenMaskingViT
 __all__ = ["SIZES", "run_benchmarks"]
 
 # dims shared by both models; batch for training, infer_batch for inference
-SIZES: dict[str, dict[str, int]] = {  # keys: benchmarks.SIZE_NAMES
+SIZES: dict[str, dict[str, int]] = {  # keys: research.cli.SIZE_NAMES
     "cpu": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, batch=8, infer_batch=16),
     "vit-b": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, batch=64, infer_batch=128),
     "smoke": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, batch=2, infer_batch=2),

@@ -1,4 +1,4 @@
-"""``wsss ablations``: the ablation grid of ``ablations.yaml`` run through the pipeline's own stage functions.
+"""``wsss-research ablations``: the ablation grid of ``ablations.yaml`` run through the pipeline's own stage functions.
 
 Each cell (scale x variant x seed) is params.yaml plus the scale's and the variant's overrides plus
 ``seed=<seed>``; it runs train-classifier, pseudo-masks and train-segmenter exactly as the DVC stages do,
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -323,48 +321,11 @@ def classifier_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
 
 
 def cell_command(group: Sequence[Cell], grid_args: Sequence[str] = ()) -> list[str]:
-    """The ``wsss ablations`` command that runs one classifier group in its own process.
+    """The ``wsss-research ablations`` command that runs one classifier group in its own process.
 
     ``grid_args``: the options that located the grid (``--params``, ``--config``, ``--root``, ``-S``...).
     """
-    cmd = [sys.executable, "-m", "wsss.tools.cli", "ablations", *grid_args, "--scale", group[0].scale, "--no-report"]
+    cmd = [sys.executable, "-m", "wsss.research.cli", "ablations", *grid_args, "--scale", group[0].scale, "--no-report"]
     for cell in group:
         cmd += ["--variant", cell.variant]
     return [*cmd, "--seed", str(group[0].seed)]
-
-
-def run_parallel(cells: Sequence[Cell], jobs: int, grid_args: Sequence[str] = ()) -> None:
-    """Runs the classifier groups as ``jobs`` concurrent processes, each logging to ``<variant>/seed<N>.log``.
-
-    Raises:
-        WsssError: a group failed (its log's last line is quoted); the others still finish.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    prepare(cells)
-
-    def run(group: list[Cell]) -> str | None:
-        log = group[0].run_dir.with_name(f"seed{group[0].seed}.log")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as handle:
-            cmd = cell_command(group, grid_args)
-            code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
-        lines = log.read_text().strip().splitlines()
-        names = " + ".join(c.name for c in group)
-        print(f"ablation {names}: {'done' if code == 0 else 'FAILED'} ({log})", flush=True)
-        return None if code == 0 else f"{names}: {lines[-1] if lines else f'exit code {code}'}"
-
-    with ThreadPoolExecutor(jobs) as pool:
-        failures = [f for f in pool.map(run, classifier_groups(cells)) if f]
-    if failures:
-        raise WsssError(f"{len(failures)} ablation run(s) failed, first: {failures[0]}")
-
-
-def dvc_commands(cells: Sequence[Cell]) -> list[str]:
-    """The grid as queued DVC experiments of the main pipeline (same overrides), then the queue's commands."""
-    lines = []
-    for cell in cells:
-        sets = " ".join(f"-S {shlex.quote(o)}" for o in cell.overrides)
-        lines.append(f"dvc exp run --queue -n {cell.variant}-{cell.scale}-s{cell.seed} {sets}")
-    lines += ["dvc queue start --jobs 1", "dvc exp show --only-changed --drop 'Created|State|Executor'"]
-    return lines

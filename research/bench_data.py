@@ -1,6 +1,6 @@
 """The data path on VOC-like photos, side by side in one run (not a test).
 
-    python -m wsss.benchmarks.data [--images 2000 20000] [--out reports/data.json] [--workers 0 1 2]
+    python -m wsss.research.bench_data [--images 2000 20000] [--out reports/data.json] [--workers 0 1 2]
 
 1. A VOC-like set: the embedded generator's scenes (objects on textures) rendered at 500 x 375 (a quarter
    portrait, 375 x 500), saved as JPEG photos with palette PNG masks, ``max(--images)`` training images
@@ -184,7 +184,7 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wsss.benchmarks.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m wsss.research.bench_data", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, nargs="+", default=[2000, 20000], help="training images per run")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers to time")
     parser.add_argument("--out", default="reports/data.json")

@@ -1,4 +1,4 @@
-"""``wsss report``: the ablation comparison from the grid's ``result.json`` rows (tasks/ablations.py).
+"""``wsss-research report``: the ablation comparison from the grid's ``result.json`` rows (tasks/ablations.py).
 
 Writes to ``reports/ablations/<scale>/``: ``table.md`` / ``table.csv`` / ``table.parquet`` (per variant,
 mean ± std over seeds), ``paired.md`` / ``paired.csv`` (each variant minus ``full``, or minus its
@@ -22,7 +22,7 @@ import torch
 
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file
-from wsss.tools.ablations import DEFAULT_ROOT, REPORT_ROOT, RESULT_FILE, AblationConfig
+from wsss.research.ablations import DEFAULT_ROOT, REPORT_ROOT, RESULT_FILE, AblationConfig
 
 EXPERIMENT = "wsss-ablations"
 # result column -> table heading
@@ -49,7 +49,7 @@ def collect(root: str | Path, scale: str) -> pd.DataFrame:
     """
     paths = sorted(Path(root, scale).glob(f"*/seed*/{RESULT_FILE}"))
     if not paths:
-        raise WsssError(f"{Path(root, scale)}: no finished ablation runs (run `wsss ablations` first)")
+        raise WsssError(f"{Path(root, scale)}: no finished ablation runs (run `wsss-research ablations` first)")
     runs = pd.DataFrame([json.loads(path.read_text()) for path in paths])
     runs["train_minutes"] = (runs["classifier_seconds"] + runs["segmenter_seconds"]) / 60.0
     return runs
@@ -210,7 +210,7 @@ def qualitative_grid(
     from wsss.lib.datasets import decode_mask_png, display_rgb, read_image, read_mask_table, to_uint8
     from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps
     from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
-    from wsss.tools.diagnose_maps import multi_class_train_images
+    from wsss.research.diagnose_maps import multi_class_train_images
 
     dataset = read_ingested(Path(runs["dataset"].iloc[0]))  # the grid's copy of the data set the runs trained on
     with_masks = runs[runs["pseudo_miou"].notna()]  # a variant that closed every head has no masks

@@ -1,0 +1,130 @@
+"""``wsss-research``: the research bench's commands (ablation grid, report, map diagnostics, benchmarks).
+
+Like ``wsss``, every command reads params.yaml (``-S section.key=value`` overrides) and ends bad input with one
+line ``wsss-research <command>: error: ...`` and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wsss.lib.config import Params
+from wsss.tools.cli import common_parser, positive_int, run
+
+SIZE_NAMES = ("cpu", "vit-b", "smoke")  # research.bench.SIZES, named here so `--help` does not import torch
+
+
+def _bench(params: Params, args: argparse.Namespace) -> None:
+    from wsss.research.bench import run_benchmarks
+
+    record = run_benchmarks(
+        args.size, args.device, args.out, args.warmup, args.repeats, args.bf16, args.compile, args.profile
+    )
+    print(Path(args.out).with_suffix(".md").read_text(), end="")
+    print(f"written to {args.out} (P1 {record['p1_train_step_ratio']}, P4 {record['p4_pruned_head_speedup']})")
+
+
+def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss-research bench`` (research/bench.py): speed against plain timm."""
+    bench = sub.add_parser("bench", parents=[common], help="P1-P4 speed benchmarks, writes reports/bench.json")
+    bench.add_argument(
+        "--size",
+        choices=SIZE_NAMES,
+        default="cpu",
+        help="cpu: ViT-Ti/16, vit-b: ViT-B/16 (GPU), smoke: tiny, for tests",
+    )
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--out", default="reports/bench.json", help="JSON record; the table goes beside it (.md)")
+    bench.add_argument("--warmup", type=positive_int, default=2, help="untimed runs per case")
+    bench.add_argument("--repeats", type=positive_int, default=7, help="timed runs per case (median reported)")
+    bench.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the models")
+    bench.add_argument("--profile", action="store_true", help="torch.profiler tables of the P1 train steps")
+    bench.set_defaults(handler=_bench)
+
+
+def _ablations(params: Params, args: argparse.Namespace) -> None:
+    from wsss.research import ablations
+
+    config = ablations.read_config(args.config)
+    cells = ablations.plan(config, args.params, args.root, args.scale, args.variant, args.seed, args.overrides)
+    ablations.run_grid(cells)
+    if not args.no_report:
+        _write_report(config, cells[0].scale, args)
+
+
+def _report(params: Params, args: argparse.Namespace) -> None:
+    from wsss.research import ablations
+
+    config = ablations.read_config(args.config)
+    _write_report(config, args.scale or next(iter(config.scales)), args)
+
+
+def _write_report(config, scale: str, args: argparse.Namespace) -> None:
+    from wsss.research.report import write_report
+
+    summary = write_report(config, scale, args.root, args.out, args.grid_images, mlflow=not args.no_mlflow)
+    print((Path(args.out) / scale / "table.md").read_text(), end="")
+    print(f"report of {len(summary)} variants written to {Path(args.out) / scale}")
+
+
+def _add_ablations(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss-research ablations`` (research/ablations.py) and ``wsss-research report`` (research/report.py)."""
+    from wsss.research.ablations import ABLATIONS_FILE, DEFAULT_ROOT, REPORT_ROOT
+
+    grid = argparse.ArgumentParser(add_help=False)
+    grid.add_argument("--config", default=str(ABLATIONS_FILE), help="the grid (default: ablations.yaml)")
+    grid.add_argument("--scale", help="run length of ablations.yaml (default: its first, `default`)")
+    grid.add_argument("--root", default=str(DEFAULT_ROOT), help="where the runs live")
+    grid.add_argument("--out", default=str(REPORT_ROOT), help="report folder (a subfolder per scale)")
+    grid.add_argument("--grid-images", type=int, default=6, help="rows of the qualitative grid (0: none)")
+    grid.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    abl = sub.add_parser(
+        "ablations",
+        parents=[common, grid],
+        help="run the ablation grid (ablations.yaml), one run at a time, then the report",
+    )
+    abl.add_argument("--variant", action="append", help="only this variant (repeatable; default: all)")
+    abl.add_argument("--seed", action="append", type=int, help="only this seed (repeatable; default: the grid's)")
+    abl.add_argument("--no-report", action="store_true", help="run the cells only")
+    abl.set_defaults(handler=_ablations)
+    rep = sub.add_parser("report", parents=[common, grid], help="ablation table, charts and grid from finished runs")
+    rep.set_defaults(handler=_report)
+
+
+def _diagnose_maps(params: Params, args: argparse.Namespace) -> None:
+    from wsss.research.diagnose_maps import main
+
+    main(args.classifier, args.dataset or params.ingest.out, args.images, args.out)
+
+
+def _add_diagnose_maps(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss-research diagnose-maps`` (research/diagnose_maps.py): class specificity of every block's attention."""
+    diag = sub.add_parser(
+        "diagnose-maps", parents=[common], help="class specificity of the class-token attention, per block"
+    )
+    diag.add_argument("classifier", help="classifier model.pt")
+    diag.add_argument("--dataset", help="ingested data set (default: ingest.out)")
+    diag.add_argument("--images", type=positive_int, default=300, help="training images with >= 2 classes")
+    diag.add_argument("--out", help="also write the table as CSV")
+    diag.set_defaults(handler=_diagnose_maps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsss-research", description=__doc__.splitlines()[0].replace("``", ""))
+    common = common_parser()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_ablations(sub, common)
+    _add_diagnose_maps(sub, common)
+    _add_bench(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv, "wsss-research", repo_free=("bench",))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

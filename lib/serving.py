@@ -48,7 +48,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from wsss.lib.datasets import encode_mask_png
 
 # MLflow suggests type hints on predict() for a schema of its own; ours is the explicit signature below.
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "model"  # the stage's model.pt inside the logged model

@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,6 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wsss.lib.datasets import encode_mask_png
-
-# MLflow suggests type hints on predict() for a schema of its own; ours is the explicit signature below.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "model"  # the stage's model.pt inside the logged model
@@ -150,6 +146,8 @@ def _mask_columns(masks: Sequence[np.ndarray], class_names: Sequence[str]) -> di
 class SegmenterModel(mlflow.pyfunc.PythonModel):
     """``wsss-segmenter``: images -> masks at each image's own size (``wsss predict --model``)."""
 
+    _skip_type_hint_validation = True  # the schema is the explicit signature (:func:`signature`), not type hints
+
     def load_context(self, context) -> None:
         from wsss.lib.artifacts import load_segmenter
 
@@ -170,6 +168,8 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
     """``wsss-classifier``: images -> class probabilities, and the attention masks on request."""
+
+    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         from wsss.lib.artifacts import load_classifier

@@ -103,6 +103,7 @@ class ClassifierParams:
     backbone_lr: float | None = added_option(None)
     class_token_spread: float = added_option(0.0)
     patch_cam: bool = added_option(False)
+    separation: float = added_option(0.0)
     out: str = "artifacts/classifier"
 
 
@@ -225,6 +226,7 @@ _NON_NEGATIVE = {
     "classifier.diversity",
     "classifier.gate_lambda",
     "classifier.class_token_spread",
+    "classifier.separation",
     "trainer.num_workers",
 }
 _POSITIVE = {

@@ -31,6 +31,7 @@ __all__ = [
     "TokenMaskingViT",
     "affinity_transition",
     "class_map_diversity",
+    "present_class_separation",
     "create_vit",
     "load_timm_vit_weights",
     "propagate_affinity",
@@ -586,6 +587,20 @@ def class_map_diversity(maps: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(maps.shape[1], device=maps.device)
     # The epsilon keeps the square root's gradient finite at a perfect score.
     return ((gram - eye).square().sum(dim=(-2, -1)) + 1e-10).sqrt().mean()
+
+
+def present_class_separation(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Ours (neither the paper's nor the reference's): the mean cosine similarity between the class maps of the
+    classes PRESENT in an image, over the images with two or more labels (0 without any).
+
+    The reference's diversity loss pushes all C maps apart, absent classes included, and the cheapest way to that
+    is to share the image out among the tokens; here only the tokens whose outputs must each find their own
+    object are pushed apart. ``maps`` ``[B, C, P]`` (non-negative), ``labels`` ``[B, C]`` multi-hot."""
+    unit = F.normalize(maps.float(), dim=-1)
+    gram = unit @ unit.transpose(-1, -2)
+    present = (labels > 0).float()
+    pairs = present[:, :, None] * present[:, None, :] * (1 - torch.eye(maps.shape[1], device=maps.device))
+    return (gram * pairs).sum() / pairs.sum().clamp_min(1.0)
 
 
 def affinity_transition(affinity: torch.Tensor) -> torch.Tensor:

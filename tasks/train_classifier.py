@@ -30,7 +30,12 @@ from wsss.lib.io import atomic_file, check_writable, write_csv, write_json
 from wsss.lib.metrics import f1_scores, mean_average_precision
 from wsss.lib.runtime import resolve_precision
 from wsss.lib.training import Loop, fit, param_groups, prepare_model
-from wsss.models.token_masking_vit import TokenMaskingViT, class_map_diversity, load_timm_vit_weights
+from wsss.models.token_masking_vit import (
+    TokenMaskingViT,
+    class_map_diversity,
+    load_timm_vit_weights,
+    present_class_separation,
+)
 
 
 def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int = 3) -> TokenMaskingViT:
@@ -45,11 +50,12 @@ def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int =
         model = timm.create_model(params.model, **model_kwargs(params, num_classes, in_chans))
     except ValueError as err:  # e.g. a CAM baseline with mask_ratio > 0
         raise WsssError(f"classifier ({params.model}): {err}") from None
-    if params.diversity > 0 and not model.class_token_per_class:
-        raise WsssError(
-            f"classifier.diversity: {params.model} has one [CLS] token, the loss needs one per class "
-            "(a wsss_vit_* model, or classifier.diversity=0)"
-        )
+    for name in ("diversity", "separation"):
+        if getattr(params, name) > 0 and not model.class_token_per_class:
+            raise WsssError(
+                f"classifier.{name}: {params.model} has one [CLS] token, the loss needs one per class "
+                f"(a wsss_vit_* model, or classifier.{name}=0)"
+            )
     if params.pretrained:
         try:
             load_timm_vit_weights(model, params.pretrained, params.class_token_spread)
@@ -181,6 +187,7 @@ def train_classifier(
     total_steps = params.epochs * loop.steps_per_epoch
     warmup_steps = max(1, int(params.warmup_epochs * loop.steps_per_epoch))
     gate_start_step = int(params.gate_start * total_steps)
+    maps_needed = params.diversity > 0 or params.separation > 0  # the training maps of the class tokens
 
     def step(index: int, batch: tuple[torch.Tensor, torch.Tensor, Any]) -> torch.Tensor:
         images, labels, _ = batch
@@ -195,17 +202,18 @@ def train_classifier(
         images, labels = images.to(device), labels.to(device)
         with loop.autocast():
             out = network(
-                images, labels, mask_noise=mask_noise.to(device), class_attention=params.diversity > 0,
+                images, labels, mask_noise=mask_noise.to(device), class_attention=maps_needed,
                 patch_logits=params.patch_cam,
             )  # fmt: skip
         logits, *extra = out if isinstance(out, tuple) else (out,)
-        maps = extra.pop(0) if params.diversity > 0 else None
+        maps = extra.pop(0) if maps_needed else None
         bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
         if params.patch_cam:  # MCTformer-V2: the PatchCAMs' own classification loss, weight 1
             bce = bce + F.binary_cross_entropy_with_logits(extra.pop(0).float(), labels)
         penalty = model.gate_penalty(params.gate_penalty)
-        diversity = class_map_diversity(maps) if maps is not None else bce.new_zeros(())
-        loss = bce + params.gate_lambda * penalty + params.diversity * diversity
+        diversity = class_map_diversity(maps) if params.diversity > 0 else bce.new_zeros(())
+        separation = present_class_separation(maps, labels) if params.separation > 0 else bce.new_zeros(())
+        loss = bce + params.gate_lambda * penalty + params.diversity * diversity + params.separation * separation
         loop.optimize(loss)
         return torch.stack([loss.detach(), bce.detach(), penalty.detach(), diversity.detach()])
 

@@ -189,3 +189,16 @@ def test_load_timm_vit_weights_errors(tmp_path):
 def test_pretrained_true_points_to_local_weights():
     with pytest.raises(ValueError, match="classifier.pretrained"):
         timm.create_model("wsss_vit_tiny_patch8", pretrained=True)
+
+
+def test_present_class_separation_looks_at_the_present_classes_only():
+    from wsss.models.token_masking_vit import present_class_separation
+
+    same, other = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 1.0])
+    maps = torch.stack([same, same, other])[None]  # [1, 3, 4]: classes 0 and 1 coincide, class 2 is apart
+    assert present_class_separation(maps, torch.tensor([[1, 1, 0]])) == pytest.approx(1.0)
+    assert present_class_separation(maps, torch.tensor([[1, 0, 1]])) == pytest.approx(0.0)
+    assert present_class_separation(maps, torch.tensor([[1, 0, 0]])) == 0.0  # one label: nothing to separate
+    maps.requires_grad_(True)
+    present_class_separation(maps, torch.tensor([[1, 1, 1]])).backward()
+    assert maps.grad.abs().sum() > 0

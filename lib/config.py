@@ -313,9 +313,10 @@ def _validate(params: Params) -> None:
     for key in _POSITIVE:
         if flat[key] is not None and flat[key] <= 0:  # None: an optional value left unset
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
-    blocks = params.pseudo_masks.map_blocks
-    if blocks not in ("auto", "all") and not re.fullmatch(r"last([1-9][0-9]*)?", blocks):
-        raise ConfigError(f"pseudo_masks.map_blocks: {blocks!r} is not one of auto, all, last, lastK (K >= 1)")
+    try:
+        map_block_count(params.pseudo_masks.map_blocks)
+    except ValueError as err:
+        raise ConfigError(f"pseudo_masks.map_blocks: {err}") from None
     scales = params.pseudo_masks.scales
     if not scales or min(scales) <= 0:
         raise ConfigError(f"pseudo_masks.scales: expected a non-empty list of scales > 0, got {scales!r}")
@@ -329,6 +330,25 @@ def _validate(params: Params) -> None:
             raise ConfigError(
                 f"{section}.batch_size {batch_size} is not divisible by trainer.nproc {params.trainer.nproc}"
             )
+
+
+MAP_BLOCKS = re.compile(r"last([1-9][0-9]*)?")  # `pseudo_masks.map_blocks` besides auto and all: last, lastK
+
+
+def map_block_count(spec: str) -> int | None:
+    """``pseudo_masks.map_blocks`` parsed (the one place): the model's ``blocks`` argument, ``last`` -> 1,
+    ``lastK`` -> K, ``all`` -> None (every block with an open head, the reference's sum over layers). ``auto`` is
+    decided by the pseudo-mask stage on its tuning sample; any other consumer, which has no ground truth to tune
+    on, takes the paper's ``all``.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if spec in ("all", "auto"):
+        return None
+    if MAP_BLOCKS.fullmatch(spec):
+        return int(spec[4:] or 1)
+    raise ValueError(f"{spec!r} is not one of auto, all, last, lastK (K >= 1)")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

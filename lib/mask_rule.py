@@ -20,9 +20,11 @@ comes back for step 5 on the CPU (scipy's distance transform).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
-import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,27 +32,17 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from wsss.lib.datasets import aspect_size, normalize, shape_groups
+from wsss.lib.artifacts import classifier_images
+from wsss.lib.config import PseudoMaskParams, map_block_count
+from wsss.lib.datasets import DatasetIndex, SplitData, aspect_size, normalize, read_mask, resize_mask, shape_groups
+from wsss.lib.errors import WsssError
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
+from wsss.lib.runtime import autocast
 from wsss.models.token_masking_vit import TokenMaskingViT
 
 # Marks a pixel no rule step has decided yet (filled from the nearest decided pixel). It shares 255 with
 # IGNORE_INDEX only by value: a finished mask never holds it.
 UNASSIGNED = 255
-# `pseudo_masks.map_blocks` values besides auto/all: last, last2, last3, ...
-MAP_BLOCKS = re.compile(r"last([1-9][0-9]*)?")
-
-
-def map_block_count(spec: str) -> int | None:
-    """``pseudo_masks.map_blocks`` as the model's ``blocks`` argument: ``last`` -> 1, ``lastK`` -> K, ``all``
-    -> None (every block with an open head, the reference's sum over layers). ``auto`` is decided by the
-    pseudo-mask stage on its tuning sample; any other consumer, which has no ground truth to tune on, takes
-    the paper's ``all``."""
-    if spec in ("all", "auto"):
-        return None
-    if MAP_BLOCKS.fullmatch(spec):
-        return int(spec[4:] or 1)
-    raise ValueError(f"map_blocks must be auto, all, last or lastK (K >= 1), got {spec!r}")
 
 
 AUTO_BLOCK_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # lastK candidates: every K up to 4, then sparser
@@ -307,3 +299,158 @@ def tune_thresholds(
     """:class:`ThresholdSearch`'s coarse grid and, with ``refine``, its finer one: (fg, bg, mIoU at them)."""
     search = ThresholdSearch(samples, num_classes)
     return search.refine() if refine else search.coarse()
+
+
+# --- the rule as the pseudo-mask stage decides it (once per split) and applies it (per image) ---------------
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """What every shard applies alike, decided once before the shards: thresholds and the map blocks."""
+
+    fg_threshold: float
+    bg_threshold: float
+    tuning_miou: float | None  # None: the thresholds are the params' own (not tuned)
+    map_blocks: str  # the aggregation applied: last, lastK or all (auto resolved to one of them)
+    map_layers: tuple[int, ...]  # the blocks it sums
+    # map_blocks: auto -> tuning mIoU of each candidate at its best thresholds (coarse grid); else None
+    block_scores: dict[str, float] | None = None
+    precision: str = "fp32"  # the maps' forward passes (trainer.precision, resolved for the device)
+
+
+@dataclass
+class SplitMaps:
+    """Attention maps and what the rule needs of some images of a split (one shard, or the tuning sample)."""
+
+    data: SplitData
+    maps: list[torch.Tensor]  # [C, h, w] per image (per block: [L, C, h, w]) on the model's device, h x w its own grid
+    probs: torch.Tensor  # [N, C]
+    gt_paths: list[str | None]
+
+
+@contextlib.contextmanager
+def thread_count_invariant_kernels(precision: str) -> Iterator[None]:
+    """Turns torch's oneDNN CPU kernels off inside the block, at fp32.
+
+    oneDNN's 1x1 convolution rounds differently with another thread count (measured: maps 4e-8 apart with 1
+    vs 2 threads on 8-image batches), so 1-thread shard workers would not reproduce the serial stage bit
+    for bit; the native fp32 kernels gave identical maps (and cost ~5 % here). Under bf16/fp16 autocast the
+    CPU's fast reduced-precision matmuls are oneDNN's (measured on a ViT-S/14: 9.9 img/s without, 88.6 with),
+    so they stay on: reduced-precision maps are reproducible per thread count, not across them.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled and precision != "fp32"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def split_maps(
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: PseudoMaskParams,
+    device: torch.device,
+    positions: slice | list[int],
+    blocks: int | None,
+    per_block: bool = False,
+    desc: str = "attention maps",
+    precision: str = "fp32",
+) -> SplitMaps:
+    """Loads the images at ``positions`` of ``params.split`` at their own aspect ratio (longer side the
+    classifier's input size) and computes their maps, in that order (``blocks``/``per_block``: see
+    :func:`wsss.lib.mask_rule.attention_maps`)."""
+    rows = dataset.split(params.split)
+    picked = rows.iloc[positions]
+    subset = dataclasses.replace(dataset, manifest=picked)
+    data = classifier_images(model, subset, params.split)
+    with thread_count_invariant_kernels(precision), autocast(precision, device):
+        maps, probs = attention_maps(
+            model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block,
+            refine_steps(params), desc, on_device=True,
+        )  # fmt: skip
+    gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
+    return SplitMaps(data, maps, probs, gt_paths)
+
+
+def sum_blocks(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The blocks' maps summed in the order the model sums them (so the result equals its own sum)."""
+    return sum(maps[1:], maps[0])
+
+
+def refine_steps(params: PseudoMaskParams) -> int:
+    """How many times the maps are refined with the patch affinity (0: ``refine: none``)."""
+    return params.refine_iterations if params.refine == "affinity" else 0
+
+
+def image_maps(
+    found: SplitMaps, i: int, has_labels: bool, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(normalised maps of the present classes at the image's own size, or ``size``; those classes;
+    probabilities)."""
+    probs = found.probs[i].numpy()
+    classes = present_classes(found.data.labels[i].numpy() if has_labels else None, probs)
+    size = size or found.data.original_sizes[i]
+    return normalized_maps(found.maps[i][classes], size), classes, probs
+
+
+def tuning_samples(
+    sample: SplitMaps, maps: list[torch.Tensor], gts: list[np.ndarray], has_labels: bool
+) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
+    """(normalised maps, classes, probabilities, ground truth) of each tuning image under ``maps``, at the
+    size of its ground truth ``gts`` (reduced: :func:`wsss.lib.mask_rule.tuning_size`)."""
+    view = dataclasses.replace(sample, maps=maps)
+    return [(*image_maps(view, i, has_labels, gt.shape), gt) for i, gt in enumerate(gts)]
+
+
+def decide_rule(
+    model: TokenMaskingViT,
+    dataset: DatasetIndex,
+    params: PseudoMaskParams,
+    device: torch.device,
+    precision: str = "fp32",
+) -> MaskRule:
+    """The map blocks and thresholds every image gets (a single step: it needs the whole tuning sample).
+
+    With ``tune_thresholds`` the thresholds are searched on the first ``tune_images`` images of the split that
+    have ground truth (the TRAIN split: never val); ``map_blocks: auto`` also picks the aggregation there:
+    each candidate (:func:`wsss.lib.mask_rule.block_candidates`) is scored at its best thresholds of the
+    coarse grid, the best one (ties: the one with more blocks, the paper's direction) then gets the fine
+    search. One forward pass serves every candidate: the per-block maps of the sample are summed per
+    candidate in the order the model sums them, so the maps equal those of the final pass.
+    Without tuning (or without ground truth) ``auto`` is the paper's ``all``.
+    """
+    if not any(blk.attn.open_heads().any() for blk in model.blocks):
+        raise WsssError("the classifier closed every attention head: no block can provide attention maps")
+    if refine_steps(params) and not model.class_token_per_class:
+        raise WsssError("pseudo_masks.refine: affinity refines class-token attention; this classifier has one [CLS]")
+    rows = dataset.split(params.split)
+    with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)]
+    tune = params.tune_thresholds and bool(with_gt)
+    spec = params.map_blocks if params.map_blocks != "auto" or tune else "all"
+    if not tune:
+        layers = tuple(model.map_layers(map_block_count(spec)))
+        return MaskRule(params.fg_threshold, params.bg_threshold, None, spec, layers, precision=precision)
+    candidates = block_candidates(model) if spec == "auto" else {spec: map_block_count(spec)}
+    has_labels = params.split == "train"
+    sample = split_maps(
+        model, dataset, params, device, with_gt[: params.tune_images], None, True, "maps for threshold tuning",
+        precision,
+    )  # fmt: skip
+    # Scored at a reduced size (longer side TUNE_SIDE): the search merges every image about 60 times per
+    # candidate, and maps blown up from a token grid lose little at that size; the masks are full size.
+    pairs = zip(sample.gt_paths, sample.data.original_sizes, strict=True)
+    gts = [resize_mask(read_mask(dataset.root / path), tuning_size(size)) for path, size in pairs]
+    usable = model.map_layers(None)
+    scores, best = {}, None
+    for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):
+        skip = len(usable) - len(model.map_layers(count))
+        summed = [sum_blocks(maps[skip:].unbind(0)) for maps in sample.maps]
+        samples = tuning_samples(sample, summed, gts, has_labels)
+        search = ThresholdSearch(samples, dataset.num_classes)
+        scores[name] = search.coarse()[2]
+        if best is None or scores[name] > scores[best[0]]:  # strictly better: ties keep more blocks
+            best = (name, search)  # only the leader's samples are kept
+    fg, bg, score = best[1].refine()  # the coarse grid of the leader is not scored again
+    layers = tuple(model.map_layers(candidates[best[0]]))
+    return MaskRule(fg, bg, score, best[0], layers, scores if len(candidates) > 1 else None, precision)

@@ -30,7 +30,8 @@ from prefect.cache_policies import NO_CACHE
 
 from wsss.lib.config import Params
 from wsss.lib.errors import WsssError
-from wsss.tasks.pseudo_masks import MaskRule, ShardResult
+from wsss.lib.mask_rule import MaskRule
+from wsss.tasks.pseudo_masks import ShardResult
 
 FLOW_NAME = "pseudo-masks-sharded"
 
@@ -53,8 +54,8 @@ def _load(params: Params, threads: int):
 @task(name="mask rule", cache_policy=NO_CACHE)
 def mask_rule(params: Params) -> MaskRule:
     """Thresholds (tuned on the training sample when asked) and the map layer: one step before the shards."""
+    from wsss.lib.mask_rule import decide_rule
     from wsss.lib.runtime import resolve_precision
-    from wsss.tasks.pseudo_masks import decide_rule
 
     device, model, dataset = _load(params, params.num_threads)
     return decide_rule(model, dataset, params.pseudo_masks, device, resolve_precision(params.trainer.precision, device))

@@ -32,8 +32,9 @@ def _serial(params: Params) -> dict[str, float]:
     import torch
 
     from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
+    from wsss.lib.mask_rule import decide_rule
     from wsss.lib.runtime import setup_runtime
-    from wsss.tasks.pseudo_masks import decide_rule, gather, pseudo_mask_shard, write_pseudo_masks
+    from wsss.tasks.pseudo_masks import gather, pseudo_mask_shard, write_pseudo_masks
 
     began = time.perf_counter()
     device = setup_runtime(params.seed, params.num_threads, params.device)

@@ -27,7 +27,7 @@ from wsss.lib.artifacts import (
     segmenter_dir,
     segmenter_split,
 )
-from wsss.lib.config import Params
+from wsss.lib.config import Params, map_block_count
 from wsss.lib.datasets import (
     DatasetIndex,
     decode_mask_png,
@@ -39,7 +39,7 @@ from wsss.lib.datasets import (
 )
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file, check_writable, write_json
-from wsss.lib.mask_rule import attention_maps, map_block_count, normalized_maps, present_classes
+from wsss.lib.mask_rule import attention_maps, normalized_maps, present_classes
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix
 from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
 from wsss.lib.runtime import autocast, resolve_precision, setup_runtime

@@ -1,18 +1,15 @@
 """Stage ``pseudo_masks``: segmentation masks straight from the [CLS]_c self-attention.
 
-The rule itself (maps, normalisation, merge, threshold search) is :mod:`wsss.lib.mask_rule`; this stage
-decides it once for the split (thresholds tuned on a subset of the TRAIN split, never val), applies it to
-every image (:func:`pseudo_mask_shard`, the unit the Dask-sharded flow distributes), scores the masks
-against the split's ground truth and writes them.
+The rule, whole, is :mod:`wsss.lib.mask_rule` (maps, normalisation, merge, the threshold and block search, and
+:func:`~wsss.lib.mask_rule.decide_rule`, which decides it once for the split on a subset of the TRAIN split, never
+val); this stage applies it to every image (:func:`pseudo_mask_shard`, the unit the Dask-sharded flow
+distributes), scores the masks against the split's ground truth and writes them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import itertools
 from collections import Counter
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,47 +19,23 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wsss.lib.artifacts import MODEL_FILE, classifier_images, load_map_model, read_ingested
+from wsss.lib.artifacts import MODEL_FILE, load_map_model, read_ingested
 from wsss.lib.config import Params, PseudoMaskParams
-from wsss.lib.datasets import (
-    DatasetIndex,
-    SplitData,
-    encode_mask_png,
-    read_mask,
-    resize_mask,
-    write_encoded_mask_table,
-)
-from wsss.lib.errors import WsssError
+from wsss.lib.datasets import DatasetIndex, encode_mask_png, read_mask, write_encoded_mask_table
 from wsss.lib.io import check_writable, write_json
 from wsss.lib.mask_rule import (
-    ThresholdSearch,
-    attention_maps,
-    block_candidates,
+    MaskRule,
     class_specificity,
+    decide_rule,
     grid_ceiling_mask,
-    map_block_count,
+    image_maps,
     merge_maps,
-    normalized_maps,
-    present_classes,
-    tuning_size,
+    refine_steps,
+    split_maps,
 )
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
-from wsss.lib.runtime import autocast, resolve_precision, setup_runtime
+from wsss.lib.runtime import resolve_precision, setup_runtime
 from wsss.models.token_masking_vit import TokenMaskingViT
-
-
-@dataclass(frozen=True)
-class MaskRule:
-    """What every shard applies alike, decided once before the shards: thresholds and the map blocks."""
-
-    fg_threshold: float
-    bg_threshold: float
-    tuning_miou: float | None  # None: the thresholds are the params' own (not tuned)
-    map_blocks: str  # the aggregation applied: last, lastK or all (auto resolved to one of them)
-    map_layers: tuple[int, ...]  # the blocks it sums
-    # map_blocks: auto -> tuning mIoU of each candidate at its best thresholds (coarse grid); else None
-    block_scores: dict[str, float] | None = None
-    precision: str = "fp32"  # the maps' forward passes (trainer.precision, resolved for the device)
 
 
 @dataclass
@@ -77,144 +50,6 @@ class ShardResult:
     specificity_shares: list[float]
     area_shares: list[float]
     scored_images: int  # images with ground truth
-
-
-@dataclass
-class _SplitMaps:
-    """Attention maps and what the rule needs of some images of a split (one shard, or the tuning sample)."""
-
-    data: SplitData
-    maps: list[torch.Tensor]  # [C, h, w] per image (per block: [L, C, h, w]) on the model's device, h x w its own grid
-    probs: torch.Tensor  # [N, C]
-    gt_paths: list[str | None]
-
-
-@contextlib.contextmanager
-def _thread_count_invariant_kernels(precision: str) -> Iterator[None]:
-    """Turns torch's oneDNN CPU kernels off inside the block, at fp32.
-
-    oneDNN's 1x1 convolution rounds differently with another thread count (measured: maps 4e-8 apart with 1
-    vs 2 threads on 8-image batches), so 1-thread shard workers would not reproduce the serial stage bit
-    for bit; the native fp32 kernels gave identical maps (and cost ~5 % here). Under bf16/fp16 autocast the
-    CPU's fast reduced-precision matmuls are oneDNN's (measured on a ViT-S/14: 9.9 img/s without, 88.6 with),
-    so they stay on: reduced-precision maps are reproducible per thread count, not across them.
-    """
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled and precision != "fp32"
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
-
-
-def _split_maps(
-    model: TokenMaskingViT,
-    dataset: DatasetIndex,
-    params: PseudoMaskParams,
-    device: torch.device,
-    positions: slice | list[int],
-    blocks: int | None,
-    per_block: bool = False,
-    desc: str = "attention maps",
-    precision: str = "fp32",
-) -> _SplitMaps:
-    """Loads the images at ``positions`` of ``params.split`` at their own aspect ratio (longer side the
-    classifier's input size) and computes their maps, in that order (``blocks``/``per_block``: see
-    :func:`wsss.lib.mask_rule.attention_maps`)."""
-    rows = dataset.split(params.split)
-    picked = rows.iloc[positions]
-    subset = dataclasses.replace(dataset, manifest=picked)
-    data = classifier_images(model, subset, params.split)
-    with _thread_count_invariant_kernels(precision), autocast(precision, device):
-        maps, probs = attention_maps(
-            model, data.images, device, params.batch_size, params.scales, params.flip, blocks, per_block,
-            refine_steps(params), desc, on_device=True,
-        )  # fmt: skip
-    gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
-    return _SplitMaps(data, maps, probs, gt_paths)
-
-
-def _sum_blocks(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The blocks' maps summed in the order the model sums them (so the result equals its own sum)."""
-    return sum(maps[1:], maps[0])
-
-
-def refine_steps(params: PseudoMaskParams) -> int:
-    """How many times the maps are refined with the patch affinity (0: ``refine: none``)."""
-    return params.refine_iterations if params.refine == "affinity" else 0
-
-
-def _image_maps(
-    split_maps: _SplitMaps, i: int, has_labels: bool, size: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(normalised maps of the present classes at the image's own size, or ``size``; those classes;
-    probabilities)."""
-    probs = split_maps.probs[i].numpy()
-    classes = present_classes(split_maps.data.labels[i].numpy() if has_labels else None, probs)
-    size = size or split_maps.data.original_sizes[i]
-    return normalized_maps(split_maps.maps[i][classes], size), classes, probs
-
-
-def _tuning_samples(
-    sample: _SplitMaps, maps: list[torch.Tensor], gts: list[np.ndarray], has_labels: bool
-) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
-    """(normalised maps, classes, probabilities, ground truth) of each tuning image under ``maps``, at the
-    size of its ground truth ``gts`` (reduced: :func:`wsss.lib.mask_rule.tuning_size`)."""
-    view = dataclasses.replace(sample, maps=maps)
-    return [(*_image_maps(view, i, has_labels, gt.shape), gt) for i, gt in enumerate(gts)]
-
-
-def decide_rule(
-    model: TokenMaskingViT,
-    dataset: DatasetIndex,
-    params: PseudoMaskParams,
-    device: torch.device,
-    precision: str = "fp32",
-) -> MaskRule:
-    """The map blocks and thresholds every image gets (a single step: it needs the whole tuning sample).
-
-    With ``tune_thresholds`` the thresholds are searched on the first ``tune_images`` images of the split that
-    have ground truth (the TRAIN split: never val); ``map_blocks: auto`` also picks the aggregation there:
-    each candidate (:func:`wsss.lib.mask_rule.block_candidates`) is scored at its best thresholds of the
-    coarse grid, the best one (ties: the one with more blocks, the paper's direction) then gets the fine
-    search. One forward pass serves every candidate: the per-block maps of the sample are summed per
-    candidate in the order the model sums them, so the maps equal those of the final pass.
-    Without tuning (or without ground truth) ``auto`` is the paper's ``all``.
-    """
-    if not any(blk.attn.open_heads().any() for blk in model.blocks):
-        raise WsssError("the classifier closed every attention head: no block can provide attention maps")
-    if refine_steps(params) and not model.class_token_per_class:
-        raise WsssError("pseudo_masks.refine: affinity refines class-token attention; this classifier has one [CLS]")
-    rows = dataset.split(params.split)
-    with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)]
-    tune = params.tune_thresholds and bool(with_gt)
-    spec = params.map_blocks if params.map_blocks != "auto" or tune else "all"
-    if not tune:
-        layers = tuple(model.map_layers(map_block_count(spec)))
-        return MaskRule(params.fg_threshold, params.bg_threshold, None, spec, layers, precision=precision)
-    candidates = block_candidates(model) if spec == "auto" else {spec: map_block_count(spec)}
-    has_labels = params.split == "train"
-    sample = _split_maps(
-        model, dataset, params, device, with_gt[: params.tune_images], None, True, "maps for threshold tuning",
-        precision,
-    )  # fmt: skip
-    # Scored at a reduced size (longer side TUNE_SIDE): the search merges every image about 60 times per
-    # candidate, and maps blown up from a token grid lose little at that size; the masks are full size.
-    pairs = zip(sample.gt_paths, sample.data.original_sizes, strict=True)
-    gts = [resize_mask(read_mask(dataset.root / path), tuning_size(size)) for path, size in pairs]
-    usable = model.map_layers(None)
-    scores, best = {}, None
-    for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):
-        skip = len(usable) - len(model.map_layers(count))
-        summed = [_sum_blocks(maps[skip:].unbind(0)) for maps in sample.maps]
-        samples = _tuning_samples(sample, summed, gts, has_labels)
-        search = ThresholdSearch(samples, dataset.num_classes)
-        scores[name] = search.coarse()[2]
-        if best is None or scores[name] > scores[best[0]]:  # strictly better: ties keep more blocks
-            best = (name, search)  # only the leader's samples are kept
-    fg, bg, score = best[1].refine()  # the coarse grid of the leader is not scored again
-    layers = tuple(model.map_layers(candidates[best[0]]))
-    return MaskRule(fg, bg, score, best[0], layers, scores if len(candidates) > 1 else None, precision)
 
 
 def shard_ranges(num_images: int, shards: int, batch_size: int) -> list[tuple[int, int]]:
@@ -253,13 +88,13 @@ def pseudo_mask_shard(
     # One model batch at a time: only its images and maps are in memory; masks are kept PNG-encoded.
     for first in range(start, stop, params.batch_size):
         positions = slice(first, min(stop, first + params.batch_size))
-        split_maps = _split_maps(model, dataset, params, device, positions, blocks, precision=rule.precision)
-        for i in range(len(split_maps.data.ids)):
-            grid = tuple(split_maps.maps[i].shape[-2:])
+        batch = split_maps(model, dataset, params, device, positions, blocks, precision=rule.precision)
+        for i in range(len(batch.data.ids)):
+            grid = tuple(batch.maps[i].shape[-2:])
             grids[grid] += 1
-            mask = merge_maps(*_image_maps(split_maps, i, has_labels), rule.fg_threshold, rule.bg_threshold)
+            mask = merge_maps(*image_maps(batch, i, has_labels), rule.fg_threshold, rule.bg_threshold)
             masks.append(encode_mask_png(mask))
-            gt_path = split_maps.gt_paths[i]
+            gt_path = batch.gt_paths[i]
             if gt_path is None:
                 continue
             scored += 1
@@ -269,13 +104,13 @@ def pseudo_mask_shard(
             gt_classes = np.unique(gt[(gt != 0) & (gt != IGNORE_INDEX)]).astype(int) - 1
             if len(gt_classes) >= 2:
                 raw = F.interpolate(
-                    split_maps.maps[i][gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False
+                    batch.maps[i][gt_classes][None], size=gt.shape, mode="bilinear", align_corners=False
                 )
                 s, a = class_specificity(raw[0].cpu().numpy(), gt, gt_classes)
                 shares += s
                 areas += a
-        ids += split_maps.data.ids
-        bar.update(len(split_maps.data.ids))
+        ids += batch.data.ids
+        bar.update(len(batch.data.ids))
     bar.close()
     return ShardResult(ids, masks, grids, pseudo_cm.matrix, ceiling_cm.matrix, shares, areas, scored)
 

@@ -23,10 +23,9 @@ from typing import Any
 
 from wsss.lib import serving, storage, tracking
 from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, segmenter_dir
-from wsss.lib.config import Params, flatten
+from wsss.lib.config import Params, flatten, map_block_count
 from wsss.lib.errors import WsssError
 from wsss.lib.io import write_json
-from wsss.lib.mask_rule import map_block_count
 from wsss.models.pretrained import parse_source
 
 REGISTRY_FILE = Path("artifacts") / "registry.json"

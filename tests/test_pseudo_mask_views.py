@@ -178,7 +178,7 @@ def test_aggregated_maps_equal_the_naive_sum_over_open_blocks_and_the_pruned_mod
 
 
 def test_map_blocks_param_values():
-    from wsss.lib.mask_rule import map_block_count
+    from wsss.lib.config import map_block_count
 
     assert load_params(DEFAULT_PARAMS).pseudo_masks.map_blocks == "auto"
     assert [map_block_count(s) for s in ("last", "last3", "all", "auto")] == [1, 3, None, None]

@@ -210,7 +210,7 @@ def main(
 ) -> list[Path]:
     """CLI entry (``wsss predict``): device/threads from params, thresholds, views and map blocks from
     ``pseudo_masks`` (``map_blocks: auto`` is the paper's ``all`` here: new images have no ground truth)."""
-    from wsss.lib.mask_rule import map_block_count
+    from wsss.lib.config import map_block_count
 
     device = setup_runtime(params.seed, params.num_threads, params.device)
     scaling = None

@@ -214,7 +214,7 @@ class TokenMaskingViT(nn.Module):
         qkv_bias: bool = True,
         stem: Literal["linear", "conv"] = "linear",
         reg_token: bool = True,
-        head: Literal["per_class", "linear"] = "per_class",
+        head: Literal["per_class", "linear"] = "linear",
         mask_ratio: float = 0.5,
         gates: bool = True,
         gate_init: float = 3.0,

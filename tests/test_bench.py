@@ -6,7 +6,7 @@ import torch
 
 from tests.test_token_masking_vit import close_heads, tiny_model
 from wsss.research.bench import TARGETS, fast_pseudo_masks, naive_pseudo_masks, recorded_attention_maps
-from wsss.tools.cli import main
+from wsss.research.cli import main
 
 
 def test_bench_smoke_writes_json_and_table(tmp_path, capsys):

@@ -12,8 +12,9 @@ C = 5
 
 
 def tiny_model(**kwargs) -> TokenMaskingViT:
+    """The per-class head unless told otherwise (these tests read head_weight; the registry's default is linear)."""
     torch.manual_seed(0)
-    return timm.create_model("wsss_vit_tiny_patch8", num_classes=C, img_size=32, **kwargs)
+    return timm.create_model("wsss_vit_tiny_patch8", num_classes=C, img_size=32, **{"head": "per_class", **kwargs})
 
 
 def naive_class_attention(model: TokenMaskingViT, images: torch.Tensor) -> torch.Tensor:
@@ -173,7 +174,7 @@ def test_load_timm_vit_weights_copies_blocks_and_seeds_class_tokens(tmp_path):
     expected_cls = (vit.cls_token + vit.pos_embed[:, :1])[0, 0]
     assert all(torch.equal(model.class_tokens[0, c], expected_cls) for c in range(C))
     assert model.pos_embed.shape == (1, 49, 192)
-    assert all(k.endswith("log_alpha") or k.startswith(("head_", "reg_token")) for k in missing)
+    assert all(k.endswith("log_alpha") or k.startswith(("head", "reg_token")) for k in missing)
 
 
 def test_load_timm_vit_weights_errors(tmp_path):
@@ -202,3 +203,10 @@ def test_present_class_separation_looks_at_the_present_classes_only():
     maps.requires_grad_(True)
     present_class_separation(maps, torch.tensor([[1, 1, 1]])).backward()
     assert maps.grad.abs().sum() > 0
+
+
+def test_the_timm_entry_points_default_to_what_the_pipeline_ships():
+    from wsss.lib.config import ClassifierParams
+
+    for name in ("wsss_vit_tiny_patch8", "wsss_vit_small_patch14"):
+        assert timm.create_model(name, num_classes=C).head_type == ClassifierParams().head

@@ -133,7 +133,8 @@ def test_ingest_writes_the_canonical_dataset(tiny_dataset: Path, tiny_params: Pa
         "source.json",
         "summary.json",
     ]
-    assert json.loads((out / "source.json").read_text()) == {"root": str(tiny_dataset)}
+    source = json.loads((out / "source.json").read_text())
+    assert source["root"] == str(tiny_dataset) and len(source["content"]) == 32  # the data's md5: DVC sees changes
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["classes"] == ["bird", "elephant", "giraffe"]
     train = summary["splits"]["train"]
@@ -175,3 +176,17 @@ def test_ingest_requires_train_and_val(tiny_dataset: Path, tmp_path: Path) -> No
 def test_read_ingested_names_a_missing_source_file(tmp_path: Path) -> None:
     with pytest.raises(WsssError, match="source.json: cannot read the data set root"):
         read_ingested(tmp_path)
+
+
+def test_a_changed_pixel_changes_what_ingest_writes(tiny_dataset: Path, tmp_path: Path) -> None:
+    """Only ingest lists the data root as a DVC dep: its output must change with any pixel of the data."""
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_dataset, copy)
+    ingest(copy, tmp_path / "a")
+    image = copy / "images" / "train_00000.png"
+    pixels = np.array(Image.open(image))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(image)
+    ingest(copy, tmp_path / "b")
+    source = [json.loads((tmp_path / name / "source.json").read_text())["content"] for name in "ab"]
+    assert source[0] != source[1]

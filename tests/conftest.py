@@ -19,6 +19,7 @@ from wsss.lib.config import (
     Params,
     PseudoMaskParams,
     SegmenterParams,
+    TrainerParams,
 )
 from wsss.tools.embedded import build_embedded_dataset
 
@@ -38,6 +39,16 @@ def tiny_embedded_params(out: Path) -> EmbeddedParams:
     )
 
 
+# The from-scratch tiny settings the tests train with (params.yaml's defaults are the pretrained DINOv2-S/14, which
+# the tests load where they test it): one place, so a default that changes does not change what the tests run.
+TINY_CLASSIFIER = dict(
+    model="wsss_vit_tiny_patch8", img_size=32, epochs=2, batch_size=16, pretrained=None, backbone_lr=None,
+    patch_cam=False, warmup_epochs=1.0,
+)  # fmt: skip
+TINY_SEGMENTER = dict(encoder="resnet18", pretrained=None, img_size=32, epochs=1, batch_size=16)
+TINY_TRAINER = TrainerParams(precision="auto")  # fp32 on the CPU
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of the session's tiny embedded data set. Read-only: copy it before modifying."""
@@ -53,21 +64,10 @@ def tiny_params(tmp_path: Path, tiny_dataset: Path) -> Params:
         num_threads=2,
         embedded=tiny_embedded_params(tmp_path / "embedded"),
         ingest=IngestParams(source=str(tiny_dataset), out=str(tmp_path / "dataset")),
-        classifier=ClassifierParams(
-            model="wsss_vit_tiny_patch8",
-            img_size=32,
-            epochs=2,
-            batch_size=16,
-            out=str(tmp_path / "classifier"),
-        ),
+        classifier=ClassifierParams(**TINY_CLASSIFIER, out=str(tmp_path / "classifier")),
         pseudo_masks=PseudoMaskParams(tune_images=16, out=str(tmp_path / "pseudo_masks")),
-        segmenter=SegmenterParams(
-            encoder="resnet18",
-            img_size=32,
-            epochs=1,
-            batch_size=16,
-            out=str(tmp_path / "segmenter"),
-        ),
+        segmenter=SegmenterParams(**TINY_SEGMENTER, out=str(tmp_path / "segmenter")),
+        trainer=TINY_TRAINER,
         evaluate=EvaluateParams(metrics_dir=str(tmp_path / "metrics"), plots_dir=str(tmp_path / "plots")),
     )
 

@@ -62,16 +62,17 @@ def _write_grid(folder: Path, params: Params, grid: dict = GRID) -> tuple[Path, 
 @pytest.fixture(scope="module")
 def finished_grid(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> tuple[Path, Path, Path]:
     """The tiny grid run once: (params file, grid file, runs root)."""
-    from tests.conftest import tiny_embedded_params
+    from tests.conftest import TINY_CLASSIFIER, TINY_SEGMENTER, TINY_TRAINER, tiny_embedded_params
 
     folder = tmp_path_factory.mktemp("grid")
     params = load_params(None, [f"ingest.source={tiny_dataset}"])
     tiny = dataclasses.replace(
         params,
         embedded=tiny_embedded_params(folder / "embedded"),
-        classifier=dataclasses.replace(params.classifier, img_size=32, epochs=2, batch_size=16),
+        classifier=dataclasses.replace(params.classifier, **TINY_CLASSIFIER),
         pseudo_masks=dataclasses.replace(params.pseudo_masks, tune_images=16),
-        segmenter=dataclasses.replace(params.segmenter, encoder="resnet18", img_size=32, epochs=1, batch_size=16),
+        segmenter=dataclasses.replace(params.segmenter, **TINY_SEGMENTER),
+        trainer=TINY_TRAINER,
     )
     params_file, config_file = _write_grid(folder, tiny)
     root = folder / "runs"

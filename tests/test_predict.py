@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import TINY_CLASSIFIER, TINY_SEGMENTER, TINY_TRAINER
 from wsss.lib.config import ClassifierParams, SegmenterParams
 from wsss.lib.datasets import palette, read_dataset, read_mask
 from wsss.tasks.train_classifier import train_classifier
@@ -27,10 +28,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Pat
     out = tmp_path_factory.mktemp("trained")
     dataset = read_dataset(tiny_dataset)
     torch.set_num_threads(2)
-    classifier = ClassifierParams(model="wsss_vit_tiny_patch8", img_size=32, epochs=1, batch_size=16)
-    train_classifier(dataset, classifier, out / "classifier", seed=0, device=torch.device("cpu"))
-    segmenter = SegmenterParams(encoder="resnet18", img_size=32, epochs=1, batch_size=16)
-    train_segmenter(dataset, None, segmenter, out / "segmenter", seed=0, device="cpu")
+    classifier = ClassifierParams(**{**TINY_CLASSIFIER, "epochs": 1})
+    train_classifier(dataset, classifier, out / "classifier", seed=0, device=torch.device("cpu"), trainer=TINY_TRAINER)
+    segmenter = SegmenterParams(**TINY_SEGMENTER)
+    train_segmenter(dataset, None, segmenter, out / "segmenter", seed=0, device="cpu", trainer=TINY_TRAINER)
     return out
 
 

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 
+from tests.conftest import TINY_SEGMENTER, TINY_TRAINER
 from wsss.lib.artifacts import load_segmenter, predict_split
 from wsss.lib.config import Params, SegmenterParams
 from wsss.lib.datasets import DatasetIndex, read_dataset, read_mask
@@ -28,7 +29,7 @@ def _train_gt(dataset: DatasetIndex) -> dict[str, np.ndarray]:
 
 
 def _params(out: Path) -> SegmenterParams:
-    return SegmenterParams(encoder="resnet18", img_size=32, epochs=1, batch_size=16, out=str(out))
+    return SegmenterParams(**TINY_SEGMENTER, out=str(out))
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "test_efficientnet", "test_vit"])
@@ -67,7 +68,7 @@ def test_load_encoder_weights_errors(tmp_path):
 def test_train_segmenter_writes_outputs(tiny_dataset, tmp_path):
     dataset = read_dataset(tiny_dataset)
     out = tmp_path / "seg"
-    result = train_segmenter(dataset, _train_gt(dataset), _params(out), out, seed=0, device="cpu")
+    result = train_segmenter(dataset, _train_gt(dataset), _params(out), out, seed=0, device="cpu", trainer=TINY_TRAINER)
 
     assert result["epochs"] == 1 and math.isfinite(result["val_miou"]) and 0 <= result["val_miou"] <= 1
     assert {"model.pt", "checkpoint.pt", "history.csv"} <= {p.name for p in out.iterdir()}
@@ -89,8 +90,12 @@ def test_train_segmenter_writes_outputs(tiny_dataset, tmp_path):
 def test_gt_masks_path_matches_explicit_gt_masks(tiny_dataset, tmp_path):
     # masks=None must train on the train split's GT: same seed + same targets = same model.
     dataset = read_dataset(tiny_dataset)
-    implicit = train_segmenter(dataset, None, _params(tmp_path / "a"), tmp_path / "a", seed=0, device="cpu")
-    explicit = train_segmenter(dataset, _train_gt(dataset), _params(tmp_path / "b"), tmp_path / "b", 0, "cpu")
+    implicit = train_segmenter(
+        dataset, None, _params(tmp_path / "a"), tmp_path / "a", seed=0, device="cpu", trainer=TINY_TRAINER
+    )
+    explicit = train_segmenter(
+        dataset, _train_gt(dataset), _params(tmp_path / "b"), tmp_path / "b", 0, "cpu", trainer=TINY_TRAINER
+    )
     assert implicit["val_miou"] == pytest.approx(explicit["val_miou"])
 
 
@@ -100,10 +105,10 @@ def test_bad_training_masks(tiny_dataset, tmp_path):
     first = dataset.split("train")["id"][0]
     del masks[first]
     with pytest.raises(WsssError, match=first):
-        train_segmenter(dataset, masks, _params(tmp_path), tmp_path, seed=0, device="cpu")
+        train_segmenter(dataset, masks, _params(tmp_path), tmp_path, seed=0, device="cpu", trainer=TINY_TRAINER)
     masks[first] = np.zeros((5, 5), np.uint8)
     with pytest.raises(WsssError, match=f"{first}.*shape"):
-        train_segmenter(dataset, masks, _params(tmp_path), tmp_path, seed=0, device="cpu")
+        train_segmenter(dataset, masks, _params(tmp_path), tmp_path, seed=0, device="cpu", trainer=TINY_TRAINER)
 
 
 def test_main_names_missing_pseudo_mask_file(tiny_params: Params):

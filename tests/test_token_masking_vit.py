@@ -3,6 +3,7 @@ import timm
 import torch
 
 import wsss.models  # noqa: F401  (registers wsss_vit_*)
+from tests.conftest import TINY_CLASSIFIER
 from wsss.lib.config import ClassifierParams
 from wsss.lib.errors import WsssError
 from wsss.models.token_masking_vit import TokenMaskingViT, class_map_diversity, load_timm_vit_weights
@@ -114,7 +115,9 @@ def test_diversity_loss_is_the_gram_distance_from_identity_and_trains_the_attent
 
 
 def test_diversity_needs_a_class_token_per_class():
-    params = ClassifierParams(model="wsss_cam_vit_tiny_patch8", mask_ratio=0, reg_token=False, gates=False)
+    params = ClassifierParams(
+        **{**TINY_CLASSIFIER, "model": "wsss_cam_vit_tiny_patch8"}, mask_ratio=0, reg_token=False, gates=False
+    )
     build_classifier(params, C)
     with pytest.raises(WsssError, match="classifier.diversity: wsss_cam_vit_tiny_patch8 has one .CLS. token"):
         build_classifier(ClassifierParams(**{**vars(params), "diversity": 0.1}), C)

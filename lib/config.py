@@ -61,7 +61,7 @@ class EmbeddedParams:
     out: str = "data/embedded"
     seed: int = 0
     image_size: int = 112
-    train_images: int = 4000
+    train_images: int = 3000
     val_images: int = 500
     classes: list[str] = field(default_factory=lambda: ["bird", "cat", "elephant", "giraffe", "sheep", "zebra"])
     max_objects: int = 3
@@ -131,7 +131,7 @@ class PseudoMaskParams:
     fg_threshold: float = 0.5
     bg_threshold: float = 0.2
     tune_thresholds: bool = True
-    tune_images: int = 400
+    tune_images: int = 200
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     out: str = "artifacts/pseudo_masks"

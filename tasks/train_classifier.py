@@ -217,11 +217,13 @@ def train_classifier(
         loop.optimize(loss)
         return torch.stack([loss.detach(), bce.detach(), penalty.detach(), diversity.detach()])
 
+    last_val: dict[str, torch.Tensor] = {}  # the last epoch's val probabilities: the final ones, not recomputed
+
     def validate(totals: torch.Tensor) -> dict[str, Any]:
         # Each rank's mean is over an equal share of the global batch: the global mean is their mean.
         means = (totals / (world.size * loop.steps_per_epoch)).tolist()
         with loop.autocast():
-            probs = predict_probabilities(model, val, device, num_workers=num_workers)
+            probs = last_val["probs"] = predict_probabilities(model, val, device, num_workers=num_workers)
         metrics = classification_metrics(probs, val.labels)
         return {
             **dict(zip(("loss", "bce", "penalty", "diversity"), means, strict=True)),
@@ -241,7 +243,7 @@ def train_classifier(
     result = None
     if world.is_main:
         with loop.autocast():  # the final val pass at the training precision, as every epoch's
-            result = _write_outputs(model, dataset, params, out, val, device, loop.history, in_chans)
+            result = _write_outputs(model, dataset, params, out, val, device, loop.history, in_chans, last_val)
         result["train_seconds"] = loop.train_seconds()
         result["precision"] = precision
         write_json(out / "metrics.json", result)
@@ -258,9 +260,14 @@ def _write_outputs(
     device: torch.device,
     history: list[dict[str, Any]],
     in_chans: int,
+    last_val: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
-    """Writes ``model.pt``, ``history.csv`` and ``gates.json``; returns the final metrics."""
-    final = classification_metrics(predict_probabilities(model, val, device), val.labels)
+    """Writes ``model.pt``, ``history.csv`` and ``gates.json``; returns the final metrics (from the last epoch's
+    val pass: the model has not changed since; computed here when a resumed run had no epoch left)."""
+    probs = last_val.get("probs")
+    final = classification_metrics(
+        probs if probs is not None else predict_probabilities(model, val, device), val.labels
+    )
     gates = gate_report(model)
     record = {
         "model_name": params.model,

@@ -42,7 +42,7 @@ s3-server: setup
 repro: data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# The experiments (`dvc exp run -S ...`, the queue of `wsss ablations --print-dvc`) as one readable table: the
+# The experiments (`dvc exp run -S ...`, queued `dvc exp run --queue`) as one readable table: the
 # params that differ between them and the headline metrics; no code-file hashes, no secondary metrics.
 EXP_HEADLINE := pseudo_mask_miou|segmenter_miou|segmenter_gt_miou|classifier_val_map|class_specificity|area_share
 exp: setup

@@ -21,21 +21,10 @@ import torch.nn.functional as F
 
 import wsss.models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* models with timm)
 from wsss.lib.config import Params
-from wsss.lib.datasets import (
-    BANDS_FILE,
-    DatasetIndex,
-    SplitData,
-    StreamedSplit,
-    image_batches,
-    load_split,
-    normalize,
-    one_line,
-    read_bands,
-    read_classes,
-    read_manifest,
-    validate_dataset,
-)
+from wsss.lib.dataset_format import DatasetIndex, read_classes, read_manifest, validate_dataset
+from wsss.lib.datasets import SplitData, StreamedSplit, image_batches, load_split, normalize
 from wsss.lib.errors import WsssError
+from wsss.lib.images import BANDS_FILE, one_line, read_bands
 from wsss.models.segmenter import Segmenter
 from wsss.models.token_masking_vit import TokenMaskingViT
 

@@ -34,8 +34,10 @@ from tqdm import tqdm
 
 from wsss.lib.artifacts import classifier_images
 from wsss.lib.config import PseudoMaskParams, map_block_count
-from wsss.lib.datasets import DatasetIndex, SplitData, aspect_size, normalize, read_mask, resize_mask, shape_groups
+from wsss.lib.dataset_format import DatasetIndex
+from wsss.lib.datasets import SplitData, aspect_size, normalize, resize_mask, shape_groups
 from wsss.lib.errors import WsssError
+from wsss.lib.images import read_mask
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
 from wsss.lib.runtime import autocast
 from wsss.models.token_masking_vit import TokenMaskingViT

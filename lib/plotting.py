@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from wsss.lib.datasets import palette
+from wsss.lib.images import palette
 from wsss.lib.metrics import IGNORE_INDEX
 
 GRID_CELL = 192  # cells are upscaled (nearest) by the whole factor that brings them closest to this side

@@ -44,7 +44,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from wsss.lib.datasets import encode_mask_png
+from wsss.lib.images import encode_mask_png
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "model"  # the stage's model.pt inside the logged model

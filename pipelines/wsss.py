@@ -91,7 +91,7 @@ def prepare(root: Path, dataset: str, overrides: list[str]) -> dict[str, Any]:
         StageError: an invalid override or params file, or a missing/unreadable data set.
     """
     from wsss.lib.config import load_params
-    from wsss.lib.datasets import read_dataset
+    from wsss.lib.dataset_format import read_dataset
     from wsss.lib.errors import WsssError
 
     logger = get_run_logger()

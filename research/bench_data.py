@@ -39,7 +39,8 @@ VAL_IMAGES = 100
 def build_voc_like(root: Path, train_images: int) -> Path:
     """``root/full``: the embedded generator's scenes upscaled to 500 x 375 JPEGs (+ masks), train and val."""
     from wsss.lib.config import EmbeddedParams
-    from wsss.lib.datasets import read_dataset, read_mask, write_classes, write_manifest, write_mask_png
+    from wsss.lib.dataset_format import read_dataset, write_classes, write_manifest
+    from wsss.lib.images import read_mask, write_mask_png
     from wsss.tools.embedded import build_embedded_dataset
 
     scenes = build_embedded_dataset(
@@ -67,7 +68,7 @@ def build_voc_like(root: Path, train_images: int) -> Path:
 
 def subset(full: Path, root: Path, train_images: int) -> Path:
     """A data set root holding the first ``train_images`` training images of ``full`` (and all val)."""
-    from wsss.lib.datasets import read_dataset, write_classes, write_manifest
+    from wsss.lib.dataset_format import read_dataset, write_classes, write_manifest
 
     dataset = read_dataset(full)
     manifest = dataset.manifest
@@ -132,7 +133,8 @@ def throughput(root: Path, workers: list[int], items: int = 256) -> list[dict[st
     import torch
 
     import wsss.models  # noqa: F401  (registers wsss_vit_*)
-    from wsss.lib.datasets import AugmentedSplit, StreamedSplit, read_dataset
+    from wsss.lib.dataset_format import read_dataset
+    from wsss.lib.datasets import AugmentedSplit, StreamedSplit
     from wsss.lib.distributed import World, shard_loader
 
     torch.set_num_threads(2)

@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from wsss.lib.artifacts import classifier_images
-from wsss.lib.datasets import DatasetIndex, normalize, read_mask, shape_groups
+from wsss.lib.dataset_format import DatasetIndex
+from wsss.lib.datasets import normalize, shape_groups
 from wsss.lib.errors import WsssError
+from wsss.lib.images import read_mask
 from wsss.lib.mask_rule import block_candidates, class_specificity, normalized_maps, tune_thresholds
 from wsss.models.token_masking_vit import TokenMaskingViT, affinity_transition, propagate_affinity
 

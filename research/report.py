@@ -208,7 +208,8 @@ def qualitative_grid(
 
     from wsss.lib.artifacts import MODEL_FILE, classifier_images, load_classifier, read_ingested
     from wsss.lib.config import map_block_count
-    from wsss.lib.datasets import decode_mask_png, display_rgb, read_image, read_mask_table, to_uint8
+    from wsss.lib.dataset_format import read_mask_table
+    from wsss.lib.images import decode_mask_png, display_rgb, read_image, to_uint8
     from wsss.lib.mask_rule import attention_maps, normalized_maps
     from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
     from wsss.research.diagnose_maps import multi_class_train_images

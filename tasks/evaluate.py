@@ -28,16 +28,9 @@ from wsss.lib.artifacts import (
     segmenter_split,
 )
 from wsss.lib.config import Params, map_block_count
-from wsss.lib.datasets import (
-    DatasetIndex,
-    decode_mask_png,
-    display_rgb,
-    read_image,
-    read_mask,
-    read_mask_table,
-    to_uint8,
-)
+from wsss.lib.dataset_format import DatasetIndex, read_mask_table
 from wsss.lib.errors import WsssError
+from wsss.lib.images import decode_mask_png, display_rgb, read_image, read_mask, to_uint8
 from wsss.lib.io import atomic_file, check_writable, write_json
 from wsss.lib.mask_rule import attention_maps, normalized_maps, present_classes
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix

@@ -6,16 +6,8 @@ import hashlib
 from pathlib import Path
 
 from wsss.lib.config import Params
-from wsss.lib.datasets import (
-    BANDS_FILE,
-    SPLITS,
-    DatasetIndex,
-    read_dataset,
-    summarize,
-    write_bands,
-    write_classes,
-    write_manifest,
-)
+from wsss.lib.dataset_format import SPLITS, DatasetIndex, read_dataset, summarize, write_classes, write_manifest
+from wsss.lib.images import BANDS_FILE, write_bands
 from wsss.lib.io import atomic_dir, write_json
 
 

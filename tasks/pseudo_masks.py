@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from wsss.lib.artifacts import MODEL_FILE, load_map_model, read_ingested
 from wsss.lib.config import Params, PseudoMaskParams
-from wsss.lib.datasets import DatasetIndex, encode_mask_png, read_mask, write_encoded_mask_table
+from wsss.lib.dataset_format import DatasetIndex, write_encoded_mask_table
+from wsss.lib.images import encode_mask_png, read_mask
 from wsss.lib.io import check_writable, write_json
 from wsss.lib.mask_rule import (
     MaskRule,

@@ -14,7 +14,8 @@ import wsss.models  # noqa: F401  (registers the wsss_vit_* and wsss_cam_vit_* m
 from wsss.lib.artifacts import MODEL_FILE, read_ingested
 from wsss.lib.checkpoint import fingerprint, tensor_digest
 from wsss.lib.config import ClassifierParams, Params, TrainerParams, key_settings
-from wsss.lib.datasets import AugmentedSplit, DatasetIndex, SplitData, StreamedSplit, image_batches, normalize
+from wsss.lib.dataset_format import DatasetIndex
+from wsss.lib.datasets import AugmentedSplit, SplitData, StreamedSplit, image_batches, normalize
 from wsss.lib.distributed import (
     World,
     data_parallel,

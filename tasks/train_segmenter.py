@@ -21,7 +21,8 @@ from wsss.lib.artifacts import (
 )
 from wsss.lib.checkpoint import fingerprint
 from wsss.lib.config import Params, SegmenterParams, TrainerParams
-from wsss.lib.datasets import AugmentedSplit, DatasetIndex, StreamedSplit, masks_digest, read_mask, read_mask_table
+from wsss.lib.dataset_format import DatasetIndex, read_mask_table
+from wsss.lib.datasets import AugmentedSplit, StreamedSplit, masks_digest
 from wsss.lib.distributed import (
     World,
     data_parallel,
@@ -33,6 +34,7 @@ from wsss.lib.distributed import (
     shard_loader,
 )
 from wsss.lib.errors import WsssError
+from wsss.lib.images import read_mask
 from wsss.lib.io import atomic_file, check_writable, write_csv
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
 from wsss.lib.runtime import resolve_precision

@@ -49,6 +49,18 @@ TINY_SEGMENTER = dict(encoder="resnet18", pretrained=None, img_size=32, epochs=1
 TINY_TRAINER = TrainerParams(precision="auto")  # fp32 on the CPU
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_store_of_the_test_alone():
+    """`mlflow.set_tracking_uri` (which lib/tracking calls) also exports MLFLOW_TRACKING_URI, so a test that
+    tracks in process would point every later test's subprocesses at its store: put both back after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of the session's tiny embedded data set. Read-only: copy it before modifying."""

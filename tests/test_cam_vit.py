@@ -81,7 +81,7 @@ def test_masking_and_read_only_class_tokens_are_refused():
 
 def test_train_classifier_and_pseudo_masks_on_the_cam_baseline(tiny_params: Params, tmp_path: Path):
     from wsss.lib.artifacts import MODEL_FILE, load_classifier, read_ingested
-    from wsss.lib.datasets import decode_mask_png
+    from wsss.lib.images import decode_mask_png
     from wsss.tasks import train_classifier
     from wsss.tasks.ingest import ingest
     from wsss.tasks.pseudo_masks import generate_pseudo_masks

@@ -18,30 +18,21 @@ import tifffile
 import torch
 from PIL import Image
 
-from wsss.lib.datasets import (
-    AugmentedSplit,
-    SplitData,
-    aspect_size,
+from wsss.lib.dataset_format import read_dataset, read_manifest, read_mask_table, write_manifest, write_mask_table
+from wsss.lib.datasets import AugmentedSplit, SplitData, aspect_size, image_batches, load_split, normalize
+from wsss.lib.errors import WsssError
+from wsss.lib.images import (
     compute_bands,
     decode_mask_png,
     encode_mask_png,
-    image_batches,
-    load_split,
-    normalize,
     palette,
     read_bands,
-    read_dataset,
     read_image,
-    read_manifest,
     read_mask,
-    read_mask_table,
     to_uint8,
     write_bands,
-    write_manifest,
     write_mask_png,
-    write_mask_table,
 )
-from wsss.lib.errors import WsssError
 
 
 def copy_set(source: Path, tmp_path: Path) -> Path:

@@ -10,8 +10,9 @@ from PIL import Image
 
 from wsss.lib import artifacts
 from wsss.lib.config import Params
-from wsss.lib.datasets import DatasetIndex, read_dataset, read_mask, write_mask_table
+from wsss.lib.dataset_format import DatasetIndex, read_dataset, write_mask_table
 from wsss.lib.errors import WsssError
+from wsss.lib.images import read_mask
 from wsss.lib.io import write_json
 from wsss.tasks import evaluate, train_segmenter
 from wsss.tasks.ingest import ingest

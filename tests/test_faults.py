@@ -25,7 +25,9 @@ WSSS = str(Path(sys.executable).parent / "wsss")
 
 
 def run(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
+    """`wsss` in `cwd`, on the store found there (never one another test exported)."""
+    env = {k: v for k, v in kwargs.pop("env", os.environ).items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, env=env, **kwargs)
 
 
 def one_line(result: subprocess.CompletedProcess, command: str) -> str:

@@ -21,7 +21,9 @@ import yaml
 from PIL import Image
 
 from wsss.lib.config import Params
-from wsss.lib.datasets import load_split, palette, read_dataset, read_image, read_mask, to_uint8
+from wsss.lib.dataset_format import read_dataset
+from wsss.lib.datasets import load_split
+from wsss.lib.images import palette, read_image, read_mask, to_uint8
 from wsss.tools.cli import main
 from wsss.tools.importers import VOC_CLASSES
 

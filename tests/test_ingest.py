@@ -13,8 +13,9 @@ from PIL import Image
 
 from wsss.lib.artifacts import read_ingested
 from wsss.lib.config import Params
-from wsss.lib.datasets import palette, read_dataset, read_mask, write_manifest
+from wsss.lib.dataset_format import read_dataset, write_manifest
 from wsss.lib.errors import WsssError
+from wsss.lib.images import palette, read_mask
 from wsss.tasks.ingest import ingest
 from wsss.tools.embedded import (
     ANIMAL_CLASSES,

@@ -13,7 +13,8 @@ from PIL import Image
 
 from tests.conftest import TINY_CLASSIFIER, TINY_SEGMENTER, TINY_TRAINER
 from wsss.lib.config import ClassifierParams, SegmenterParams
-from wsss.lib.datasets import palette, read_dataset, read_mask
+from wsss.lib.dataset_format import read_dataset
+from wsss.lib.images import palette, read_mask
 from wsss.tasks.train_classifier import train_classifier
 from wsss.tasks.train_segmenter import train_segmenter
 from wsss.tools.cli import main

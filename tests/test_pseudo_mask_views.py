@@ -123,7 +123,7 @@ def test_pruned_model_gives_the_gated_models_masks_and_stats(tiny_params: Params
 
 def test_pseudo_masks_at_bf16_run_on_cpu_and_record_their_precision(tiny_params: Params):
     from wsss.lib.artifacts import read_ingested
-    from wsss.lib.datasets import decode_mask_png
+    from wsss.lib.images import decode_mask_png
     from wsss.tasks.ingest import ingest
     from wsss.tasks.train_classifier import build_classifier
 

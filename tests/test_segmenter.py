@@ -11,8 +11,9 @@ import torch
 from tests.conftest import TINY_SEGMENTER, TINY_TRAINER
 from wsss.lib.artifacts import load_segmenter, predict_split
 from wsss.lib.config import Params, SegmenterParams
-from wsss.lib.datasets import DatasetIndex, read_dataset, read_mask
+from wsss.lib.dataset_format import DatasetIndex, read_dataset
 from wsss.lib.errors import WsssError
+from wsss.lib.images import read_mask
 from wsss.models.segmenter import Segmenter
 from wsss.tasks.ingest import ingest
 from wsss.tasks.train_segmenter import main, train_segmenter

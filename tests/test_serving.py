@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from tests.test_predict import run_cli, trained  # noqa: F401  (the module's trained tiny models)
-from wsss.lib.datasets import read_mask
+from wsss.lib.images import read_mask
 from wsss.lib.serving import decode_mask, encode_image, log_pyfunc
 
 

@@ -28,18 +28,18 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from wsss.lib.config import EmbeddedParams
-from wsss.lib.datasets import (
+from wsss.lib.dataset_format import (
     DATASET_ENTRIES,
-    IGNORE_INDEX,
     LABELLED_SPLITS,
     SPLITS,
     read_dataset,
     write_classes,
     write_manifest,
-    write_mask_png,
 )
 from wsss.lib.errors import WsssError
+from wsss.lib.images import write_mask_png
 from wsss.lib.io import atomic_dir, check_replaceable
+from wsss.lib.metrics import IGNORE_INDEX
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 SHAPE_CLASSES = ("star", "heart", "crescent", "cross", "arrow", "triangle", "ring", "hexagon")

@@ -1,7 +1,7 @@
 """Importers into the wsss data set format: Pascal VOC 2012 (+ SBD train_aug), COCO instances, any folder.
 
 Every importer copies the images (bytes unchanged) to ``images/``, writes palette masks to ``masks/``, and
-checks each file with the checks of :mod:`wsss.lib.datasets` as it goes (errors name the source list line,
+checks each file with the checks of :mod:`wsss.lib.dataset_format` as it goes (errors name the source list line,
 annotation file or manifest row). The finished manifest goes through :func:`validate_dataset` with
 train and val required, like ``wsss ingest``. All of it happens in a temporary directory that is renamed
 to ``--out`` only at the end, so a failed import leaves nothing behind.
@@ -22,30 +22,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsss.lib.datasets import (
-    BANDS_FILE,
+from wsss.lib.dataset_format import (
     DATASET_ENTRIES,
     LABELLED_SPLITS,
     SPLITS,
-    Bands,
     DatasetIndex,
     check_image,
     check_mask,
     check_rows,
-    compute_bands,
     escapes_root,
-    one_line,
     read_classes,
-    read_image,
     read_json_file,
     summarize,
     validate_dataset,
-    write_bands,
     write_classes,
     write_manifest,
-    write_mask_png,
 )
 from wsss.lib.errors import WsssError
+from wsss.lib.images import BANDS_FILE, Bands, compute_bands, one_line, read_image, write_bands, write_mask_png
 from wsss.lib.io import atomic_dir, check_replaceable
 
 VOC_CLASSES = (

@@ -23,17 +23,8 @@ from pathlib import Path
 import torch
 
 from wsss.lib.config import Params
-from wsss.lib.datasets import (
-    BANDS_FILE,
-    Bands,
-    display_rgb,
-    one_line,
-    read_bands,
-    read_image,
-    to_uint8,
-    write_mask_png,
-)
 from wsss.lib.errors import WsssError
+from wsss.lib.images import BANDS_FILE, Bands, display_rgb, one_line, read_bands, read_image, to_uint8, write_mask_png
 from wsss.lib.inference import attention_masks, in_chans, model_input_size, segment_images
 from wsss.lib.io import atomic_file, check_writable, writing
 from wsss.lib.plotting import overlay_picture

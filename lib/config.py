@@ -81,7 +81,11 @@ class IngestParams:
 @dataclass
 class ClassifierParams:
     """Token-masking ViT classifier: BCE + lambda * L0 gate penalty (+ ``diversity`` times the reference's
-    optional diversity loss on the class maps, not the paper's; 0: off)."""
+    optional diversity loss on the class maps, not the paper's; 0: off).
+
+    ``class_sample``: 0 (off) trains every class token in every sequence, as the paper; K > 0 keeps per image
+    its present classes' tokens plus absent ones drawn per step (the batch's most present classes + K in all)
+    and leaves the rest out, counted as masked: a step's cost then follows K, not the number of classes."""
 
     model: str = "wsss_vit_small_patch14"
     img_size: int = 112
@@ -107,6 +111,7 @@ class ClassifierParams:
     class_token_spread: float = added_option(0.0)
     patch_cam: bool = added_option(True, absent=False)
     separation: float = added_option(0.0)
+    class_sample: int = added_option(0)
     out: str = "artifacts/classifier"
 
 
@@ -230,6 +235,7 @@ _NON_NEGATIVE = {
     "classifier.gate_lambda",
     "classifier.class_token_spread",
     "classifier.separation",
+    "classifier.class_sample",
     "trainer.num_workers",
 }
 _POSITIVE = {

@@ -47,6 +47,8 @@ class CamViT(TokenMaskingViT):
             raise ValueError("patch_cam fuses class-token attention with PatchCAMs; a CAM ViT has one [CLS] token")
         if class_tokens != "joint":
             raise ValueError(f"class_tokens must be 'joint' for a CAM ViT (one [CLS] token), got {class_tokens!r}")
+        if kwargs.get("class_sample"):
+            raise ValueError("class_sample leaves class tokens out of the sequence; a CAM ViT has one [CLS] token")
         super().__init__(mask_ratio=mask_ratio, class_tokens=class_tokens, head="linear", **kwargs)
 
     def _num_class_tokens(self) -> int:
@@ -60,9 +62,14 @@ class CamViT(TokenMaskingViT):
         return [len(self.blocks) - 1]
 
     def forward_head(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mask_noise: torch.Tensor | None = None,
+        classes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tokens -> class logits ``[B, C]`` from the [CLS] token; ``labels``/``mask_noise`` are unused (no masking)."""
+        """Tokens -> class logits ``[B, C]`` from the [CLS] token; ``labels``/``mask_noise``/``classes`` are unused
+        (no masking, no class sampling)."""
         return self.head(x[:, 0])
 
     @torch.no_grad()

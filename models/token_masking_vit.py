@@ -199,6 +199,10 @@ class TokenMaskingViT(nn.Module):
         patch_cam: MCTformer-V2's addition (a peer's, not the paper's): a 3x3 conv on the final patch tokens gives
             one PatchCAM per class, trained through its global average (:meth:`forward` ``patch_logits``), and
             the attention maps are multiplied by ``ReLU(PatchCAM)`` of their class.
+        class_sample: Training only (0: off, every class token in every sequence): per image, the tokens of its
+            present classes and of absent ones drawn at random, ``max(present per image) + class_sample`` in all,
+            are in the sequence; the others are left out and count as masked (:meth:`sample_classes`). Cost per
+            step then depends on the sample, not on C. Inference keeps every class.
     """
 
     def __init__(
@@ -224,6 +228,7 @@ class TokenMaskingViT(nn.Module):
         pos_embed_grid: int | None = None,
         pos_antialias: bool = True,
         patch_cam: bool = False,
+        class_sample: int = 0,
     ) -> None:
         super().__init__()
         if class_tokens not in ("joint", "read_only"):
@@ -240,6 +245,9 @@ class TokenMaskingViT(nn.Module):
         self.head_type = head
         self.class_token_mode = class_tokens
         self.num_reg_tokens = 1 if reg_token else 0
+        if class_sample < 0:
+            raise ValueError(f"class_sample must be >= 0 (0: off), got {class_sample}")
+        self.class_sample = class_sample
 
         if stem == "conv":
             levels = int(math.log2(patch_size))
@@ -408,38 +416,85 @@ class TokenMaskingViT(nn.Module):
             tokens.append(self.reg_token.expand(B, -1, -1))
         return torch.cat(tokens, dim=1), (h, w)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``[B, in_chans, H, W]`` -> normalised tokens ``[B, C + h*w + R, D]`` (C: class tokens)."""
-        x, _ = self._embed(x)
-        mask = self.attn_mask(self._num_class_tokens(), x.shape[1], x.device)
+    def forward_features(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Image ``[B, in_chans, H, W]`` -> normalised tokens ``[B, C + h*w + R, D]`` (C: class tokens; with
+        ``classes`` ``[B, M]``, only those classes' tokens lead the sequence, in that order)."""
+        x, _ = self._embed(x, classes)
+        mask = self.attn_mask(self._num_class_tokens() if classes is None else classes.shape[1], x.shape[1], x.device)
         for blk in self.blocks:
             x = blk(x, attn_mask=mask)
         return self.norm(x)
 
     def mask_class_tokens(
-        self, class_tokens: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None
+        self,
+        class_tokens: torch.Tensor,
+        labels: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        ratio: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Zeroes each absent class's [CLS] output with probability ``mask_ratio``; label tokens never.
 
         ``noise``: optional uniform draws ``[B, C]`` deciding the masking (default: fresh ``torch.rand``).
         Data-parallel training passes each rank its rows of one global draw, so the masking of an image
-        does not depend on how the batch is split across processes.
+        does not depend on how the batch is split across processes. ``ratio``: another probability (``[B, 1]``:
+        per image) instead of ``mask_ratio``.
         """
         if noise is None:
             noise = torch.rand(labels.shape, device=labels.device)
-        drop = (noise < self.mask_ratio) & (labels <= 0)
+        drop = (noise < (self.mask_ratio if ratio is None else ratio)) & (labels <= 0)
         return class_tokens * (~drop).unsqueeze(-1).to(class_tokens.dtype)
 
+    def sample_classes(self, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The class tokens a ``class_sample`` training sequence carries: ``[B, M]`` class indices in class order,
+        per image its present classes and the absent ones of the smallest ``noise`` (uniform ``[B, C]``, drawn per
+        step like the masking noise), ``M = min(C, max present + class_sample)``. Filling every row to M with
+        absent classes (rather than padding shorter rows with an attention mask) keeps one dense sequence
+        length and the fused attention kernel."""
+        present = labels > 0
+        size = min(self.num_classes, int(present.sum(1).max()) + self.class_sample)
+        if noise is None:
+            noise = torch.rand(labels.shape, device=labels.device)
+        return noise.masked_fill(present, -1.0).topk(size, dim=1, largest=False).indices.sort(dim=1).values
+
+    def sampled_mask_ratio(self, labels: torch.Tensor, size: int) -> torch.Tensor:
+        """Per image ``[B, 1]``: the masking probability of the absent tokens that are in a sampled sequence, such
+        that each absent class's output reaches the head with probability ``1 - mask_ratio`` as without sampling:
+        left-out tokens count as masked, so with ``q`` the share of absent classes kept,
+        ``1 - mask_ratio = q (1 - r)``, ``r = 1 - (1 - mask_ratio) / q``; 0 where ``q < 1 - mask_ratio`` (the sample
+        alone then drops more than the paper's masking)."""
+        present = (labels > 0).sum(1, keepdim=True)
+        kept = (size - present) / (self.num_classes - present).clamp(min=1)
+        return (1 - (1 - self.mask_ratio) / kept.clamp(min=1e-6)).clamp(min=0.0).to(labels.dtype)
+
     def forward_head(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mask_noise: torch.Tensor | None = None,
+        classes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tokens -> class logits ``[B, C]``; masking applies in training when labels are given."""
-        cls = x[:, : self.num_classes]
+        """Tokens -> class logits ``[B, C]``; masking applies in training when labels are given.
+
+        ``classes`` ``[B, M]``: the tokens of a sampled sequence (:meth:`sample_classes`); the classes left out
+        count as masked, their outputs zero: the per-class head gives them their bias, the linear head reads
+        zeros in their slots."""
+        if classes is None:
+            cls = x[:, : self.num_classes]
+            if self.training and labels is not None and self.mask_ratio > 0:
+                cls = self.mask_class_tokens(cls, labels, mask_noise)
+            if self.head_type == "per_class":
+                return (cls * self.head_weight).sum(-1) + self.head_bias
+            return self.head(cls.flatten(1))
+        cls = x[:, : classes.shape[1]]
         if self.training and labels is not None and self.mask_ratio > 0:
-            cls = self.mask_class_tokens(cls, labels, mask_noise)
+            noise = None if mask_noise is None else mask_noise.gather(1, classes)
+            ratio = self.sampled_mask_ratio(labels, classes.shape[1])
+            cls = self.mask_class_tokens(cls, labels.gather(1, classes), noise, ratio)
         if self.head_type == "per_class":
-            return (cls * self.head_weight).sum(-1) + self.head_bias
-        return self.head(cls.flatten(1))
+            kept = (cls * self.head_weight[classes]).sum(-1)
+            return self.head_bias.expand(len(cls), -1).scatter_add(1, classes, kept)
+        slots = cls.new_zeros(len(cls), self.num_classes, cls.shape[-1])
+        return self.head(slots.scatter(1, classes[..., None].expand_as(cls), cls).flatten(1))
 
     def forward_features_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward_features` and the class tokens' attention over the patches ``[B, C, h*w]``: the mean
@@ -475,22 +530,32 @@ class TokenMaskingViT(nn.Module):
         mask_noise: torch.Tensor | None = None,
         class_attention: bool = False,
         patch_logits: bool = False,
+        sample_noise: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Class logits ``[B, C]``, followed, when asked, by the maps of :meth:`forward_features_with_attention`
         (``class_attention``) and the PatchCAMs' global averages ``[B, C]`` (``patch_logits``, MCTformer-V2's
-        second classification loss). One method, so data-parallel wrappers see the whole training forward."""
+        second classification loss). One method, so data-parallel wrappers see the whole training forward.
+
+        With ``class_sample`` in training, the sequence carries the sampled classes' tokens only (``sample_noise``:
+        the uniform ``[B, C]`` draws of :meth:`sample_classes`); the class maps need every token."""
+        classes = None
+        if self.class_sample and self.training and labels is not None:
+            if class_attention:
+                raise ValueError("class_attention needs every class token: class_sample must be 0")
+            classes = self.sample_classes(labels, sample_noise)
         if class_attention:
             tokens, maps = self.forward_features_with_attention(x)
         else:
-            tokens, maps = self.forward_features(x), None
-        outputs = [self.forward_head(tokens, labels, mask_noise)]
+            tokens, maps = self.forward_features(x, classes), None
+        outputs = [self.forward_head(tokens, labels, mask_noise, classes)]
         if class_attention:
             outputs.append(maps)
         if patch_logits:
             if self.patch_head is None:
                 raise ValueError("patch_logits needs a model built with patch_cam=True")
             grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-            outputs.append(self.patch_cams(tokens, grid).mean(dim=(-2, -1)))
+            prefix = None if classes is None else classes.shape[1]
+            outputs.append(self.patch_cams(tokens, grid, prefix).mean(dim=(-2, -1)))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     @torch.no_grad()

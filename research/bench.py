@@ -33,7 +33,7 @@ from timm.models.vision_transformer import VisionTransformer
 from wsss.lib.mask_rule import merge_maps, normalized_maps
 from wsss.models.token_masking_vit import TokenMaskingViT
 
-__all__ = ["SIZES", "run_benchmarks"]
+__all__ = ["SIZES", "class_sampling_benchmark", "run_benchmarks"]
 
 # dims shared by both models; batch for training, infer_batch for inference
 SIZES: dict[str, dict[str, int]] = {  # keys: research.cli.SIZE_NAMES
@@ -375,6 +375,98 @@ def run_benchmarks(
         out.with_name(f"{out.stem}_profile.txt").write_text("\n\n".join(tables) + "\n")
     out.write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown_table(record))
+    return record
+
+
+CLASS_COUNTS = (20, 80, 150, 1000)
+
+
+def class_sampling_benchmark(
+    size: str = "cpu",
+    device: str = "auto",
+    out: str | Path = "reports/bench_p3.json",
+    warmup: int = 2,
+    repeats: int = 7,
+    bf16: bool = False,
+    sample: int = 16,
+) -> dict[str, Any]:
+    """P3 over the class count: the training step at C = 20, 80, 150, 1,000, the joint sequence (every class token)
+    beside ``class_sample=sample`` (the present classes' tokens plus absent ones), timed round-robin in one
+    process; peak memory per case. Labels: 1-3 present classes per image, as in VOC/COCO. Per-class head for
+    every case: the reference's linear head alone has C x C x D weights (1,000 classes: 192 M at ViT-Ti width)."""
+    dims = SIZES[size]
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    bench = _Bench(dev, warmup, repeats, bf16)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(dims["batch"], 3, dims["img_size"], dims["img_size"], generator=g).to(dev)
+    n_patches = (dims["img_size"] // dims["patch_size"]) ** 2
+    cases, present = {}, {}
+    for c in CLASS_COUNTS:
+        labels = torch.zeros(dims["batch"], c)
+        for row in labels:
+            row[torch.randperm(c, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))]] = 1
+        present[c] = int(labels.sum(1).max())
+        for mode, k in (("joint", 0), ("sampled", sample)):
+            model = _wsss(dims, c, head="per_class", class_sample=k).to(dev)
+            cases[f"p3_c{c}_{mode}_train"] = _train_step(model, images, labels.to(dev), lambda fn: fn)
+    raw = bench.time_all(cases)
+
+    def ratio(a: str, b: str) -> float:
+        return round(raw[a]["median_s"] / raw[b]["median_s"], 3)
+
+    rows = [
+        {
+            "classes": c,
+            "joint_s": raw[f"p3_c{c}_joint_train"]["median_s"],
+            "sampled_s": raw[f"p3_c{c}_sampled_train"]["median_s"],
+            "joint_vs_c20": ratio(f"p3_c{c}_joint_train", "p3_c20_joint_train"),
+            "sampled_vs_c20_joint": ratio(f"p3_c{c}_sampled_train", "p3_c20_joint_train"),
+            "sampled_speedup": ratio(f"p3_c{c}_joint_train", f"p3_c{c}_sampled_train"),
+            "joint_tokens": c + n_patches + 1,
+            "sampled_tokens": min(c, present[c] + sample) + n_patches + 1,
+            "joint_peak_mib": raw[f"p3_c{c}_joint_train"]["peak_mem_mib"],
+            "sampled_peak_mib": raw[f"p3_c{c}_sampled_train"]["peak_mem_mib"],
+        }
+        for c in CLASS_COUNTS
+    ]
+    record = {
+        "sample": sample,
+        "rows": rows,
+        "target_c1000_sampled_vs_c20": 1.2,
+        "c1000_sampled_vs_c20_sampled": ratio("p3_c1000_sampled_train", "p3_c20_sampled_train"),
+        "config": {
+            "size": size,
+            **dims,
+            "warmup": warmup,
+            "repeats": repeats,
+            "bf16": bf16,
+            "device": _device_name(dev),
+            "torch": torch.__version__,
+        },  # fmt: skip
+        "timings": raw,
+    }
+    lines = [
+        f"Device: {record['config']['device']}; size `{size}` ({dims['img_size']} px, patch {dims['patch_size']}, "
+        f"dim {dims['embed_dim']}, depth {dims['depth']}, train batch {dims['batch']}), per-class head, 1-3 present "
+        f"classes per image, class_sample K = {sample}; bf16 {bf16}; median of {repeats} after {warmup} warm-ups, "
+        "cases timed round-robin.",
+        "",
+        "| C | tokens joint / sampled | step s joint | step s sampled | joint / C=20 joint | sampled / C=20 joint "
+        "| speed-up | peak MiB joint / sampled |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['classes']} | {r['joint_tokens']} / {r['sampled_tokens']} "
+            f"| {r['joint_s']:.3f} | {r['sampled_s']:.3f} "
+            f"| {r['joint_vs_c20']:.2f} | {r['sampled_vs_c20_joint']:.2f} | {r['sampled_speedup']:.2f}x "
+            f"| {r['joint_peak_mib']} / {r['sampled_peak_mib']} |"
+        )
+    lines += ["", f"C = 1,000 sampled / C = 20 sampled: {record['c1000_sampled_vs_c20_sampled']:.2f} (target <= 1.2)."]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return record
 
 

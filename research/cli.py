@@ -14,11 +14,18 @@ from wsss.lib.config import Params
 from wsss.tools.cli import common_parser, positive_int, run
 
 SIZE_NAMES = ("cpu", "vit-b", "smoke")  # research.bench.SIZES, named here so `--help` does not import torch
+BENCH_OUT = "reports/bench.json"
 
 
 def _bench(params: Params, args: argparse.Namespace) -> None:
-    from wsss.research.bench import run_benchmarks
+    from wsss.research.bench import class_sampling_benchmark, run_benchmarks
 
+    if args.class_sample:  # P3 over the class count, joint vs sampled
+        out = args.out if args.out != BENCH_OUT else "reports/bench_p3.json"
+        class_sampling_benchmark(args.size, args.device, out, args.warmup, args.repeats, args.bf16, args.class_sample)
+        print(Path(out).with_suffix(".md").read_text(), end="")
+        print(f"written to {out}")
+        return
     record = run_benchmarks(
         args.size, args.device, args.out, args.warmup, args.repeats, args.bf16, args.compile, args.profile
     )
@@ -36,12 +43,19 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="cpu: ViT-Ti/16, vit-b: ViT-B/16 (GPU), smoke: tiny, for tests",
     )
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    bench.add_argument("--out", default="reports/bench.json", help="JSON record; the table goes beside it (.md)")
+    bench.add_argument("--out", default=BENCH_OUT, help="JSON record; the table goes beside it (.md)")
     bench.add_argument("--warmup", type=positive_int, default=2, help="untimed runs per case")
     bench.add_argument("--repeats", type=positive_int, default=7, help="timed runs per case (median reported)")
     bench.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     bench.add_argument("--compile", action="store_true", help="torch.compile the models")
     bench.add_argument("--profile", action="store_true", help="torch.profiler tables of the P1 train steps")
+    bench.add_argument(
+        "--class-sample",
+        type=positive_int,
+        metavar="K",
+        help="instead of P1-P4: P3 train steps at C = 20/80/150/1000, joint vs class_sample=K "
+        "(default out reports/bench_p3.json)",
+    )
     bench.set_defaults(handler=_bench)
 
 

@@ -57,6 +57,11 @@ def build_classifier(params: ClassifierParams, num_classes: int, in_chans: int =
                 f"classifier.{name}: {params.model} has one [CLS] token, the loss needs one per class "
                 f"(a wsss_vit_* model, or classifier.{name}=0)"
             )
+        if getattr(params, name) > 0 and params.class_sample:
+            raise WsssError(
+                f"classifier.{name}: the loss reads every class token's map, class_sample leaves tokens out "
+                f"(classifier.class_sample=0 or classifier.{name}=0)"
+            )
     if params.pretrained:
         try:
             load_timm_vit_weights(model, params.pretrained, params.class_token_spread)
@@ -78,7 +83,12 @@ def model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> d
         gates=params.gates,
         gate_init=params.gate_init,
     )
-    return {**kwargs, "patch_cam": True} if params.patch_cam else kwargs  # older records rebuild without it
+    # options added later only when on: older records rebuild without them
+    return (
+        kwargs
+        | ({"patch_cam": True} if params.patch_cam else {})
+        | ({"class_sample": params.class_sample} if params.class_sample else {})
+    )
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -195,6 +205,10 @@ def train_classifier(
         # Masking and gate samples come from (seed, step): equal on every rank and after a resume.
         seed_step(seed, index)
         mask_noise = world.local_rows(torch.rand(len(labels) * world.size, labels.shape[1]))
+        # drawn after the masking noise, and only when sampling, so the default runs draw what they always drew
+        sample_noise = None
+        if params.class_sample:
+            sample_noise = world.local_rows(torch.rand(len(labels) * world.size, labels.shape[1])).to(device)
         model.set_gates_active(index >= gate_start_step)
         factor = _lr_factor(index, total_steps, warmup_steps)
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -204,7 +218,7 @@ def train_classifier(
         with loop.autocast():
             out = network(
                 images, labels, mask_noise=mask_noise.to(device), class_attention=maps_needed,
-                patch_logits=params.patch_cam,
+                patch_logits=params.patch_cam, sample_noise=sample_noise,
             )  # fmt: skip
         logits, *extra = out if isinstance(out, tuple) else (out,)
         maps = extra.pop(0) if maps_needed else None

@@ -38,3 +38,14 @@ def test_p2_paths_give_the_same_maps_and_masks():
     fast, naive = fast_pseudo_masks(pruned, images, present), naive_pseudo_masks(model, images, present)
     assert all(np.array_equal(a, b) for a, b in zip(fast, naive, strict=True))
     assert {int(v) for mask in fast for v in np.unique(mask)} > {0}
+
+
+def test_class_sampling_bench_smoke_writes_the_p3_table(tmp_path, capsys):
+    out = tmp_path / "p3.json"
+    args = ["bench", "--size", "smoke", "--device", "cpu", "--out", str(out), "--warmup", "1", "--repeats", "1"]
+    assert main([*args, "--class-sample", "4"]) == 0
+    record = json.loads(out.read_text())
+    assert [r["classes"] for r in record["rows"]] == [20, 80, 150, 1000]
+    c1000 = record["rows"][-1]
+    assert c1000["joint_tokens"] == 1000 + 16 + 1 and c1000["sampled_tokens"] <= 3 + 4 + 16 + 1
+    assert "| 1000 |" in (tmp_path / "p3.md").read_text() and "written to" in capsys.readouterr().out

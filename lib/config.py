@@ -56,7 +56,8 @@ def key_settings(section: Any) -> dict[str, Any]:
 @dataclass
 class EmbeddedParams:
     """Recipe of an embedded data set (``wsss import embedded``); ``family``: ``animals`` (silhouettes on
-    photo textures, the default) or ``shapes`` (procedural shapes on procedural backgrounds)."""
+    photo textures, the default), ``shapes`` (procedural shapes on procedural backgrounds) or ``tinted_shapes``
+    (the shapes in 13 tints, 104 classes); ``classes: []`` takes every class of the family."""
 
     out: str = "data/embedded"
     seed: int = 0

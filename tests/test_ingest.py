@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import tiny_embedded_params
 from wsss.lib.artifacts import read_ingested
 from wsss.lib.config import Params
 from wsss.lib.dataset_format import read_dataset, write_manifest
@@ -93,6 +94,29 @@ def test_shapes_family_labels_match_masks_and_differ_from_the_animals(tiny_param
     assert file_bytes(build_embedded_dataset(params, tmp_path / "again")) == file_bytes(root)  # seeded
 
 
+def test_tinted_shapes_family_has_104_classes_told_apart_by_shape_and_tint(tmp_path: Path) -> None:
+    """classes: [] takes the whole family; an object's pixels carry its class's tint (hue within 0.02 of it)."""
+    import colorsys
+
+    from wsss.lib.images import read_image
+    from wsss.tools.embedded import TINTS
+
+    params = dataclasses.replace(
+        tiny_embedded_params(tmp_path / "tinted"), family="tinted_shapes", classes=[], train_images=60, val_images=4
+    )
+    root = build_embedded_dataset(params, Path(params.out))
+    dataset = read_dataset(root, check_files=True)
+    assert len(dataset.classes) == 104 and dataset.classes[:2] == ["star-red", "star-orange"]
+    for item in dataset.manifest.itertuples():
+        mask, image = read_mask(root / item.mask), read_image(root / item.image)
+        assert set(np.unique(mask).tolist()) - {0, 255} == {k + 1 for k in np.flatnonzero(item.labels)}, item.id
+        for k in np.flatnonzero(item.labels):
+            hue, saturation = TINTS[dataset.classes[k].split("-")[1]]
+            r, g, b = image[mask == k + 1].astype(float).mean(axis=0) / 255
+            h, s, _ = colorsys.rgb_to_hsv(r, g, b)
+            assert (s < 0.05) if saturation == 0 else min(abs(h - hue), 1 - abs(h - hue)) < 0.03, (item.id, k)
+
+
 def test_ignore_band_is_one_pixel_outside_the_top_object() -> None:
     instances = np.zeros((7, 7), dtype=np.int32)
     instances[1:5, 1:5] = 1
@@ -109,8 +133,8 @@ def test_ignore_band_is_one_pixel_outside_the_top_object() -> None:
     [
         ({"classes": ["bird", "unicorn"]}, "embedded.classes: unknown class 'unicorn' of family animals"),
         ({"family": "shapes"}, "embedded.classes: unknown class 'bird' of family shapes .known: star, heart"),
-        ({"family": "plants"}, "embedded.family: 'plants' is not one of animals, shapes"),
-        ({"classes": ["bird", "bird"]}, "embedded.classes: must be a non-empty list without duplicates"),
+        ({"family": "plants"}, "embedded.family: 'plants' is not one of animals, shapes, tinted_shapes"),
+        ({"classes": ["bird", "bird"]}, "embedded.classes: must be a list without duplicates"),
         ({"max_object_size": 40}, "embedded.max_object_size: 40 exceeds image_size 32"),
         ({"min_object_size": 4}, "embedded.min_object_size: must be >= 12"),
     ],

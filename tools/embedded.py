@@ -7,9 +7,11 @@ Two families of a different kind, so that a default is not chosen on one set's a
 - ``shapes``: procedural filled shapes (star, heart, crescent, ...; random rotation, aspect and size, a
   shading gradient) on procedural backgrounds (coloured gratings over smooth noise, no photo); train and val
   draw their shapes' random geometry from separate streams.
+- ``tinted_shapes``: the shapes in 13 tints (12 hues and grey), one class per shape and tint: 104 classes, for
+  runs with many classes (``classifier.class_sample``).
 
-In both, classes differ only by shape (each object gets a random colour) and the image labels are derived
-from the final mask, so the two always agree.
+In the first two, classes differ only by shape (each object gets a random colour); in all, the image labels
+are derived from the final mask, so the two always agree. ``classes: []`` takes every class of the family.
 """
 
 from __future__ import annotations
@@ -43,7 +45,17 @@ from wsss.lib.metrics import IGNORE_INDEX
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 SHAPE_CLASSES = ("star", "heart", "crescent", "cross", "arrow", "triangle", "ring", "hexagon")
-FAMILIES = {"animals": ANIMAL_CLASSES, "shapes": SHAPE_CLASSES}
+# Hue (HSV, 0..1) and saturation of each tint of tinted_shapes: 12 hues 30 degrees apart, and grey.
+TINTS = {
+    **{name: (i / 12, 0.85) for i, name in enumerate(("red", "orange", "yellow", "chartreuse", "green", "spring",
+                                                        "cyan", "azure", "blue", "violet", "magenta", "rose"))},
+    "grey": (0.0, 0.0),
+}  # fmt: skip
+FAMILIES = {
+    "animals": ANIMAL_CLASSES,
+    "shapes": SHAPE_CLASSES,
+    "tinted_shapes": tuple(f"{shape}-{tint}" for shape in SHAPE_CLASSES for tint in TINTS),
+}
 SHAPE_SUPERSAMPLE = 4  # shapes are drawn this many times larger, then reduced (smooth edges, as the silhouettes')
 # CC0 images bundled with scikit-image (no download). chelsea/cat and horse are left out: they show animals.
 TEXTURES = ("brick", "grass", "gravel", "moon", "coffee", "rocket", "astronaut", "immunohistochemistry")
@@ -216,11 +228,11 @@ class _Objects:
 
     def __init__(self, params: EmbeddedParams) -> None:
         self.family = params.family
+        self.classes = list(params.classes) or list(FAMILIES[self.family])
         if self.family == "animals":
             self.silhouettes, animal_labels = load_silhouettes()
-            self.pools = split_pools(animal_labels, [ANIMAL_CLASSES.index(c) for c in params.classes])
+            self.pools = split_pools(animal_labels, [ANIMAL_CLASSES.index(c) for c in self.classes])
             self.textures = _load_textures()
-        self.classes = list(params.classes)
 
     def background(self, rng: np.random.Generator, size: int) -> np.ndarray:
         if self.family == "animals":
@@ -235,14 +247,23 @@ class _Objects:
         if self.family == "animals":
             grey = self.silhouettes[rng.choice(self.pools[split][k])]
             return _silhouette(grey, rng.integers(sizes[0], sizes[1] + 1))
-        return _draw_shape(self.classes[k], rng, rng.integers(sizes[0], sizes[1] + 1))
+        return _draw_shape(self.classes[k].split("-")[0], rng, rng.integers(sizes[0], sizes[1] + 1))
+
+    def colour(self, rng: np.random.Generator, k: int) -> np.ndarray:
+        """RGB in 0..1 of one object of class ``k``: its tint in tinted_shapes (hue within 0.02), else a random
+        bright colour (classes must be told apart by shape)."""
+        if self.family == "tinted_shapes":
+            hue, saturation = TINTS[self.classes[k].split("-")[1]]
+            value = rng.uniform(0.85, 1.0)
+            return np.array(colorsys.hsv_to_rgb((hue + rng.uniform(-0.02, 0.02)) % 1.0, saturation, value))
+        return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.85, 1.0)))
 
 
 def _compose(
     rng: np.random.Generator, params: EmbeddedParams, objects: _Objects, split: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image: returns (RGB uint8 [S, S, 3], mask uint8 [S, S], labels int8 [C])."""
-    size, num_classes = params.image_size, len(params.classes)
+    size, num_classes = params.image_size, len(objects.classes)
     image = objects.background(rng, size)
     classes = np.zeros((size, size), dtype=np.uint8)
     instances = np.zeros((size, size), dtype=np.int32)
@@ -251,8 +272,7 @@ def _compose(
         grey, shape = objects.draw(rng, split, k, (params.min_object_size, params.max_object_size))
         h, w = shape.shape
         top, left = rng.integers(size - h + 1), rng.integers(size - w + 1)
-        # One random bright colour per object, not per class: classes must be told apart by shape.
-        colour = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.85, 1.0)))
+        colour = objects.colour(rng, k)
         shading = 0.3 + 0.7 * np.clip(grey[shape] / 255, 0, 1)
         image[top : top + h, left : left + w][shape] = shading[:, None] * colour
         classes[top : top + h, left : left + w][shape] = k + 1
@@ -272,8 +292,8 @@ def _check_recipe(params: EmbeddedParams) -> None:
     if unknown:
         known = ", ".join(FAMILIES[params.family])
         raise WsssError(f"embedded.classes: unknown class {unknown[0]!r} of family {params.family} (known: {known})")
-    if not params.classes or len(set(params.classes)) != len(params.classes):
-        raise WsssError("embedded.classes: must be a non-empty list without duplicates")
+    if len(set(params.classes)) != len(params.classes):
+        raise WsssError("embedded.classes: must be a list without duplicates ([]: every class of the family)")
     if params.min_object_size < MIN_OBJECT_SIZE:
         size = params.min_object_size
         raise WsssError(f"embedded.min_object_size: must be >= {MIN_OBJECT_SIZE}, got {size}")
@@ -319,7 +339,7 @@ def build_embedded_dataset(params: EmbeddedParams, out: Path) -> Path:
                         "height": params.image_size,
                     }
                 )
-        write_classes(tmp / "classes.json", params.classes)
+        write_classes(tmp / "classes.json", objects.classes)
         write_manifest(tmp / "manifest.parquet", pd.DataFrame(rows))
         read_dataset(tmp)  # the generator must honour the contract it shares with every importer
     return out

@@ -21,6 +21,10 @@ import yaml
 from wsss.lib.errors import WsssError
 
 DEFAULT_PARAMS = Path("params.yaml")
+# Options that serve the research bench's experiments only, measured not to help (docs/results.md,
+# docs/results-scratch.md): they keep their defaults here and params.yaml does not list them; the grid's variants
+# (ablations.yaml) and `-S` set them.
+BENCH_OPTIONS = frozenset({"classifier.class_token_spread", "classifier.separation", "classifier.diversity"})
 
 
 class ConfigError(WsssError):

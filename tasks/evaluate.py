@@ -252,9 +252,8 @@ def _maps_image(
             columns[f"map {k + 1}"].append(heatmap(norm[k]) if has_map else np.full_like(image, 255))
             captions[f"map {k + 1}"].append(dataset.classes[classes[k]] if has_map else "")
     source = "labelled" if split == "train" else "predicted"
-    title = (
-        f"{split} split, first {len(rows)} images: [CLS] attention of each {source} class (maps {stats['map_blocks']})"
-    )
+    what = "[CLS] attention x ReLU(PatchCAM)" if getattr(model, "patch_head", None) is not None else "[CLS] attention"
+    title = f"{split} split, first {len(rows)} images: {what} of each {source} class (maps {stats['map_blocks']})"
     return image_grid(columns, title, captions=captions)
 
 

@@ -45,6 +45,7 @@ ADDED_LATER = (  # options declared with added_option: at their default they sta
     ("classifier", "class_token_spread"),
     ("classifier", "patch_cam"),
     ("classifier", "separation"),
+    ("classifier", "class_sample"),
     ("embedded", "family"),
 )
 

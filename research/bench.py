@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from wsss.lib.mask_rule import merge_maps, normalized_maps
+from wsss.lib.runtime import resolve_device
 from wsss.models.token_masking_vit import TokenMaskingViT
 
 __all__ = ["SIZES", "class_sampling_benchmark", "run_benchmarks"]
@@ -273,7 +274,7 @@ def run_benchmarks(
     With ``profile``, the P1 train steps are also profiled (torch.profiler) into ``<out>_profile.txt``.
     """
     dims = SIZES[size]
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    dev = resolve_device(device)
     bench = _Bench(dev, warmup, repeats, bf16)
     wrap: Wrap = torch.compile if compile else (lambda fn: fn)
     n_patches = (dims["img_size"] // dims["patch_size"]) ** 2
@@ -368,13 +369,10 @@ def run_benchmarks(
         },  # fmt: skip
         "timings": raw,
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _write_record(out, record, markdown_table(record))
     if profile:
         tables = [f"## {name}\n{bench.profile(step)}" for name, step in p1_steps.items()]
         out.with_name(f"{out.stem}_profile.txt").write_text("\n\n".join(tables) + "\n")
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown_table(record))
     return record
 
 
@@ -395,7 +393,7 @@ def class_sampling_benchmark(
     process; peak memory per case. Labels: 1-3 present classes per image, as in VOC/COCO. Per-class head for
     every case: the reference's linear head alone has C x C x D weights (1,000 classes: 192 M at ViT-Ti width)."""
     dims = SIZES[size]
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    dev = resolve_device(device)
     bench = _Bench(dev, warmup, repeats, bf16)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(dims["batch"], 3, dims["img_size"], dims["img_size"], generator=g).to(dev)
@@ -463,11 +461,17 @@ def class_sampling_benchmark(
             f"| {r['joint_peak_mib']} / {r['sampled_peak_mib']} |"
         )
     lines += ["", f"C = 1,000 sampled / C = 20 sampled: {record['c1000_sampled_vs_c20_sampled']:.2f} (target <= 1.2)."]
+    _write_record(out, record, "\n".join(lines) + "\n")
+    return record
+
+
+def _write_record(out: str | Path, record: dict[str, Any], table: str) -> Path:
+    """The record as JSON at ``out`` and its table beside it (``.md``); returns ``out`` as a Path."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return record
+    out.with_suffix(".md").write_text(table)
+    return out
 
 
 def _device_name(dev: torch.device) -> str:

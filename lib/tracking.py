@@ -10,8 +10,10 @@ the tracking store (sqlite or server) keeps the metadata. An existing experiment
 elsewhere is an error, not a silent local copy.
 
 Champion rule: a registered version of ``wsss-segmenter`` carries its validation mIoU as the version
-tag ``segmenter_miou`` (also a metric of its run); the alias ``champion`` moves to the new versions of
-both models only when the new mIoU is strictly greater than the current champion's.
+tag ``segmenter_miou`` (also a metric of its run) and the hash of the val split it was measured on
+(``wsss.val_data``, from the ingest stage); the alias ``champion`` moves to the new versions of both models only
+when the new mIoU is strictly greater than the current champion's *on the same val split*: scores on other
+images (another data set, other classes) do not compare, so a run on another data set never takes the alias.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SEGMENTER_MODEL = "wsss-segmenter"
 CHAMPION = "champion"
 SCORE_KEY = "segmenter_miou"
 INPUTS_TAG = "wsss.inputs_hash"
+VAL_DATA_TAG = "wsss.val_data"
 # MLflow 3's UI opens an experiment on its GenAI overview (traces) unless it is marked as model development,
 # then on its runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -268,20 +271,39 @@ def champion_score(client, name: str = SEGMENTER_MODEL) -> tuple[str | None, flo
         score = float(raw) if raw is not None else None
     except ValueError:
         score = None
-    return version.version, score
+    return str(version.version), score
 
 
-def promote_if_better(client, versions: Mapping[str, str], score: float | None) -> bool:
+def promote_if_better(
+    client, versions: Mapping[str, str], score: float | None, val_data: str
+) -> tuple[bool, str]:
     """Moves alias ``champion`` of every ``{model name: version}`` when ``score`` beats the champion's.
 
-    ``score`` belongs to the ``wsss-segmenter`` version in ``versions``. No score (or NaN) never wins; a
-    missing champion (or one without a score) is always beaten; a tie keeps the old champion.
+    ``score`` belongs to the ``wsss-segmenter`` version in ``versions``, measured on the val split whose hash is
+    ``val_data``. No score (or NaN) never wins; a champion measured on another val split is never compared (it
+    keeps the alias); a missing champion (or one without a score) is always beaten; a tie keeps the old champion.
+    A champion registered before versions carried ``wsss.val_data`` is compared by score alone.
+
+    Returns:
+        (moved, why): whether the alias moved, and the reason in a few words.
     """
     if score is None or not math.isfinite(score):
-        return False
-    _, current = champion_score(client, SEGMENTER_MODEL)
+        return False, "no score"
+    from mlflow.exceptions import MlflowException
+
+    version, current = champion_score(client, SEGMENTER_MODEL)
+    if version is not None:
+        with contextlib.suppress(MlflowException):
+            theirs = client.get_model_version(SEGMENTER_MODEL, version).tags.get(VAL_DATA_TAG)
+            if theirs is not None and theirs != val_data:
+                return False, (
+                    f"v{version} was scored on another val split ({theirs[:8]}, this run {val_data[:8]}): scores "
+                    f"do not compare; one MLFLOW_TRACKING_URI per data set keeps a champion for each"
+                )
     if current is not None and not score > current:
-        return False
-    for name, version in versions.items():
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-    return True
+        return False, f"v{version} scores {current:.4f}, this run {score:.4f}"
+    for name, number in versions.items():
+        client.set_registered_model_alias(name, CHAMPION, str(number))
+    if version is None:
+        return True, "first version"
+    return True, f"v{version} has no score" if current is None else f"beats v{version} ({score:.4f} > {current:.4f})"

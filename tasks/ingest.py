@@ -15,8 +15,9 @@ def ingest(source: Path, out: Path) -> dict:
     """The ingest stage: fully validates the data set at ``source`` and writes the canonical ``out/``.
 
     ``out/`` holds manifest.parquet, classes.json, bands.json (array images only), source.json
-    (``{"root": source, "content": <md5>}``: the root against which later stages resolve image paths, and a hash
-    of the bytes of every file the manifest names, so this output changes whenever a pixel does) and
+    (``{"root": source, "content": <md5>, "splits": {split: <md5>}}``: the root against which later stages resolve
+    image paths; a hash of each split's ids, labels and image and mask bytes, so this output changes whenever a
+    pixel does and a val score names the exact images it was measured on; ``content`` hashes them all) and
     summary.json. Nothing is written when validation fails.
 
     Raises:
@@ -29,20 +30,27 @@ def ingest(source: Path, out: Path) -> dict:
         write_classes(tmp / "classes.json", dataset.classes)
         if dataset.bands is not None:
             write_bands(tmp / BANDS_FILE, dataset.bands)
-        write_json(tmp / "source.json", {"root": str(source), "content": content_hash(dataset)})
+        splits = split_hashes(dataset)
+        content = hashlib.md5("".join(splits.values()).encode()).hexdigest()
+        write_json(tmp / "source.json", {"root": str(source), "content": content, "splits": splits})
         write_json(tmp / "summary.json", summary)
     return summary
 
 
-def content_hash(dataset: DatasetIndex) -> str:
-    """md5 over the bytes of every image and mask the manifest names, in manifest order."""
-    digest = hashlib.md5()
-    for column in ("image", "mask"):
-        for relative in dataset.manifest[column].tolist():
-            if isinstance(relative, str):
-                digest.update(relative.encode())
-                digest.update(dataset.path(relative).read_bytes())
-    return digest.hexdigest()
+def split_hashes(dataset: DatasetIndex) -> dict[str, str]:
+    """``{split: md5}`` over each row's id and labels and the bytes of the image and mask it names, in manifest
+    order."""
+    hashes = {}
+    for split, rows in dataset.manifest.groupby("split", sort=False):
+        digest = hashlib.md5()
+        for row in rows.itertuples(index=False):
+            digest.update(f"{row.id}\0{[int(v) for v in row.labels]}\0".encode())
+            for relative in (row.image, row.mask):
+                if isinstance(relative, str):
+                    digest.update(relative.encode())
+                    digest.update(dataset.path(relative).read_bytes())
+        hashes[str(split)] = digest.hexdigest()
+    return hashes
 
 
 def main(params: Params) -> dict:

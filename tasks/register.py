@@ -56,6 +56,15 @@ def _read_json(path: Path) -> Any:
         raise WsssError(f"{path}: cannot read JSON ({err})") from None
 
 
+def _val_data(source_file: Path) -> str:
+    """The ingest stage's hash of the val split: the images a segmenter_miou was measured on."""
+    source = _read_json(_require(source_file, "wsss ingest"))
+    splits = source.get("splits") if isinstance(source, dict) else None
+    if not isinstance(splits, dict) or not isinstance(splits.get("val"), str):
+        raise WsssError(f"{source_file}: no hash of the val split (an older ingest wrote it: run `wsss ingest` again)")
+    return splits["val"]
+
+
 def _reuse(client, experiment_id: str, inputs_hash: str) -> dict[str, Any] | None:
     """The record of a finished run that already registered exactly these inputs, if any."""
     runs = client.search_runs(
@@ -72,10 +81,11 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
     """Logs the finished pipeline in ``root`` (a repo with params.yaml, dvc.lock) to MLflow; see module doc.
 
     Returns (and writes to ``out`` unless None) ``{"run_id", "experiment_id", "classifier_version",
-    "segmenter_version", "segmenter_miou", "champion", "reused", "tracking_uri"}``.
+    "segmenter_version", "segmenter_miou", "champion", "champion_why", "reused", "tracking_uri"}``.
 
     Raises:
-        WsssError: a model or metrics file of the earlier stages is missing or unreadable.
+        WsssError: a model or metrics file of the earlier stages (or the ingest stage's source.json) is missing or
+            unreadable.
     """
     root = Path(root)
     classifier_dir = Path(params.classifier.out)
@@ -83,6 +93,7 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
     classifier_file = _require(classifier_dir / MODEL_FILE, "wsss train-classifier")
     segmenter_file = _require(segmenter_dir(params, "pseudo") / MODEL_FILE, "wsss train-segmenter")
     metrics_file = _require(metrics_dir / "metrics.json", "wsss evaluate")
+    val_data = _val_data(Path(params.ingest.out) / "source.json")
     metrics = _read_json(metrics_file)
     score = metrics.get(tracking.SCORE_KEY)
     score = float(score) if isinstance(score, int | float) else None
@@ -96,7 +107,7 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
     inputs_hash = tracking.files_hash([classifier_file, segmenter_file, metrics_file], extra=flat_params)
     record = _reuse(client, experiment_id, inputs_hash)
     if record is None:
-        run = _Run(client, experiment_id, root, params, inputs_hash)
+        run = _Run(client, experiment_id, root, params, inputs_hash, val_data)
         try:
             record = run.log(flat_params, metrics, score, classifier_file, segmenter_file)
         except Exception as err:
@@ -115,9 +126,11 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
 class _Run:
     """One new MLflow run of this pipeline state."""
 
-    def __init__(self, client, experiment_id: str, root: Path, params: Params, inputs_hash: str) -> None:
+    def __init__(
+        self, client, experiment_id: str, root: Path, params: Params, inputs_hash: str, val_data: str
+    ) -> None:
         self.client, self.experiment_id, self.root = client, experiment_id, root
-        self.params, self.inputs_hash = params, inputs_hash
+        self.params, self.inputs_hash, self.val_data = params, inputs_hash, val_data
         self.metrics_dir = Path(params.evaluate.metrics_dir)
         self.plots_dir = Path(params.evaluate.plots_dir)
 
@@ -158,12 +171,13 @@ class _Run:
                 card = model_card(kind, self.params, metrics, model_file, self.root)
                 info = serving.log_pyfunc(kind, model_file, name, config, card)
                 versions[name] = str(info.registered_model_version)
-                tags = {"run_id": run_id, tracking.SCORE_KEY: score, tracking.INPUTS_TAG: self.inputs_hash}
+                tags = {"run_id": run_id, tracking.SCORE_KEY: score, tracking.INPUTS_TAG: self.inputs_hash,
+                        tracking.VAL_DATA_TAG: self.val_data}  # fmt: skip
                 for key, value in tags.items():
                     client.set_model_version_tag(name, versions[name], key, "none" if value is None else str(value))
                 client.update_model_version(name, versions[name], description=card)
                 client.update_registered_model(name, description=MODEL_SUMMARY[kind])
-            champion = tracking.promote_if_better(client, versions, score)
+            champion, why = tracking.promote_if_better(client, versions, score, self.val_data)
             record = {
                 "run_id": run_id,
                 "experiment_id": self.experiment_id,
@@ -171,6 +185,7 @@ class _Run:
                 "segmenter_version": versions[tracking.SEGMENTER_MODEL],
                 tracking.SCORE_KEY: score,
                 "champion": champion,
+                "champion_why": why,
                 "reused": False,
             }
             # Last: a run carrying this tag is complete, so a later rerun on the same inputs may reuse it.
@@ -286,7 +301,7 @@ def _checkpoint_record(model_file: Path) -> dict[str, Any]:
 def main(params: Params) -> dict[str, Any]:
     """CLI entry (``wsss register``), run by DVC in the repo root after ``evaluate``."""
     record = register(params, Path.cwd())
-    verdict = "new champion" if record["champion"] else "champion unchanged"
+    verdict = f"{'new champion' if record['champion'] else 'champion unchanged'}: {record.get('champion_why')}"
     if record["reused"]:
         verdict = "already registered by this run"
     print(

@@ -160,6 +160,7 @@ def test_ingest_writes_the_canonical_dataset(tiny_dataset: Path, tiny_params: Pa
     ]
     source = json.loads((out / "source.json").read_text())
     assert source["root"] == str(tiny_dataset) and len(source["content"]) == 32  # the data's md5: DVC sees changes
+    assert sorted(source["splits"]) == ["train", "val"] and source["splits"]["train"] != source["splits"]["val"]
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["classes"] == ["bird", "elephant", "giraffe"]
     train = summary["splits"]["train"]
@@ -213,5 +214,8 @@ def test_a_changed_pixel_changes_what_ingest_writes(tiny_dataset: Path, tmp_path
     pixels[0, 0] = 255 - pixels[0, 0]
     Image.fromarray(pixels).save(image)
     ingest(copy, tmp_path / "b")
-    source = [json.loads((tmp_path / name / "source.json").read_text())["content"] for name in "ab"]
-    assert source[0] != source[1]
+    source = [json.loads((tmp_path / name / "source.json").read_text()) for name in "ab"]
+    assert source[0]["content"] != source[1]["content"]
+    # The val split's hash (what a segmenter_miou is measured on, compared by the champion rule) stays.
+    assert source[0]["splits"]["train"] != source[1]["splits"]["train"]
+    assert source[0]["splits"]["val"] == source[1]["splits"]["val"]

@@ -20,6 +20,7 @@ from tests.test_layout import user_project
 from wsss.lib import tracking
 from wsss.lib.artifacts import segmenter_dir
 from wsss.lib.config import Params
+from wsss.lib.errors import WsssError
 from wsss.models.segmenter import Segmenter
 from wsss.tasks.register import register
 from wsss.tasks.train_classifier import build_classifier, model_kwargs
@@ -46,9 +47,14 @@ def _history(path: Path, columns: dict[str, list[float]]) -> None:
             writer.writerow([epoch, *values])
 
 
-def _finished_pipeline(params: Params, miou: float | None, seed: int) -> None:
-    """What the stages leave behind, in their formats, with a chosen segmenter_miou (new weights per seed)."""
+def _finished_pipeline(params: Params, miou: float | None, seed: int, val_data: str = "a" * 32) -> None:
+    """What the stages leave behind, in their formats, with a chosen segmenter_miou (new weights per seed), measured
+    on the val split whose hash is ``val_data``."""
     torch.manual_seed(seed)
+    ingested = Path(params.ingest.out)
+    ingested.mkdir(parents=True, exist_ok=True)
+    splits = {"train": "t" * 32, "val": val_data}
+    (ingested / "source.json").write_text(json.dumps({"root": "data", "content": "c" * 32, "splits": splits}))
     classifier = build_classifier(params.classifier, len(CLASSES))
     record = {
         "model_name": params.classifier.model,
@@ -82,6 +88,10 @@ def test_champion_moves_only_when_the_new_miou_is_better(store: Path, tiny_param
         _finished_pipeline(tiny_params, miou, seed)
         versions.append(register(tiny_params, store, out=store / "registry.json"))
     assert [v["champion"] for v in versions] == [True, False, False, True]  # first, worse, tie, better
+    assert [v["champion_why"] for v in versions] == [
+        "first version", "v1 scores 0.3000, this run 0.2000", "v1 scores 0.3000, this run 0.3000",
+        "beats v1 (0.4500 > 0.3000)",
+    ]  # fmt: skip
     assert [v["segmenter_version"] for v in versions] == ["1", "2", "3", "4"]
     assert json.loads((store / "registry.json").read_text())["segmenter_version"] == "4"
 
@@ -111,6 +121,28 @@ def test_champion_moves_only_when_the_new_miou_is_better(store: Path, tiny_param
         and "| segmenter mIoU | val | 0.450 |" in version.description
     )
     assert client.get_registered_model(tracking.SEGMENTER_MODEL).description.startswith("Semantic segmentation")
+
+
+def test_a_score_on_another_val_split_never_takes_the_champion(store: Path, tiny_params: Params):
+    """Another data set's mIoU (other images, other classes) does not compare with the champion's, however high."""
+    _finished_pipeline(tiny_params, 0.30, 0, val_data="a" * 32)
+    assert register(tiny_params, store, out=None)["champion"] is True
+    _finished_pipeline(tiny_params, 0.90, 1, val_data="b" * 32)
+    record = register(tiny_params, store, out=None)
+    assert record["champion"] is False and record["champion_why"].startswith("v1 was scored on another val split")
+    client = tracking.get_client(store)
+    assert tracking.champion_score(client) == ("1", 0.30)
+    assert client.get_model_version(tracking.SEGMENTER_MODEL, "2").tags[tracking.VAL_DATA_TAG] == "b" * 32
+    _finished_pipeline(tiny_params, 0.35, 2, val_data="a" * 32)  # back on the champion's split: compared again
+    assert register(tiny_params, store, out=None)["champion"] is True
+
+
+def test_register_names_an_ingest_output_without_split_hashes(store: Path, tiny_params: Params):
+    _finished_pipeline(tiny_params, 0.30, 0)
+    (Path(tiny_params.ingest.out) / "source.json").write_text(json.dumps({"root": "data", "content": "c" * 32}))
+    with pytest.raises(WsssError, match=r"source.json: no hash of the val split .*run `wsss ingest` again"):
+        register(tiny_params, store, out=None)
+    assert not (store / "mlflow.db").exists() or tracking.champion_score(tracking.get_client(store)) == (None, None)
 
 
 def test_a_run_without_a_score_never_becomes_champion(store: Path, tiny_params: Params):

@@ -274,9 +274,7 @@ def champion_score(client, name: str = SEGMENTER_MODEL) -> tuple[str | None, flo
     return str(version.version), score
 
 
-def promote_if_better(
-    client, versions: Mapping[str, str], score: float | None, val_data: str
-) -> tuple[bool, str]:
+def promote_if_better(client, versions: Mapping[str, str], score: float | None, val_data: str) -> tuple[bool, str]:
     """Moves alias ``champion`` of every ``{model name: version}`` when ``score`` beats the champion's.
 
     ``score`` belongs to the ``wsss-segmenter`` version in ``versions``, measured on the val split whose hash is

@@ -126,9 +126,7 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
 class _Run:
     """One new MLflow run of this pipeline state."""
 
-    def __init__(
-        self, client, experiment_id: str, root: Path, params: Params, inputs_hash: str, val_data: str
-    ) -> None:
+    def __init__(self, client, experiment_id: str, root: Path, params: Params, inputs_hash: str, val_data: str) -> None:
         self.client, self.experiment_id, self.root = client, experiment_id, root
         self.params, self.inputs_hash, self.val_data = params, inputs_hash, val_data
         self.metrics_dir = Path(params.evaluate.metrics_dir)

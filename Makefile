@@ -43,10 +43,11 @@ repro: data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # The experiments (`dvc exp run -S ...`, queued `dvc exp run --queue`) as one readable table: the
-# params that differ between them and the headline metrics; no code-file hashes, no secondary metrics.
+# params that differ between them and the headline metrics; no code-file hashes, no secondary metrics. Piped or
+# redirected (no terminal to size it by) the table is 250 columns wide instead of dvc's 80 with truncated columns.
 EXP_HEADLINE := pseudo_mask_miou|segmenter_miou|segmenter_gt_miou|classifier_val_map|class_specificity|area_share
 exp: setup
-	$(BIN)/dvc exp show --no-pager --only-changed --keep 'Experiment|Created|$(EXP_HEADLINE)' \
+	test -t 1 || export COLUMNS=$${COLUMNS:-250}; $(BIN)/dvc exp show --no-pager --only-changed --keep 'Experiment|Created|$(EXP_HEADLINE)' \
 	  --drop '.*\.py$$|.*/.*|^data$$|.*_pixel_accuracy$$|pseudo_mask_(ceiling_miou|fg_threshold|bg_threshold)$$|classifier_(val_f1_macro|closed_heads)$$'
 
 # The champion segmenter as a REST service (MLflow's scoring server, this venv: --env-manager local):

@@ -26,10 +26,28 @@ mkdir -p "$LOGS"
 say() { printf '\n==> %s\n' "$*"; }
 
 STARTED=()  # process-group ids of what this script started, in start order
+descendants() {  # every process below pid $1
+  local child
+  for child in $(pgrep -P "$1"); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+alive() {  # any of the pids $@ still running
+  local pid
+  for pid in "$@"; do kill -0 "$pid" 2>/dev/null && return 0; done
+  return 1
+}
 stop_group() {  # TERM, then KILL after GRACE_S
-  local pgid=$1 deadline=$((SECONDS + GRACE_S)) nudge=$((SECONDS + 3))
+  local pgid=$1 deadline=$((SECONDS + GRACE_S)) nudge=$((SECONDS + 3)) below
+  # The worker starts each flow run (and its stage commands) in a session of its own: outside this group, and
+  # orphaned once the worker is gone. Listed first, stopped with it.
+  below=$(descendants "$pgid")
   kill -TERM -- "-$pgid" 2>/dev/null || return 0
-  while kill -0 -- "-$pgid" 2>/dev/null && ((SECONDS < deadline)); do
+  # shellcheck disable=SC2086
+  kill -TERM $below 2>/dev/null || true
+  # shellcheck disable=SC2086
+  while { kill -0 -- "-$pgid" 2>/dev/null || alive $below; } && ((SECONDS < deadline)); do
     # A Prefect 3.9 worker turns TERM into one SIGINT to itself and keeps running; a second one stops it.
     if ((nudge && SECONDS >= nudge)); then
       kill -INT -- "-$pgid" 2>/dev/null || true
@@ -37,9 +55,12 @@ stop_group() {  # TERM, then KILL after GRACE_S
     fi
     sleep 0.2
   done
-  if kill -0 -- "-$pgid" 2>/dev/null; then
-    echo "process group $pgid still running ${GRACE_S}s after TERM: KILL"
+  # shellcheck disable=SC2086
+  if kill -0 -- "-$pgid" 2>/dev/null || alive $below; then
+    echo "process group $pgid (or a flow run it started) still running ${GRACE_S}s after TERM: KILL"
     kill -KILL -- "-$pgid" 2>/dev/null || true
+    # shellcheck disable=SC2086
+    kill -KILL $below 2>/dev/null || true
   fi
 }
 stop_started() {  # newest first: the worker talks to the server while it shuts down
@@ -48,7 +69,7 @@ stop_started() {  # newest first: the worker talks to the server while it shuts 
   STARTED=()
 }
 # (An `a && b` whose b fails would end the trap with that status under set -e: `if` instead.)
-trap 'rc=$?; if [[ -n "${FOLLOW:-}" ]]; then kill "$FOLLOW" 2>/dev/null || true; fi; stop_started; exit $rc' EXIT
+trap 'rc=$?; for pid in ${WATCH:-} ${FOLLOW:-}; do kill "$pid" 2>/dev/null || true; done; stop_started; exit $rc' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -115,7 +136,12 @@ say "prefect deployment run wsss/full --watch ${args[*]}"
 start=$SECONDS
 rc=0
 # The worker's output above is the flow run's log; the state events of --watch go to watch.log.
-prefect deployment run wsss/full --watch "${args[@]}" >"$LOGS/watch.log" 2>&1 || rc=$?
+# In the background and `wait`ed for: bash runs a trap only when a foreground command returns, so a TERM sent to
+# this script would otherwise wait for the whole flow run; `wait` returns at once and the traps stop everything.
+prefect deployment run wsss/full --watch "${args[@]}" >"$LOGS/watch.log" 2>&1 &
+WATCH=$!
+wait "$WATCH" || rc=$?
+WATCH=""
 elapsed=$((SECONDS - start))
 sleep 1  # the worker's last lines
 kill "$FOLLOW" 2>/dev/null || true

@@ -119,6 +119,19 @@ def test_plan_rejects_unknown_names_and_overrides_that_do_not_apply(tmp_path: Pa
         plan(broken, params_file, tmp_path)
 
 
+def test_the_committed_grid_plans_every_variant_at_every_scale(tmp_path: Path):
+    """ablations.yaml as committed: every override of every scale and variant applies to params.yaml (a typo in a
+    grid cell fails here, not an hour into a grid run)."""
+    repo = Path(__file__).resolve().parents[1]
+    config = read_config(repo / ablations.ABLATIONS_FILE)
+    for scale in config.scales:
+        cells = plan(config, repo / "params.yaml", tmp_path, scale=scale, variants=list(config.variants))
+        assert len(cells) == len(config.variants) * len(config.seeds)
+    many = {c.variant: c.params for c in plan(config, repo / "params.yaml", tmp_path, scale="many_classes", seeds=[0])}
+    assert many["full"].classifier.class_sample == 0 and many["class_sample"].classifier.class_sample == 16
+    assert many["full"].embedded.family == "tinted_shapes" and many["full"].embedded.classes == []
+
+
 def test_plan_shares_a_classifier_only_between_variants_with_equal_classifier_params(
     tmp_path: Path, tiny_params: Params
 ):

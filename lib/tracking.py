@@ -257,21 +257,31 @@ def champion_score(client, name: str = SEGMENTER_MODEL) -> tuple[str | None, flo
 
     The score is the version tag ``segmenter_miou``, else the metric of the run that logged it.
     """
+    champion = _champion(client, name)
+    return (None, None) if champion is None else (str(champion.version), _score(client, champion))
+
+
+def _champion(client, name: str):
+    """The ModelVersion holding alias ``champion`` (with its tags), or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return None, None
+        return None
+
+
+def _score(client, version) -> float | None:
+    from mlflow.exceptions import MlflowException
+
     raw = version.tags.get(SCORE_KEY)
     if raw is None and version.run_id:
         with contextlib.suppress(MlflowException):
             raw = client.get_run(version.run_id).data.metrics.get(SCORE_KEY)
     try:
-        score = float(raw) if raw is not None else None
+        return float(raw) if raw is not None else None
     except ValueError:
-        score = None
-    return str(version.version), score
+        return None
 
 
 def promote_if_better(client, versions: Mapping[str, str], score: float | None, val_data: str) -> tuple[bool, str]:
@@ -287,21 +297,19 @@ def promote_if_better(client, versions: Mapping[str, str], score: float | None, 
     """
     if score is None or not math.isfinite(score):
         return False, "no score"
-    from mlflow.exceptions import MlflowException
-
-    version, current = champion_score(client, SEGMENTER_MODEL)
-    if version is not None:
-        with contextlib.suppress(MlflowException):
-            theirs = client.get_model_version(SEGMENTER_MODEL, version).tags.get(VAL_DATA_TAG)
-            if theirs is not None and theirs != val_data:
-                return False, (
-                    f"v{version} was scored on another val split ({theirs[:8]}, this run {val_data[:8]}): scores "
-                    f"do not compare; one MLFLOW_TRACKING_URI per data set keeps a champion for each"
-                )
-    if current is not None and not score > current:
-        return False, f"v{version} scores {current:.4f}, this run {score:.4f}"
+    champion = _champion(client, SEGMENTER_MODEL)
+    if champion is not None:
+        version, current = champion.version, _score(client, champion)
+        theirs = champion.tags.get(VAL_DATA_TAG)
+        if theirs is not None and theirs != val_data:
+            return False, (
+                f"v{version} was scored on another val split ({theirs[:8]}, this run {val_data[:8]}): scores "
+                f"do not compare; one MLFLOW_TRACKING_URI per data set keeps a champion for each"
+            )
+        if current is not None and not score > current:
+            return False, f"v{version} scores {current:.4f}, this run {score:.4f}"
     for name, number in versions.items():
         client.set_registered_model_alias(name, CHAMPION, str(number))
-    if version is None:
+    if champion is None:
         return True, "first version"
     return True, f"v{version} has no score" if current is None else f"beats v{version} ({score:.4f} > {current:.4f})"

@@ -299,9 +299,10 @@ def _checkpoint_record(model_file: Path) -> dict[str, Any]:
 def main(params: Params) -> dict[str, Any]:
     """CLI entry (``wsss register``), run by DVC in the repo root after ``evaluate``."""
     record = register(params, Path.cwd())
-    verdict = f"{'new champion' if record['champion'] else 'champion unchanged'}: {record.get('champion_why')}"
     if record["reused"]:
         verdict = "already registered by this run"
+    else:
+        verdict = f"{'new champion' if record['champion'] else 'champion unchanged'}: {record['champion_why']}"
     print(
         f"MLflow run {record['run_id']}: wsss-classifier v{record['classifier_version']}, "
         f"wsss-segmenter v{record['segmenter_version']} (segmenter_miou {record['segmenter_miou']}) -> "

@@ -6,6 +6,7 @@ The CLI, DVC (``params:`` deps) and Prefect (deployment parameters) all read the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import re
@@ -175,13 +176,15 @@ class EvaluateParams:
 class TrainerParams:
     """How the training stages run: ``nproc > 1`` launches them under torchrun (DDP, one process per GPU);
     ``num_workers`` DataLoader processes decode and augment the images (0: in the training process).
-    ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast (fp16 with a GradScaler); ``auto`` is bf16 on CUDA and
-    fp32 on CPU (bf16 autocast measured 2.6x slower for the tiny CPU default). ``channels_last`` (None: on
-    CUDA) lays out the conv parts' activations for tensor cores; ``compile`` wraps the model in torch.compile."""
+    ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast (fp16 with a GradScaler); ``auto`` (the default) is
+    decided per process from the hardware (:func:`wsss.lib.runtime.decide_precision`): bf16 on a GPU that has it
+    (else fp16), on a CPU bf16 only with bf16 units (AMX, AVX512-BF16), else fp32. ``channels_last`` (None: on
+    CUDA, and for the segmenter on the CPU too) lays out the conv parts' activations for tensor cores and oneDNN's
+    fast kernels; ``compile`` wraps the model in torch.compile."""
 
     nproc: int = 1
     num_workers: int = 0
-    precision: str = "bf16"
+    precision: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
 
@@ -206,7 +209,7 @@ class Params:
 
     seed: int = 0
     device: str = "auto"
-    num_threads: int = 2
+    num_threads: int | str = "auto"  # auto: the cores this process may use (affinity, cgroup quota)
     embedded: EmbeddedParams = field(default_factory=EmbeddedParams)
     ingest: IngestParams = field(default_factory=IngestParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
@@ -222,7 +225,7 @@ class Params:
 
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
-    "classifier.head": ("per_class", "linear"),
+    "classifier.head": ("linear", "per_class", "shared", "mean"),
     "classifier.class_tokens": ("joint", "read_only"),
     "classifier.gate_penalty": ("sum", "layer_mean", "mean"),
     "pseudo_masks.refine": ("none", "affinity"),
@@ -244,7 +247,6 @@ _NON_NEGATIVE = {
     "trainer.num_workers",
 }
 _POSITIVE = {
-    "num_threads",
     "embedded.image_size",
     "embedded.train_images",
     "embedded.val_images",
@@ -275,8 +277,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            return _coerce(value, members[0], key)
+        for inner in members:  # e.g. int | str ("auto"): the first member that takes the value
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, inner, key)
+        raise ConfigError(f"{key}: expected {' or '.join(m.__name__ for m in members)}, got {value!r}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
@@ -327,6 +334,9 @@ def _validate(params: Params) -> None:
     for key in _POSITIVE:
         if flat[key] is not None and flat[key] <= 0:  # None: an optional value left unset
             raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
+    threads = params.num_threads
+    if threads != "auto" and (isinstance(threads, str) or threads <= 0):
+        raise ConfigError(f"num_threads: {threads!r} is not auto or a number of threads > 0")
     try:
         map_block_count(params.pseudo_masks.map_blocks)
     except ValueError as err:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss.lib.config import Params
 from wsss.lib.errors import WsssError
-from wsss.lib.runtime import setup_runtime
+from wsss.lib.runtime import resolve_threads, setup_runtime
 
 # Rank 0 alone scores the val split after each epoch while the other ranks wait in the next
 # collective; the default timeout (10 min for NCCL) would kill long evaluations.
@@ -94,7 +94,7 @@ def launch(command: list[str], params: Params) -> None:
 
     nproc = params.trainer.nproc
     # torchrun sets OMP_NUM_THREADS=1 (with a warning) when unset; the workers set num_threads anyway.
-    os.environ.setdefault("OMP_NUM_THREADS", str(params.num_threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(resolve_threads(params.num_threads, nproc, announce=False)))
     fd, name = tempfile.mkstemp(prefix="wsss-params-", suffix=".yaml")
     try:
         with os.fdopen(fd, "w") as handle:
@@ -116,7 +116,8 @@ def process_group(params: Params) -> Iterator[tuple[torch.device, World]]:
 
     Yields the device of this rank (``cuda:LOCAL_RANK`` on GPUs) and its :class:`World`.
     """
-    device = setup_runtime(params.seed, params.num_threads, params.device)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if inside_torchrun() else 1
+    device = setup_runtime(params.seed, params.num_threads, params.device, share=ranks_here)
     if not inside_torchrun():
         yield device, World()
         return

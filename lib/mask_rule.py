@@ -20,9 +20,11 @@ comes back for step 5 on the CPU (scipy's distance transform).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
+import multiprocessing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -295,6 +297,44 @@ class ThresholdSearch:
         return self._search((fg + a, max(0.0, bg + b)) for a, b in itertools.product(FINE_STEPS, FINE_STEPS))
 
 
+# The block candidates' coarse searches run in worker processes when there is enough of them: on 2 cores they were a
+# third of the pseudo-mask stage, single-threaded (the fill's distance transform holds the GIL between calls).
+PARALLEL_SEARCH_MIN = 400  # tuning images x candidates below which starting processes costs more than it saves
+
+
+def _coarse_scores(job: tuple[list, int]) -> dict[tuple[float, float], float]:
+    """A worker's share: one candidate's coarse grid (one thread: the workers share the cores)."""
+    torch.set_num_threads(1)
+    search = ThresholdSearch(*job)
+    search.coarse()
+    return search.scores
+
+
+def coarse_scores(jobs: Iterator[list], num_classes: int, workers: int, total: int) -> list[dict]:
+    """The coarse grid's scores of each candidate's tuning samples (``jobs``, made lazily), in ``workers``
+    processes (spawned: the parent's torch threads do not survive a fork) when ``total`` samples make it pay and
+    this process may have children; the scores are the serial ones, each search being a function of its samples.
+    At most ``workers`` candidates' samples are held at once."""
+    if workers < 2 or total < PARALLEL_SEARCH_MIN or multiprocessing.current_process().daemon:
+        return [_searched(samples, num_classes).scores for samples in jobs]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending, results = [], []
+        for samples in jobs:
+            if len(pending) == workers:
+                results.append(pending.pop(0).result())
+            # numpy, not tensors: torch would share each tensor through a file descriptor of its own
+            arrays = [(np.asarray(maps), classes, probs, gt) for maps, classes, probs, gt in samples]
+            pending.append(pool.submit(_coarse_scores, (arrays, num_classes)))
+        return results + [future.result() for future in pending]
+
+
+def _searched(samples: list, num_classes: int) -> ThresholdSearch:
+    search = ThresholdSearch(samples, num_classes)
+    search.coarse()
+    return search
+
+
 def tune_thresholds(
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], num_classes: int, refine: bool = True
 ) -> tuple[float, float, float]:
@@ -444,15 +484,21 @@ def decide_rule(
     pairs = zip(sample.gt_paths, sample.data.original_sizes, strict=True)
     gts = [resize_mask(read_mask(dataset.root / path), tuning_size(size)) for path, size in pairs]
     usable = model.map_layers(None)
+    names = sorted(candidates, key=lambda name: -len(model.map_layers(candidates[name])))
+
+    def samples_of(name: str) -> list:
+        skip = len(usable) - len(model.map_layers(candidates[name]))
+        return tuning_samples(sample, [sum_blocks(maps[skip:].unbind(0)) for maps in sample.maps], gts, has_labels)
+
+    workers = min(torch.get_num_threads(), len(names))
+    grids = coarse_scores((samples_of(name) for name in names), dataset.num_classes, workers, len(gts) * len(names))
     scores, best = {}, None
-    for name, count in sorted(candidates.items(), key=lambda item: -len(model.map_layers(item[1]))):
-        skip = len(usable) - len(model.map_layers(count))
-        summed = [sum_blocks(maps[skip:].unbind(0)) for maps in sample.maps]
-        samples = tuning_samples(sample, summed, gts, has_labels)
-        search = ThresholdSearch(samples, dataset.num_classes)
-        scores[name] = search.coarse()[2]
-        if best is None or scores[name] > scores[best[0]]:  # strictly better: ties keep more blocks
-            best = (name, search)  # only the leader's samples are kept
-    fg, bg, score = best[1].refine()  # the coarse grid of the leader is not scored again
-    layers = tuple(model.map_layers(candidates[best[0]]))
-    return MaskRule(fg, bg, score, best[0], layers, scores if len(candidates) > 1 else None, precision)
+    for name, grid in zip(names, grids, strict=True):
+        scores[name] = max(grid.values())  # the first pair of the highest score, as ThresholdSearch picks it
+        if best is None or scores[name] > scores[best]:  # strictly better: ties keep more blocks
+            best = name
+    search = ThresholdSearch(samples_of(best), dataset.num_classes)
+    search.scores = dict(grids[names.index(best)])  # the leader's coarse grid is not scored again
+    fg, bg, score = search.refine()
+    layers = tuple(model.map_layers(candidates[best]))
+    return MaskRule(fg, bg, score, best, layers, scores if len(candidates) > 1 else None, precision)

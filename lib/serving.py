@@ -45,6 +45,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wsss.lib.images import encode_mask_png
+from wsss.lib.runtime import autocast, resolve_precision
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "model"  # the stage's model.pt inside the logged model
@@ -143,6 +144,15 @@ def _mask_columns(masks: Sequence[np.ndarray], class_names: Sequence[str]) -> di
     }
 
 
+CPU = torch.device("cpu")
+
+
+def serving_precision(model_config: dict[str, Any] | None) -> str:
+    """The precision a served model runs at: its registering run's ``trainer.precision`` (``auto``: decided on
+    the serving machine, :func:`wsss.lib.runtime.decide_precision`); fp32 for a version registered without one."""
+    return resolve_precision(str((model_config or {}).get("precision", "fp32")), CPU, announce=False)
+
+
 class SegmenterModel(mlflow.pyfunc.PythonModel):
     """``wsss-segmenter``: images -> masks at each image's own size (``wsss predict --model``)."""
 
@@ -154,13 +164,14 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         self.model, record = load_segmenter(context.artifacts[MODEL_ARTIFACT])
         self.size = int(record["img_size"])
         self.class_names = list(record.get("classes", []))
+        self.precision = serving_precision(context.model_config)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from wsss.lib.inference import segment_images
 
         images = read_images(model_input)
-        with torch.no_grad():
-            masks = segment_images(self.model, images, self.size, torch.device("cpu"), BATCH_SIZE)
+        with torch.no_grad(), autocast(self.precision, CPU):
+            masks = segment_images(self.model, images, self.size, CPU, BATCH_SIZE)
         return pd.DataFrame(
             {**_mask_columns(masks, self.class_names), "class_names": [json.dumps(self.class_names)] * len(masks)}
         )
@@ -177,19 +188,21 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         self.model, record = load_classifier(context.artifacts[MODEL_ARTIFACT])
         self.class_names = list(record.get("classes", []))
         self.rule = dict(context.model_config or {})  # `wsss predict --from-attention`'s params at registration
+        self.precision = serving_precision(context.model_config)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        images = read_images(model_input)
+        with autocast(self.precision, CPU):
+            return self._predict(images, params or {})
+
+    def _predict(self, images: list[np.ndarray], params: dict[str, Any]) -> pd.DataFrame:
         from wsss.lib.datasets import aspect_size, image_tensor, normalize
         from wsss.lib.inference import attention_masks
 
-        images = read_images(model_input)
-        params = params or {}
         if params.get("attention_masks"):
             thresholds = (float(self.rule.get("fg_threshold", 0.5)), float(self.rule.get("bg_threshold", 0.2)))
             blocks = self.rule.get("map_blocks")
-            masks, probs = attention_masks(
-                self.model, images, torch.device("cpu"), thresholds, BATCH_SIZE, map_blocks=blocks
-            )
+            masks, probs = attention_masks(self.model, images, CPU, thresholds, BATCH_SIZE, map_blocks=blocks)
             columns = _mask_columns(masks, self.class_names)
         else:
             size, patch = self.model.grid_size[0] * self.model.patch_size, self.model.patch_size

@@ -48,7 +48,7 @@ EXPERIMENT_KIND = "custom_model_development"
 # no metric at all.
 HEADLINE_VIEW = "headline"
 HEADLINE_METRICS = (
-    "pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou", "classifier_val_map", "class_specificity", "area_share",
+    "pseudo_mask_miou", "segmenter_miou", "classifier_val_map", "class_specificity", "area_share",
 )  # fmt: skip
 HEADLINE_PARAMS = ("classifier.model", "classifier.pretrained", "classifier.epochs")
 

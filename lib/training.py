@@ -175,10 +175,13 @@ def fit(
         write_csv(loop.out / HISTORY_FILE, loop.history)
 
 
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None) -> nn.Module:
-    """Moves ``model`` to ``device``, in channels-last layout for its convolutions when asked (None: on CUDA)."""
+def prepare_model(
+    model: nn.Module, device: torch.device, channels_last: bool | None, on_cpu: bool = False
+) -> nn.Module:
+    """Moves ``model`` to ``device``, in channels-last layout for its convolutions when asked (None: on CUDA, and
+    on the CPU where ``on_cpu`` says the model gains by it: a convolutional net, whose oneDNN kernels prefer it)."""
     model.to(device)
-    if channels_last if channels_last is not None else device.type == "cuda":
+    if channels_last if channels_last is not None else (device.type == "cuda" or on_cpu):
         model.to(memory_format=torch.channels_last)
     return model
 

@@ -38,7 +38,10 @@ class CamViT(TokenMaskingViT):
         **kwargs,
     ) -> None:
         if head not in ("per_class", "linear"):
-            raise ValueError(f"head must be 'per_class' or 'linear', got {head!r}")
+            raise ValueError(
+                f"head must be 'per_class' or 'linear' for a CAM ViT (one [CLS] token), got {head!r}: "
+                "the shared and mean read-outs need one class token per class"
+            )
         if mask_ratio > 0:
             raise ValueError(
                 f"mask_ratio must be 0 for a CAM ViT (one [CLS] token shared by all classes), got {mask_ratio}"

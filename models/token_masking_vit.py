@@ -9,6 +9,7 @@ works.
 from __future__ import annotations
 
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +40,8 @@ __all__ = [
 
 GatePenalty = Literal["sum", "layer_mean", "mean"]
 ClassTokens = Literal["joint", "read_only"]
+Head = Literal["linear", "per_class", "shared", "mean"]
+HEADS: tuple[str, ...] = typing.get_args(Head)
 
 
 class GatedAttention(Attention):
@@ -181,8 +184,13 @@ class TokenMaskingViT(nn.Module):
         stem: ``"linear"`` (ViT patchify, loads timm weights) or ``"conv"`` (3x3 stride-2 conv stem
             + 1x1 projection, trains from scratch far better on small data).
         reg_token: Append one [REG] token.
-        head: ``"per_class"`` (logit_c = w_c . CLS_c + b_c) or ``"linear"`` (one Linear over the
-            concatenated class tokens, as the reference).
+        head: the read-out of the class tokens' outputs: ``"linear"`` (one Linear over the concatenated class
+            tokens, as the reference), ``"per_class"`` (logit_c = w_c . CLS_c + b_c), ``"shared"`` (logit_c =
+            w . CLS_c + b_c, one w for every class) or ``"mean"`` (MCTformer-V1's, a peer's: logit_c = the mean
+            over channels of CLS_c's output before the final norm, no parameters). With ``linear`` and
+            ``per_class`` one token can serve every class (the class identity lives in the read-out's weights);
+            with ``shared`` and ``mean`` identical tokens give identical logits, so the loss itself must make
+            token c a detector of class c.
         mask_ratio: Training-time probability of zeroing each absent class's [CLS] output.
         gates: Hard Concrete gate per head per block.
         gate_init: Initial ``log_alpha`` of every gate.
@@ -218,7 +226,7 @@ class TokenMaskingViT(nn.Module):
         qkv_bias: bool = True,
         stem: Literal["linear", "conv"] = "linear",
         reg_token: bool = True,
-        head: Literal["per_class", "linear"] = "linear",
+        head: Head = "linear",
         mask_ratio: float = 0.5,
         gates: bool = True,
         gate_init: float = 3.0,
@@ -233,8 +241,8 @@ class TokenMaskingViT(nn.Module):
         super().__init__()
         if class_tokens not in ("joint", "read_only"):
             raise ValueError(f"class_tokens must be 'joint' or 'read_only', got {class_tokens!r}")
-        if head not in ("per_class", "linear"):
-            raise ValueError(f"head must be 'per_class' or 'linear', got {head!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         if stem not in ("linear", "conv"):
             raise ValueError(f"stem must be 'linear' or 'conv', got {stem!r}")
         self.num_classes = num_classes
@@ -294,11 +302,12 @@ class TokenMaskingViT(nn.Module):
         return self.num_classes
 
     def _build_head(self) -> None:
-        """The classifier on the class tokens' outputs (``head_type``)."""
-        if self.head_type == "per_class":
-            self.head_weight = nn.Parameter(torch.zeros(self.num_classes, self.embed_dim))
+        """The classifier on the class tokens' outputs (``head_type``); ``mean`` has no parameters."""
+        if self.head_type in ("per_class", "shared"):
+            shape = (self.num_classes, self.embed_dim) if self.head_type == "per_class" else (self.embed_dim,)
+            self.head_weight = nn.Parameter(torch.zeros(shape))
             self.head_bias = nn.Parameter(torch.zeros(self.num_classes))
-        else:
+        elif self.head_type == "linear":
             self.head = nn.Linear(self._num_class_tokens() * self.embed_dim, self.num_classes)
 
     def _init_weights(self) -> None:
@@ -310,7 +319,7 @@ class TokenMaskingViT(nn.Module):
                 trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        if self.head_type == "per_class":
+        if self.head_type in ("per_class", "shared"):
             trunc_normal_(self.head_weight, std=0.02)
 
     @property
@@ -420,10 +429,17 @@ class TokenMaskingViT(nn.Module):
         """Image ``[B, in_chans, H, W]`` -> normalised tokens ``[B, C + h*w + R, D]`` (C: class tokens; with
         ``classes`` ``[B, M]``, only those classes' tokens lead the sequence, in that order)."""
         x, _ = self._embed(x, classes)
-        mask = self.attn_mask(self._num_class_tokens() if classes is None else classes.shape[1], x.shape[1], x.device)
+        Q = self._num_class_tokens() if classes is None else classes.shape[1]
+        mask = self.attn_mask(Q, x.shape[1], x.device)
         for blk in self.blocks:
             x = blk(x, attn_mask=mask)
-        return self.norm(x)
+        return self.final_norm(x, Q)
+
+    def final_norm(self, x: torch.Tensor, num_class_tokens: int) -> torch.Tensor:
+        """The final LayerNorm of the sequence; the ``mean`` head reads its class tokens before it (MCTformer-V1)."""
+        if self.head_type != "mean":
+            return self.norm(x)
+        return torch.cat([x[:, :num_class_tokens], self.norm(x[:, num_class_tokens:])], dim=1)
 
     def mask_class_tokens(
         self,
@@ -482,19 +498,35 @@ class TokenMaskingViT(nn.Module):
             cls = x[:, : self.num_classes]
             if self.training and labels is not None and self.mask_ratio > 0:
                 cls = self.mask_class_tokens(cls, labels, mask_noise)
-            if self.head_type == "per_class":
-                return (cls * self.head_weight).sum(-1) + self.head_bias
-            return self.head(cls.flatten(1))
+            return self.head(cls.flatten(1)) if self.head_type == "linear" else self.token_logits(cls)
         cls = x[:, : classes.shape[1]]
         if self.training and labels is not None and self.mask_ratio > 0:
             noise = None if mask_noise is None else mask_noise.gather(1, classes)
             ratio = self.sampled_mask_ratio(labels, classes.shape[1])
             cls = self.mask_class_tokens(cls, labels.gather(1, classes), noise, ratio)
-        if self.head_type == "per_class":
-            kept = (cls * self.head_weight[classes]).sum(-1)
-            return self.head_bias.expand(len(cls), -1).scatter_add(1, classes, kept)
+        if self.head_type != "linear":  # a left-out class's logit is a zero output's: its bias (mean: 0)
+            kept = self.token_logits(cls, classes, bias=False)
+            base = (
+                self.head_bias.expand(len(cls), -1)
+                if self.head_type != "mean"
+                else kept.new_zeros(len(cls), self.num_classes)
+            )
+            return base.scatter_add(1, classes, kept)
         slots = cls.new_zeros(len(cls), self.num_classes, cls.shape[-1])
         return self.head(slots.scatter(1, classes[..., None].expand_as(cls), cls).flatten(1))
+
+    def token_logits(self, cls: torch.Tensor, classes: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+        """The logit of each class token's output ``cls`` ``[B, M, D]`` under a per-token read-out (``per_class``,
+        ``shared``, ``mean``); ``classes`` ``[B, M]``: their classes (None: all C in class order)."""
+        if self.head_type == "mean":
+            return cls.mean(-1)
+        weight = (
+            self.head_weight[classes] if self.head_type == "per_class" and classes is not None else self.head_weight
+        )
+        logits = (cls * weight).sum(-1)
+        if not bias:
+            return logits
+        return logits + (self.head_bias if classes is None else self.head_bias[classes])
 
     def forward_features_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward_features` and the class tokens' attention over the patches ``[B, C, h*w]``: the mean
@@ -514,7 +546,7 @@ class TokenMaskingViT(nn.Module):
             out, attn = blk.attn.forward_with_query_attention(blk.norm1(x), Q, mask)
             maps = maps + attn[:, :, :, Q : Q + h * w].mean(dim=1)
             x = _add_block_residuals(blk, x, out)
-        return self.norm(x), maps
+        return self.final_norm(x, Q), maps
 
     def patch_cams(self, tokens: torch.Tensor, grid: tuple[int, int], num_prefix: int | None = None) -> torch.Tensor:
         """PatchCAMs ``[B, C, h, w]`` of the normalised tokens (``patch_cam`` models): the 3x3 conv on the patch
@@ -593,7 +625,7 @@ class TokenMaskingViT(nn.Module):
         if classes is not None and classes.dim() == 1:
             classes = classes.unsqueeze(0).expand(B, -1)
         # read_only class tokens never influence other tokens, so absent classes can leave the sequence
-        subset = classes is not None and self.class_token_mode == "read_only" and self.head_type == "per_class"
+        subset = classes is not None and self.class_token_mode == "read_only" and self.head_type != "linear"
         layers = set(self.map_layers(blocks))
         usable = set(self.map_layers(None)) if refine else set()
         x, (h, w) = self._embed(x, classes if subset else None)
@@ -622,14 +654,14 @@ class TokenMaskingViT(nn.Module):
             transition = affinity_transition(affinity)
             block_maps = [propagate_affinity(m, transition, refine) for m in block_maps]
         maps = torch.stack(block_maps, dim=1) if per_block else sum(block_maps[1:], block_maps[0])
-        x = self.norm(x)
+        x = self.final_norm(x, Q)
         if self.patch_head is not None:  # MCTformer-V2's fusion: attention times the class's ReLU(PatchCAM)
             cams = F.relu(self.patch_cams(x, (h, w), Q))
             if classes is not None:
                 cams = cams.gather(1, classes[:, :, None, None].expand(-1, -1, h, w))
             maps = maps * (cams[:, None] if per_block else cams)
         if subset:
-            return maps, (x[:, :Q] * self.head_weight[classes]).sum(-1) + self.head_bias[classes]
+            return maps, self.token_logits(x[:, :Q], classes)
         logits = self.forward_head(x)
         return maps, logits if classes is None else logits.gather(1, classes)
 

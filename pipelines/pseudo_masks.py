@@ -38,7 +38,9 @@ FLOW_NAME = "pseudo-masks-sharded"
 
 def torch_threads(params: Params) -> int:
     """Torch threads per shard task: the thread budget split across the workers that run side by side."""
-    return max(1, params.num_threads // params.dask.workers)
+    from wsss.lib.runtime import resolve_threads
+
+    return max(1, resolve_threads(params.num_threads, announce=False) // params.dask.workers)
 
 
 def _load(params: Params, threads: int):
@@ -76,6 +78,7 @@ def mask_shard(params: Params, rule: MaskRule, index: int, start: int, stop: int
 def sharded_pseudo_masks(params: Params) -> dict[str, Any]:
     """Rule, shards, gather, write; returns ``{"stats": stats.json content, "seconds": timings}``."""
     from wsss.lib.artifacts import read_ingested
+    from wsss.lib.runtime import resolve_device, write_runtime
     from wsss.tasks.pseudo_masks import gather, shard_ranges, write_pseudo_masks
 
     logger = get_run_logger()
@@ -91,6 +94,7 @@ def sharded_pseudo_masks(params: Params) -> dict[str, Any]:
     shards_s = time.perf_counter() - began - rule_s
     ids, masks, stats = gather([result for result, _ in done], settings, rule)
     write_pseudo_masks(settings, ids, masks, stats)
+    write_runtime(settings.out, params.trainer.precision, resolve_device(params.device))  # the rule's process
     seconds = {
         "rule": rule_s,
         "shards_wall": shards_s,

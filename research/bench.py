@@ -15,7 +15,6 @@ import copy
 import ctypes
 import json
 import os
-import platform
 import statistics
 import threading
 import time
@@ -30,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from wsss.lib.config import ClassifierParams
 from wsss.lib.mask_rule import merge_maps, normalized_maps
-from wsss.lib.runtime import resolve_device
+from wsss.lib.runtime import autocast, decide_precision, hardware, resolve_device
 from wsss.models.token_masking_vit import TokenMaskingViT
+from wsss.tasks.train_classifier import model_kwargs
 
-__all__ = ["SIZES", "class_sampling_benchmark", "run_benchmarks"]
+__all__ = ["SIZES", "class_sampling_benchmark", "precision_benchmark", "run_benchmarks"]
 
 # dims shared by both models; batch for training, infer_batch for inference
 SIZES: dict[str, dict[str, int]] = {  # keys: research.cli.SIZE_NAMES
@@ -475,9 +476,13 @@ def _write_record(out: str | Path, record: dict[str, Any], table: str) -> Path:
 
 
 def _device_name(dev: torch.device) -> str:
+    """The device a figure was measured on; a CPU with its model and ATen capability (AVX2, AVX512, ...)."""
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    hw = hardware()
+    units = [name for name, has in (("AMX", hw.amx), ("AVX512-BF16", hw.avx512_bf16)) if has]
+    kind = hw.cpu_capability + ("; " + "/".join(units) if units else "")
+    return f"CPU {hw.cpu_model} ({kind}), {torch.get_num_threads()} threads"
 
 
 def markdown_table(record: dict[str, Any]) -> str:
@@ -517,3 +522,83 @@ def markdown_table(record: dict[str, Any]) -> str:
     for name, t in record["timings"].items():
         lines.append(f"| {name} | {t['median_s']:.4f} | {t['min_s']:.4f} | {t['peak_mem_mib']} |")
     return "\n".join(lines) + "\n"
+
+
+def precision_benchmark(
+    params: ClassifierParams,
+    device: str = "auto",
+    out: str | Path = "reports/bench_p10.json",
+    warmup: int = 1,
+    repeats: int = 3,
+    num_classes: int = 6,
+) -> dict[str, Any]:
+    """P10: one training step of the default classifier (``params``: model, input size, batch, [REG], PatchCAM,
+    gates active; untrained weights, the cost is the same) in fp32 and under bf16 autocast, timed round-robin in
+    one process, beside the CPU it ran on and what ``trainer.precision: auto`` decides there."""
+    dev = resolve_device(device)
+    bench = _Bench(dev, warmup, repeats, bf16=False)  # each case sets its own precision
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = timm.create_model(params.model, **model_kwargs(params, num_classes, 3)).to(dev)
+    model.set_gates_active(True)
+    images = torch.randn(params.batch_size, 3, params.img_size, params.img_size, generator=g).to(dev)
+    labels = torch.zeros(params.batch_size, num_classes)
+    for row in labels:
+        row[torch.randperm(num_classes, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))]] = 1
+    labels = labels.to(dev)
+    noise = torch.rand(params.batch_size, num_classes, generator=g).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step(precision: str) -> Callable[[], None]:
+        def run() -> None:
+            with autocast(precision, dev):
+                out = model(images, labels, mask_noise=noise, patch_logits=params.patch_cam)
+                logits, *extra = out if isinstance(out, tuple) else (out,)
+                loss = sum(F.binary_cross_entropy_with_logits(x.float(), labels) for x in (logits, *extra))
+                loss = loss + 0.01 * model.gate_penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return run
+
+    raw = bench.time_all({"p10_fp32_train": step("fp32"), "p10_bf16_train": step("bf16")})
+    auto, why = decide_precision("auto", dev)
+    hw = hardware()
+    fp32_s, bf16_s = raw["p10_fp32_train"]["median_s"], raw["p10_bf16_train"]["median_s"]
+    record = {
+        "p10_bf16_vs_fp32": round(bf16_s / fp32_s, 3),
+        "fp32_images_per_s": round(params.batch_size / fp32_s, 2),
+        "bf16_images_per_s": round(params.batch_size / bf16_s, 2),
+        "auto_precision": auto,
+        "auto_reason": why,
+        "machine": {**hw.record(), "threads": torch.get_num_threads(), "device": _device_name(dev)},
+        "config": {
+            "model": params.model,
+            "img_size": params.img_size,
+            "batch": params.batch_size,
+            "classes": num_classes,
+            "reg_token": params.reg_token,
+            "patch_cam": params.patch_cam,
+            "head": params.head,
+            "warmup": warmup,
+            "repeats": repeats,
+            "torch": torch.__version__,
+        },  # fmt: skip
+        "timings": raw,
+    }
+    table = (
+        f"Device: {record['machine']['device']}; `trainer.precision: auto` -> {auto} ({why}).\n"
+        f"One training step of `{params.model}` at {params.img_size} px, batch {params.batch_size}, {num_classes} "
+        f"classes, [REG] {params.reg_token}, PatchCAM {params.patch_cam}, gates active; median of {repeats} after "
+        f"{warmup} warm-up, cases round-robin.\n\n"
+        "| precision | step s (median) | min s | images/s | peak MiB |\n|---|---|---|---|---|\n"
+        + "".join(
+            f"| {name} | {raw[key]['median_s']:.3f} | {raw[key]['min_s']:.3f} | "
+            f"{params.batch_size / raw[key]['median_s']:.2f} | {raw[key]['peak_mem_mib']} |\n"
+            for name, key in (("fp32", "p10_fp32_train"), ("bf16 autocast", "p10_bf16_train"))
+        )
+        + f"\nP10 bf16 / fp32 step time: {record['p10_bf16_vs_fp32']:.2f}x.\n"
+    )
+    _write_record(out, record, table)
+    return record

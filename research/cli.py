@@ -1,4 +1,4 @@
-"""``wsss-research``: the research bench's commands (ablation grid, report, map diagnostics, benchmarks).
+"""``wsss-research``: the research bench's commands (ablation grid, report, map diagnostics, curves, benchmarks).
 
 Like ``wsss``, every command reads params.yaml (``-S section.key=value`` overrides) and ends bad input with one
 line ``wsss-research <command>: error: ...`` and exit code 1.
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from wsss.lib.config import Params
+from wsss.lib.errors import WsssError
 from wsss.tools.cli import common_parser, positive_int, run
 
 SIZE_NAMES = ("cpu", "vit-b", "smoke")  # research.bench.SIZES, named here so `--help` does not import torch
@@ -18,8 +19,14 @@ BENCH_OUT = "reports/bench.json"
 
 
 def _bench(params: Params, args: argparse.Namespace) -> None:
-    from wsss.research.bench import class_sampling_benchmark, run_benchmarks
+    from wsss.research.bench import class_sampling_benchmark, precision_benchmark, run_benchmarks
 
+    if args.precision:  # P10: the default classifier's training step, bf16 vs fp32
+        out = args.out if args.out != BENCH_OUT else "reports/bench_p10.json"
+        precision_benchmark(params.classifier, args.device, out, args.warmup, args.repeats)
+        print(Path(out).with_suffix(".md").read_text(), end="")
+        print(f"written to {out}")
+        return
     if args.class_sample:  # P3 over the class count, joint vs sampled
         out = args.out if args.out != BENCH_OUT else "reports/bench_p3.json"
         class_sampling_benchmark(args.size, args.device, out, args.warmup, args.repeats, args.bf16, args.class_sample)
@@ -55,6 +62,12 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         metavar="K",
         help="instead of P1-P4: P3 train steps at C = 20/80/150/1000, joint vs class_sample=K "
         "(default out reports/bench_p3.json)",
+    )
+    bench.add_argument(
+        "--precision",
+        action="store_true",
+        help="instead of P1-P4: P10, a training step of params.yaml's classifier in fp32 and bf16 autocast, with "
+        "the CPU it ran on and what trainer.precision auto decides there (default out reports/bench_p10.json)",
     )
     bench.set_defaults(handler=_bench)
 
@@ -108,6 +121,43 @@ def _add_ablations(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     rep.set_defaults(handler=_report)
 
 
+def _curve(params: Params, args: argparse.Namespace) -> None:
+    from wsss.research import ablations, curves
+
+    config = ablations.read_config(args.config)
+    scale = args.scale or next(iter(config.scales))
+    if not args.report_only:
+        if not args.variant:
+            raise WsssError("curve: name the variant to train (--variant), or pass --report-only")
+        cell = curves.plan_curve(
+            config, args.params, args.root, scale, args.variant, args.seed, args.epochs, args.overrides
+        )
+        ablations.prepare([cell])
+        curves.run_curve(cell, args.epochs, args.images, Path(args.out))
+    table = curves.curve_report(scale, Path(args.out))
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+    print(f"{len(table)} curve{'' if len(table) == 1 else 's'}: {Path(args.out) / scale / 'curves.png'}")
+
+
+def _add_curve(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss-research curve`` (research/curves.py): class specificity of the class tokens' attention per epoch."""
+    from wsss.research.ablations import ABLATIONS_FILE, DEFAULT_ROOT
+
+    curve = sub.add_parser(
+        "curve", parents=[common], help="train one ablation cell's classifier longer, probing its attention each epoch"
+    )
+    curve.add_argument("--config", default=str(ABLATIONS_FILE), help="the grid (default: ablations.yaml)")
+    curve.add_argument("--scale", help="scale of ablations.yaml (default: its first)")
+    curve.add_argument("--variant", help="variant of ablations.yaml whose classifier is trained")
+    curve.add_argument("--seed", type=int, default=0)
+    curve.add_argument("--epochs", type=positive_int, default=16, help="classifier epochs (each one probe)")
+    curve.add_argument("--images", type=positive_int, default=200, help="training images with >= 2 classes probed")
+    curve.add_argument("--root", default=str(DEFAULT_ROOT), help="where the runs live")
+    curve.add_argument("--out", default="reports/curves", help="curve CSVs, picture and table (a folder per scale)")
+    curve.add_argument("--report-only", action="store_true", help="draw the scale's finished curves only")
+    curve.set_defaults(handler=_curve)
+
+
 def _diagnose_maps(params: Params, args: argparse.Namespace) -> None:
     from wsss.research.diagnose_maps import main
 
@@ -132,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_ablations(sub, common)
     _add_diagnose_maps(sub, common)
+    _add_curve(sub, common)
     _add_bench(sub, common)
     return parser
 

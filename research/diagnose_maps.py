@@ -133,7 +133,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
                     maps = normalized_maps(views["open"], gt.shape)
                     mask_samples[block].append((maps, classes, probs[i], gt))
                 for key, maps in views.items():
-                    shares, area = _specificity(maps, gt, classes)
+                    shares, area = map_specificity(maps, gt, classes)
                     scores[block][key] += shares
                     if block == 0 and key == "all":
                         areas += area
@@ -149,7 +149,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
                     views += [(f"fused {name}", summed * cams[i][classes])]
                     views += [("patchcam", cams[i][classes])] if name == "last" else []
                 for key, maps in views:
-                    agg_scores[key] += _specificity(maps, gt, classes)[0]
+                    agg_scores[key] += map_specificity(maps, gt, classes)[0]
                     agg_samples[key].append((normalized_maps(maps, gt.shape), classes, probs[i], gt))
     table = []
     for block, per_key in enumerate(scores):
@@ -195,7 +195,7 @@ def specificity_by_block(model: TokenMaskingViT, dataset: DatasetIndex, max_imag
     return pd.DataFrame(table)
 
 
-def _specificity(maps: torch.Tensor, gt: np.ndarray, classes: np.ndarray) -> tuple[list[float], list[float]]:
+def map_specificity(maps: torch.Tensor, gt: np.ndarray, classes: np.ndarray) -> tuple[list[float], list[float]]:
     """:func:`class_specificity` of ``[K, h, w]`` maps upsampled (bilinear) to the ground truth's size."""
     up = F.interpolate(maps[None], size=gt.shape, mode="bilinear", align_corners=False)[0]
     return class_specificity(up.numpy(), gt, classes)

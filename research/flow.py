@@ -13,7 +13,6 @@ Cells that finished earlier (same params) are not rerun, so a failed or cancelle
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +70,11 @@ def report(scale: str) -> str:
     return table
 
 
-def default_jobs(num_threads: int) -> int:
-    """Concurrent runs that fit the cores, each using ``num_threads`` of them."""
-    return max(1, (os.cpu_count() or 1) // max(1, num_threads))
+def default_jobs(num_threads: int | str) -> int:
+    """Concurrent runs that fit the cores, each using ``num_threads`` of them (``auto``: all of them, so one)."""
+    from wsss.lib.runtime import available_cores
+
+    return 1 if num_threads == "auto" else max(1, available_cores()[0] // max(1, int(num_threads)))
 
 
 @flow(name="wsss", log_prints=True)

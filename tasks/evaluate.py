@@ -35,7 +35,7 @@ from wsss.lib.io import atomic_file, check_writable, write_json
 from wsss.lib.mask_rule import attention_maps, normalized_maps, present_classes
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix
 from wsss.lib.plotting import class_legend, colorize, heatmap, image_grid
-from wsss.lib.runtime import autocast, resolve_precision, setup_runtime
+from wsss.lib.runtime import autocast, resolve_precision, setup_runtime, write_runtime
 from wsss.models.segmenter import Segmenter
 
 # The confusion CSVs hold one (actual, predicted) row per pixel for DVC's confusion template; above this
@@ -263,7 +263,9 @@ def main(params: Params) -> dict[str, Any]:
     for folder in (params.evaluate.metrics_dir, params.evaluate.plots_dir):
         check_writable(folder)
     with autocast(resolve_precision(params.trainer.precision, device), device):
-        return _evaluate(params, device)
+        result = _evaluate(params, device)
+    write_runtime(params.evaluate.metrics_dir, params.trainer.precision, device)
+    return result
 
 
 def _evaluate(params: Params, device: torch.device) -> dict[str, Any]:
@@ -273,18 +275,14 @@ def _evaluate(params: Params, device: torch.device) -> dict[str, Any]:
     pseudo = read_mask_table(pseudo_mask_path(params), encoded=True)  # decoded one at a time
     results = {"pseudo_mask": evaluate_masks(dataset, split, pseudo)}
     segmenter = None
-    for source, mask_source in (("segmenter", "pseudo"), ("segmenter_gt", "gt")):
-        path = segmenter_dir(params, mask_source) / MODEL_FILE
-        if not path.is_file():
-            continue
+    path = segmenter_dir(params, "pseudo") / MODEL_FILE
+    if path.is_file():
         model, record = load_segmenter(path, device)
         if record["classes"] != dataset.classes:
             raise WsssError(f"{path}: trained on classes {record['classes']}, data set has {dataset.classes}")
-        batch_size = params.segmenter.batch_size
-        predictions = predict_split(model, dataset, "val", record["img_size"], device, batch_size)
-        results[source] = evaluate_masks(dataset, "val", predictions)
-        if source == "segmenter":
-            segmenter = (model, record)
+        predictions = predict_split(model, dataset, "val", record["img_size"], device, params.segmenter.batch_size)
+        results["segmenter"] = evaluate_masks(dataset, "val", predictions)
+        segmenter = (model, record)
 
     metrics: dict[str, Any] = {}
     for source, result in results.items():

@@ -35,7 +35,7 @@ from wsss.lib.mask_rule import (
     split_maps,
 )
 from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix, scores_from_confusion
-from wsss.lib.runtime import resolve_precision, setup_runtime
+from wsss.lib.runtime import resolve_precision, setup_runtime, write_runtime
 from wsss.models.token_masking_vit import TokenMaskingViT
 
 
@@ -204,4 +204,5 @@ def main(params: Params) -> dict[str, Any]:
     precision = resolve_precision(params.trainer.precision, device)
     ids, masks, stats = generate_pseudo_masks(model, dataset, params.pseudo_masks, device, precision)
     write_pseudo_masks(params.pseudo_masks, ids, masks, stats)
+    write_runtime(params.pseudo_masks.out, params.trainer.precision, device)
     return stats

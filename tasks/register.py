@@ -26,6 +26,7 @@ from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, segmenter_dir
 from wsss.lib.config import Params, flatten, map_block_count
 from wsss.lib.errors import WsssError
 from wsss.lib.io import write_json
+from wsss.lib.runtime import RUNTIME_FILE
 from wsss.models.pretrained import parse_source
 
 REGISTRY_FILE = Path("artifacts") / "registry.json"
@@ -155,6 +156,7 @@ class _Run:
         with mlflow.start_run(run_id=created.info.run_id) as run:
             run_id = run.info.run_id
             mlflow.set_tags({tracking.INPUTS_TAG: self.inputs_hash, **git, **tracking.dvc_tags(self.root)})
+            mlflow.set_tags(self._runtime_tags())
             mlflow.log_params({k: str(v) for k, v in flat_params.items()})
             self._log_metrics(run_id, metrics)
             self._log_files()
@@ -162,9 +164,10 @@ class _Run:
             rule = self.params.pseudo_masks  # `wsss predict --from-attention`'s rule, served by the classifier
             attention = {"fg_threshold": rule.fg_threshold, "bg_threshold": rule.bg_threshold,
                          "map_blocks": map_block_count(rule.map_blocks)}  # fmt: skip
+            served = {"precision": self.params.trainer.precision}  # auto: decided where the model is served
             for name, kind, model_file, config in (
-                (tracking.CLASSIFIER_MODEL, "classifier", classifier_file, attention),
-                (tracking.SEGMENTER_MODEL, "segmenter", segmenter_file, None),
+                (tracking.CLASSIFIER_MODEL, "classifier", classifier_file, attention | served),
+                (tracking.SEGMENTER_MODEL, "segmenter", segmenter_file, served),
             ):
                 card = model_card(kind, self.params, metrics, model_file, self.root)
                 info = serving.log_pyfunc(kind, model_file, name, config, card)
@@ -190,6 +193,28 @@ class _Run:
             mlflow.set_tags({"champion": str(champion).lower(), "wsss.registered": json.dumps(record)})
         return record
 
+    def _runtime_tags(self) -> dict[str, str]:
+        """How each stage ran, from the ``runtime.json`` beside its outputs: ``wsss.runtime.<stage>`` (e.g.
+        ``fp32 (CPU AVX2, no bf16 units), 2 threads``) and the machine of the first one (``wsss.cpu_model``,
+        ``wsss.cpu_capability``, ``wsss.gpu``), so runs from different machines can be told apart."""
+        tags: dict[str, str] = {}
+        for stage, folder in (
+            ("train_classifier", Path(self.params.classifier.out)),
+            ("pseudo_masks", Path(self.params.pseudo_masks.out)),
+            ("train_segmenter", segmenter_dir(self.params, "pseudo")),
+            ("evaluate", self.metrics_dir),
+        ):
+            path = folder / RUNTIME_FILE
+            if not path.is_file():
+                continue
+            run = _read_json(path)
+            count = run["num_threads"]
+            threads = f"{count} thread{'' if count == 1 else 's'} ({run['threads_reason']})"
+            tags[f"wsss.runtime.{stage}"] = f"{run['precision']} ({run['precision_reason']}), {threads}"
+            for key in ("cpu_model", "cpu_capability", "gpu"):
+                tags.setdefault(f"wsss.{key}", str(run[key]))
+        return tags
+
     def _log_metrics(self, run_id: str, metrics: dict) -> None:
         """Per-epoch history (step = epoch) of all three trainings, then the final and per-class metrics."""
         from mlflow.entities import Metric
@@ -199,7 +224,6 @@ class _Run:
         for prefix, folder in (
             ("classifier", Path(self.params.classifier.out)),
             ("segmenter", segmenter_dir(self.params, "pseudo")),
-            ("segmenter_gt", segmenter_dir(self.params, "gt")),
         ):
             if (folder / HISTORY_FILE).is_file():
                 history += tracking.history_metrics(folder / HISTORY_FILE, prefix)
@@ -248,7 +272,6 @@ def model_card(kind: str, params: Params, metrics: dict[str, Any], model_file: P
         size = params.segmenter.img_size
         rows = [
             ("segmenter mIoU", "val", metric("segmenter_miou")),
-            ("same segmenter trained on ground truth (upper bound)", "val", metric("segmenter_gt_miou")),
             ("pseudo masks it was trained on, mIoU", "train", metric("pseudo_mask_miou")),
         ]
     else:

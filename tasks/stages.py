@@ -34,26 +34,22 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "ingest", "ingest", "validate the data set, write the canonical manifest", ("ingest",), 0.02),
     Stage(
         "train_classifier", "train-classifier", "train_classifier", "train the token-masking ViT classifier",
-        ("seed", "device", "classifier", "trainer"), 0.45,
+        ("seed", "device", "classifier", "trainer"), 0.46,
     ),
     Stage(
         "pseudo_masks", "pseudo-masks", "pseudo_masks", "pseudo masks from the class-token attention",
-        ("seed", "device", "pseudo_masks", "trainer.precision"), 0.15,
+        ("seed", "device", "pseudo_masks", "trainer.precision"), 0.26,
     ),
     Stage(
         "train_segmenter", "train-segmenter", "train_segmenter", "train the segmenter on the pseudo masks",
         ("seed", "device", "segmenter", "trainer"), 0.15,
     ),
     Stage(
-        "train_segmenter_gt", "train-segmenter", "train_segmenter", "the same segmenter on ground truth (upper bound)",
-        ("seed", "device", "segmenter", "trainer"), 0.15, ("--masks", "gt"),
-    ),
-    Stage(
         "evaluate", "evaluate", "evaluate", "score pseudo masks and segmenter (mIoU), write metrics and plots",
-        ("seed", "device", "evaluate", "trainer.precision"), 0.04,
+        ("seed", "device", "evaluate", "trainer.precision"), 0.05,
     ),
     Stage(
         "register", "register", "register",
-        "log the pipeline run to MLflow, register both models, move alias champion if better", (), 0.04,
+        "log the pipeline run to MLflow, register both models, move alias champion if better", (), 0.06,
     ),
 )  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from wsss.lib.distributed import (
 from wsss.lib.errors import WsssError
 from wsss.lib.io import atomic_file, check_writable, write_csv, write_json
 from wsss.lib.metrics import f1_scores, mean_average_precision
-from wsss.lib.runtime import resolve_precision
+from wsss.lib.runtime import resolve_precision, write_runtime
 from wsss.lib.training import Loop, fit, param_groups, prepare_model
 from wsss.models.token_masking_vit import (
     TokenMaskingViT,
@@ -146,8 +147,12 @@ def train_classifier(
     device: torch.device,
     world: World | None = None,
     trainer: TrainerParams | None = None,
+    epoch_end: Callable[[TokenMaskingViT], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Trains the classifier on the train split, scores the val split each epoch, writes ``out/``.
+
+    ``epoch_end``: called with the model after each epoch's val pass (rank 0); the numbers it returns join that
+    epoch's row of ``history.csv`` (a probe of the research bench, e.g. ``wsss-research curve``).
 
     Writes ``checkpoint.pt`` and ``history.csv`` every epoch, then ``model.pt``, ``gates.json`` and
     ``metrics.json`` (each file atomically). Continues from ``checkpoint.pt`` when it holds an unfinished
@@ -245,6 +250,7 @@ def train_classifier(
             "val_map": metrics["map"],
             "val_f1_macro": metrics["f1_macro"],
             "closed_heads": model.num_closed_heads(),
+            **(epoch_end(model) if epoch_end is not None else {}),
         }
 
     def describe(row: dict[str, Any]) -> str:
@@ -262,6 +268,7 @@ def train_classifier(
         result["train_seconds"] = loop.train_seconds()
         result["precision"] = precision
         write_json(out / "metrics.json", result)
+        write_runtime(out, trainer.precision, device)
         loop.finish()
     return world.broadcast(result)
 

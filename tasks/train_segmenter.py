@@ -37,7 +37,7 @@ from wsss.lib.errors import WsssError
 from wsss.lib.images import read_mask
 from wsss.lib.io import atomic_file, check_writable, write_csv
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
-from wsss.lib.runtime import resolve_precision
+from wsss.lib.runtime import resolve_precision, write_runtime
 from wsss.lib.training import Loop, fit, prepare_model
 from wsss.models.segmenter import Segmenter, vit_encoder_kwargs
 
@@ -126,7 +126,9 @@ def train_segmenter(
         raise WsssError(f"segmenter: {err}") from None
     if world.distributed:
         model = global_batch_norm(model, device)
-    prepare_model(model, device, trainer.channels_last)
+    # channels-last on the CPU too: EfficientNet-Lite0's training step at 112 px took 1.13 s instead of 1.64 s
+    # (2 threads, AVX2); its depthwise convolutions are oneDNN's fast path in that layout
+    prepare_model(model, device, trainer.channels_last, on_cpu=True)
     val = segmenter_split(model, dataset, "val", params.img_size)
     augmented = AugmentedSplit(train, train=True, size=params.img_size, seed=seed)
     loader = shard_loader(augmented, params.batch_size, seed, world, num_workers, pin_memory=device.type == "cuda")
@@ -178,6 +180,7 @@ def train_segmenter(
         with atomic_file(out / MODEL_FILE) as handle:
             torch.save(record, handle)
         write_csv(out / HISTORY_FILE, loop.history)
+        write_runtime(out, trainer.precision, device)
         loop.finish()
         result = {"val_miou": loop.history[-1]["val_miou"], "epochs": params.epochs, "seconds": loop.train_seconds()}
     return world.broadcast(result)

@@ -46,7 +46,7 @@ TINY_CLASSIFIER = dict(
     patch_cam=False, warmup_epochs=1.0,
 )  # fmt: skip
 TINY_SEGMENTER = dict(encoder="resnet18", pretrained=None, img_size=32, epochs=1, batch_size=16)
-TINY_TRAINER = TrainerParams(precision="auto")  # fp32 on the CPU
+TINY_TRAINER = TrainerParams(precision="fp32")  # not auto: the suite must not depend on the CPU kind it runs on
 
 
 @pytest.fixture(autouse=True)

@@ -49,3 +49,24 @@ def test_class_sampling_bench_smoke_writes_the_p3_table(tmp_path, capsys):
     c1000 = record["rows"][-1]
     assert c1000["joint_tokens"] == 1000 + 16 + 1 and c1000["sampled_tokens"] <= 3 + 4 + 16 + 1
     assert "| 1000 |" in (tmp_path / "p3.md").read_text() and "written to" in capsys.readouterr().out
+
+
+def test_precision_bench_smoke_records_the_machine_and_the_auto_choice(tmp_path, capsys):
+    out = tmp_path / "p10.json"
+    tiny = [
+        "-S",
+        "classifier.model=wsss_vit_tiny_patch8",
+        "-S",
+        "classifier.img_size=32",
+        "-S",
+        "classifier.batch_size=4",
+    ]
+    args = ["bench", "--device", "cpu", "--out", str(out), "--warmup", "1", "--repeats", "1", *tiny]
+    assert main([*args, "--precision"]) == 0
+    record = json.loads(out.read_text())
+    assert record["p10_bf16_vs_fp32"] > 0 and set(record["timings"]) == {"p10_fp32_train", "p10_bf16_train"}
+    assert record["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["auto_precision"] in ("fp32", "bf16") and record["config"]["patch_cam"] is True
+    table = (tmp_path / "p10.md").read_text()
+    assert f"`trainer.precision: auto` -> {record['auto_precision']}" in table and "P10 bf16 / fp32" in table
+    assert "written to" in capsys.readouterr().out

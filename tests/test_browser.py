@@ -90,8 +90,7 @@ def test_dvc_plots_page_shows_every_declared_plot_with_no_network(pipeline_repo:
     """`wsss plots` on the files the stages leave (written here in their formats: the renderer is tested)."""
     history = [[e, 1.0 / e, 0.1 * e] for e in (1, 2, 3)]
     _csv(pipeline_repo / "artifacts/classifier/history.csv", ["epoch", "loss", "val_map"], history)
-    for folder in ("segmenter", "segmenter_gt"):
-        _csv(pipeline_repo / f"artifacts/{folder}/history.csv", ["epoch", "loss", "val_miou"], history)
+    _csv(pipeline_repo / "artifacts/segmenter/history.csv", ["epoch", "loss", "val_miou"], history)
     rows = [[c, s, 0.5] for c in ("background", "bird") for s in ("pseudo_mask", "segmenter")]
     _csv(pipeline_repo / "plots/per_class_iou.csv", ["class", "source", "iou"], rows)
     pairs = [["bird", "bird"], ["bird", "background"], ["background", "background"]]

@@ -6,7 +6,7 @@ import torch
 from tests.conftest import TINY_CLASSIFIER
 from wsss.lib.config import ClassifierParams
 from wsss.lib.errors import WsssError
-from wsss.models.token_masking_vit import TokenMaskingViT
+from wsss.models.token_masking_vit import HEADS, TokenMaskingViT
 from wsss.tasks.train_classifier import build_classifier
 
 C = 12
@@ -26,7 +26,7 @@ def batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 32, 32, generator=g), labels
 
 
-@pytest.mark.parametrize("head", ["per_class", "linear"])
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("class_tokens", ["joint", "read_only"])
 def test_a_sample_of_every_class_is_the_joint_sequence(head, class_tokens):
     """K >= C keeps every token: the logits and their gradients are the joint sequence's, bit for bit."""

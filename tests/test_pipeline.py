@@ -42,19 +42,19 @@ def test_flow_runs_the_dvc_stages_registers_and_then_skips(pipeline_repo: Path, 
     result = state.result()
     assert [r["stage"] for r in result["stages"]] == list(STAGES)
     assert {r["stage"] for r in result["stages"] if r["status"] == "ran"} == set(STAGES) - {"data.dvc"}
-    for key in ("pseudo_mask_miou", "segmenter_miou", "segmenter_gt_miou"):
+    for key in ("pseudo_mask_miou", "segmenter_miou"):
         assert 0.0 <= result["metrics"][key] <= 1.0
     logs = _logs(state)
-    assert "stage 3/8 train_classifier: ran" in logs and "final metrics" in logs and "segmenter_gt_miou" in logs
+    assert "stage 3/7 train_classifier: ran" in logs and "final metrics" in logs and "segmenter_miou" in logs
     assert "[train_classifier] epoch   2" in logs  # the stage's own progress lines
-    assert "progress: stage 4/8, " in logs and "left if every remaining stage runs" in logs
+    assert "progress: stage 4/7, " in logs and "left if every remaining stage runs" in logs
 
     # Same artifacts and dvc.lock as `dvc repro`: DVC sees nothing to do, the override is in params.yaml.
     assert yaml.safe_load((pipeline_repo / "params.yaml").read_text())["evaluate"]["grid_images"] == 4
     lock = yaml.safe_load((pipeline_repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES) - {"data.dvc"}
     assert "Running stage" not in _dvc(pipeline_repo, "repro", "--dry")
-    for path in ("artifacts/classifier/model.pt", "artifacts/segmenter_gt/model.pt", "plots/grid.png"):
+    for path in ("artifacts/classifier/model.pt", "artifacts/segmenter/model.pt", "plots/grid.png"):
         assert (pipeline_repo / path).is_file()
 
     # MLflow: one run, both models registered, alias champion on them, and the champion predicts.

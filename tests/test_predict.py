@@ -63,7 +63,8 @@ def test_predict_from_a_segmenter_checkpoint(trained: Path, photo: Path, tmp_pat
     out = tmp_path / "masks"
     code, stdout, err = run_cli(capsys, "predict", photo, "--model", trained / "segmenter", "--out", out, "--overlay")
     assert code == 0, err
-    assert stdout == f"1 mask written to {out}\n"
+    *runtime, last = stdout.splitlines()  # the precision and threads lines, once per process
+    assert last == f"1 mask written to {out}" and all(line.startswith(("threads: ", "precision: ")) for line in runtime)
     assert sorted(p.name for p in out.iterdir()) == ["voc_photo.png", "voc_photo_overlay.png"]
     assert_palette_mask(out / "voc_photo.png", num_classes=3)
     with Image.open(out / "voc_photo_overlay.png") as overlay:  # the photo, then the legend on white below it

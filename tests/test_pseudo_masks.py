@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from wsss.lib import mask_rule
 from wsss.lib.mask_rule import (
     UNASSIGNED,
     class_specificity,
+    coarse_scores,
     fill_unassigned,
     grid_ceiling_mask,
     merge_maps,
@@ -128,3 +130,18 @@ def test_tuning_scores_large_images_downscaled_and_small_ones_as_they_are():
     assert small.shape == (96, 128) and set(np.unique(small)) <= {0, 2, 255}
     assert (small[:, :60] == 0).all() and (small[:, 68:] == 2).all()
     assert resize_mask(gt, gt.shape) is gt
+
+
+def test_the_candidates_coarse_searches_in_processes_equal_the_serial_ones(monkeypatch):
+    """The pool is only where the time goes: each candidate's grid scores are the serial search's, exactly."""
+    rng = np.random.default_rng(0)
+
+    def sample() -> tuple:
+        gt = rng.integers(0, 4, (16, 16)).astype(np.uint8)
+        return torch.rand(2, 16, 16), np.array([0, 2]), rng.random(3), gt
+
+    candidates = [[sample() for _ in range(5)] for _ in range(3)]
+    serial = coarse_scores(iter(candidates), 3, workers=1, total=15)
+    monkeypatch.setattr(mask_rule, "PARALLEL_SEARCH_MIN", 0)
+    assert coarse_scores(iter(candidates), 3, workers=2, total=15) == serial
+    assert len(serial) == 3 and all(len(grid) == len(serial[0]) > 40 for grid in serial)

@@ -61,7 +61,9 @@ def _predicted(capsys, tmp_path: Path, photo: np.ndarray, *option: object) -> np
     """`wsss predict <photo as PNG> <option...>`'s mask."""
     (tmp_path / "in").mkdir(exist_ok=True)
     Image.fromarray(photo).save(tmp_path / "in" / "voc.png")
-    code, _, err = run_cli(capsys, "predict", tmp_path / "in" / "voc.png", *option, "--out", tmp_path / "out")
+    # fp32 as the registered versions here (registered without a precision): not the CPU kind's choice
+    argv = ("predict", tmp_path / "in" / "voc.png", *option, "--out", tmp_path / "out", "-S", "trainer.precision=fp32")
+    code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     return read_mask(tmp_path / "out" / "voc.png")
 
@@ -81,6 +83,21 @@ def test_segmenter_pyfunc_gives_wsss_predicts_masks(registry: str, trained: Path
     assert json.loads(answer["class_names"][0]) == ["bird", "elephant", "giraffe"]
     cards = [p for p in (tmp_path / "copy").rglob("MODEL_CARD.md")]
     assert len(cards) == 1 and cards[0].read_text() == "# card of the segmenter\n"
+
+
+def test_served_precision_is_the_registering_runs_decided_where_served(monkeypatch):
+    """A version registered with trainer.precision runs at it (auto: decided on the serving machine); one
+    registered before the setting existed runs at fp32, as it always did."""
+    from wsss.lib import runtime
+    from wsss.lib.serving import serving_precision
+
+    assert serving_precision(None) == "fp32" and serving_precision({"fg_threshold": 0.5}) == "fp32"
+    assert serving_precision({"precision": "bf16"}) == "bf16"
+    amx = runtime.Hardware("Xeon", "AVX512", True, True, None, 2, "2 cores", None, False)
+    avx2 = runtime.Hardware("EPYC", "AVX2", False, False, None, 2, "2 cores", None, False)
+    for hw, expected in ((amx, "bf16"), (avx2, "fp32")):
+        monkeypatch.setattr(runtime, "hardware", lambda hw=hw: hw)
+        assert serving_precision({"precision": "auto"}) == expected
 
 
 def test_classifier_pyfunc_probabilities_and_attention_masks(registry: str, trained: Path, tmp_path: Path, capsys):  # noqa: F811

@@ -21,6 +21,7 @@ from wsss.lib import tracking
 from wsss.lib.artifacts import segmenter_dir
 from wsss.lib.config import Params
 from wsss.lib.errors import WsssError
+from wsss.lib.runtime import decide_precision, write_runtime
 from wsss.models.segmenter import Segmenter
 from wsss.tasks.register import register
 from wsss.tasks.train_classifier import build_classifier, model_kwargs
@@ -66,14 +67,14 @@ def _finished_pipeline(params: Params, miou: float | None, seed: int, val_data: 
     out.mkdir(parents=True, exist_ok=True)
     torch.save(record, out / "model.pt")
     _history(out / "history.csv", {"loss": [0.7, 0.6], "val_map": [0.5, 0.6]})
+    write_runtime(out, "auto", torch.device("cpu"))  # how the classifier "ran": this machine's choice
     kwargs = {"encoder_name": "resnet18", "num_classes": len(CLASSES) + 1, "decoder_channels": 8, "in_chans": 3}
     segmenter = Segmenter(**kwargs)
-    for source in ("pseudo", "gt"):
-        folder = segmenter_dir(params, source)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {"model_kwargs": kwargs, "state_dict": segmenter.state_dict(), "classes": CLASSES, "img_size": 32}
-        torch.save(state, folder / "model.pt")
-        _history(folder / "history.csv", {"loss": [1.2], "val_miou": [miou]})
+    folder = segmenter_dir(params, "pseudo")
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"model_kwargs": kwargs, "state_dict": segmenter.state_dict(), "classes": CLASSES, "img_size": 32}
+    torch.save(state, folder / "model.pt")
+    _history(folder / "history.csv", {"loss": [1.2], "val_miou": [miou]})
     metrics = Path(params.evaluate.metrics_dir)
     metrics.mkdir(parents=True, exist_ok=True)
     (metrics / "metrics.json").write_text(
@@ -111,8 +112,14 @@ def test_champion_moves_only_when_the_new_miou_is_better(store: Path, tiny_param
     assert run.data.metrics[tracking.SCORE_KEY] == pytest.approx(0.45)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "classifier/val_map")] == [1, 2]
     assert {"git.commit", tracking.INPUTS_TAG, "wsss.registered"} <= set(run.data.tags)
+    # how the stages ran, so runs from different machines can be told apart
+    choice, reason = decide_precision("auto", torch.device("cpu"))
+    assert run.data.tags["wsss.runtime.train_classifier"].startswith(f"{choice} ({reason}), 1 thread (")
+    assert run.data.tags["wsss.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "wsss.runtime.pseudo_masks" not in run.data.tags  # no runtime.json there: nothing made up
 
     model = mlflow.pyfunc.load_model(f"models:/{tracking.SEGMENTER_MODEL}@{tracking.CHAMPION}")
+    assert model.model_config == {"precision": tiny_params.trainer.precision}  # served at the run's
     answer = model.predict(pd.DataFrame({"image": [np.zeros((32, 48, 3), np.uint8)] * 2}))
     assert list(answer["height"]) == [32, 32] and list(answer["width"]) == [48, 48]
     version = client.get_model_version(tracking.SEGMENTER_MODEL, versions[-1]["segmenter_version"])

@@ -28,7 +28,7 @@ from wsss.lib.images import BANDS_FILE, Bands, display_rgb, one_line, read_bands
 from wsss.lib.inference import attention_masks, in_chans, model_input_size, segment_images
 from wsss.lib.io import atomic_file, check_writable, writing
 from wsss.lib.plotting import overlay_picture
-from wsss.lib.runtime import setup_runtime
+from wsss.lib.runtime import autocast, resolve_precision, setup_runtime
 
 
 def is_uri(ref: str) -> bool:
@@ -129,6 +129,7 @@ def predict(
     map_blocks: int | None = None,
     refine: int = 0,
     overwrite: bool = False,
+    precision: str = "fp32",
 ) -> list[Path]:
     """Writes one palette PNG mask per image into ``out`` (see module docstring); returns the mask paths.
 
@@ -164,11 +165,12 @@ def predict(
     for path, image in zip(images, pixels, strict=True):
         if image.shape[-1] != channels:
             raise WsssError(f"{path}: image has {image.shape[-1]} channels, the model takes {channels}")
-    if from_attention:
-        views = dict(scales=scales, flip=flip, map_blocks=map_blocks, refine=refine, size=size)
-        found, _ = attention_masks(model, pixels, device, thresholds, batch_size, **views)
-    else:
-        found = segment_images(model, pixels, size, device, batch_size)
+    with autocast(precision, device):
+        if from_attention:
+            views = dict(scales=scales, flip=flip, map_blocks=map_blocks, refine=refine, size=size)
+            found, _ = attention_masks(model, pixels, device, thresholds, batch_size, **views)
+        else:
+            found = segment_images(model, pixels, size, device, batch_size)
     masks = dict(zip(names, found, strict=True))
     # The overlay's legend names the classes the masks hold, when the model knows them (a wsss checkpoint
     # or a model registered by `wsss register`); otherwise it shows their values.
@@ -225,6 +227,7 @@ def main(
         map_blocks=map_block_count(settings.map_blocks),
         refine=settings.refine_iterations if settings.refine == "affinity" else 0,
         overwrite=overwrite,
+        precision=resolve_precision(params.trainer.precision, device),
     )
     print(f"{len(written)} mask{'' if len(written) == 1 else 's'} written to {out}")
     return written

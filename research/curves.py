@@ -1,0 +1,159 @@
+"""``wsss-research curve``: does the class tokens' own attention become class-specific with training steps?
+
+Trains the classifier of one ablation cell (scale x variant x seed of ``ablations.yaml``) for ``--epochs`` epochs with
+the product's trainer and, after every epoch, probes it on the first ``--images`` training images whose ground truth
+holds two or more classes (:func:`attention_probe`): class specificity of the last block's [CLS]_c attention (mean over
+its open heads; the class tokens' own attention, never the PatchCAM-fused maps), the area share it is measured against,
+how often the argmax over the present classes' maps names a foreground pixel's class (against always naming the
+image's largest class), and the mean pairwise cosine of the present classes' tokens entering the last block. The rows
+go into the classifier's ``history.csv`` beside loss and val mAP; the curve (steps, images seen, seconds) is copied to
+``reports/curves/<scale>/<variant>_seed<seed>.csv`` when the run ends, and ``--report`` draws a scale's curves (one line
+per variant) with a table of their last rows. A killed run resumes from its last epoch's checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from wsss.lib.artifacts import classifier_images
+from wsss.lib.dataset_format import DatasetIndex
+from wsss.lib.datasets import shape_groups
+from wsss.lib.errors import WsssError
+from wsss.lib.io import write_csv
+from wsss.models.token_masking_vit import TokenMaskingViT
+from wsss.research.diagnose_maps import block_class_rows, map_specificity, multi_class_train_images, pairwise_cosine
+
+CURVE_ROOT = Path("reports/curves")
+PROBE_KEYS = ("specificity", "area_share", "assignment", "assignment_chance", "token_cosine")
+
+
+@torch.no_grad()
+def attention_probe(model: TokenMaskingViT, subset: DatasetIndex, gts: Sequence[np.ndarray]) -> dict[str, float]:
+    """The last block's class-token attention on ``subset`` (training images with >= 2 classes, ground truth
+    ``gts``): the means over the images' classes of specificity and area share, the argmax assignment and its
+    majority-class chance over their foreground pixels, the mean pairwise cosine of the present tokens."""
+    was_training = model.training
+    model.eval()
+    data = classifier_images(model, subset, "train")
+    last = len(model.blocks) - 1
+    heads = model.blocks[last].attn.open_heads()
+    if not heads.any():
+        heads = torch.ones_like(heads)  # every head closed: the probe still reads them all
+    shares, areas, cosines, hits, majority, pixels = [], [], [], 0, 0, 0
+    groups = (
+        group for start in range(0, len(gts), 64) for group in shape_groups(data.images[start : start + 64], start)
+    )
+    for indices, images in groups:  # images of one size, 64 at most
+        rows, states, _ = block_class_rows(model, images)
+        for j, gt in enumerate(gts[k] for k in indices):
+            classes = np.setdiff1d(np.unique(gt), [0, 255]).astype(int) - 1
+            maps = rows[last][j][heads][:, classes].mean(0)  # [K, h, w]
+            share, area = map_specificity(maps, gt, classes)
+            shares += share
+            areas += area
+            cosines.append(pairwise_cosine(states[last][j, classes]))
+            up = torch.nn.functional.interpolate(maps[None], size=gt.shape, mode="bilinear", align_corners=False)[0]
+            foreground = (gt != 0) & (gt != 255)
+            truth = gt[foreground].astype(int) - 1
+            picked = classes[up.argmax(0).numpy()[foreground]]
+            hits += int((picked == truth).sum())
+            majority += int(np.bincount(truth).max())
+            pixels += int(foreground.sum())
+    model.train(was_training)
+    return {
+        "specificity": float(np.mean(shares)),
+        "area_share": float(np.mean(areas)),
+        "assignment": hits / max(pixels, 1),
+        "assignment_chance": majority / max(pixels, 1),
+        "token_cosine": float(np.mean(cosines)),
+    }
+
+
+def epoch_probe(dataset: DatasetIndex, images: int) -> Callable[[TokenMaskingViT], dict[str, float]]:
+    """The trainer's per-epoch hook: :func:`attention_probe` on the first ``images`` multi-class training images."""
+    subset, gts = multi_class_train_images(dataset, images)
+    return lambda model: attention_probe(model, subset, gts)
+
+
+def run_curve(cell: Any, epochs: int, images: int, out_root: Path = CURVE_ROOT) -> Path:
+    """Trains ``cell``'s classifier ``epochs`` epochs with the probe after each; returns the curve CSV."""
+    from wsss.lib.artifacts import read_ingested
+    from wsss.lib.distributed import process_group
+    from wsss.tasks.train_classifier import train_classifier
+
+    params = cell.params
+    if params.trainer.nproc != 1:
+        raise WsssError("curve: trainer.nproc must be 1 (the probe runs in the training process)")
+    settings = dataclasses.replace(params.classifier, epochs=epochs)
+    out = Path(params.classifier.out)
+    began = time.perf_counter()
+    with process_group(params) as (device, world):
+        dataset = read_ingested(Path(params.ingest.out))
+        probe = epoch_probe(dataset, images)
+        result = train_classifier(dataset, settings, out, params.seed, device, world, params.trainer, epoch_end=probe)
+    history = pd.read_csv(out / "history.csv")
+    steps = int(np.ceil(len(dataset.split("train")) / settings.batch_size))
+    history.insert(1, "steps", history["epoch"] * steps)
+    history.insert(2, "images_seen", history["epoch"] * len(dataset.split("train")))
+    curve = out_root / cell.scale / f"{cell.variant}_seed{cell.seed}.csv"
+    rows = history.to_dict("records")
+    for row in rows:
+        row.update(backbone_lr=settings.backbone_lr, lr=settings.lr, precision=result.get("precision"))
+    write_csv(curve, rows)
+    print(f"curve {cell.name}: {len(rows)} epochs, {rows[-1]['steps']} steps in {time.perf_counter() - began:.0f}s "
+          f"-> {curve}")  # fmt: skip
+    return curve
+
+
+def plan_curve(config: Any, params_file: str, root: str, scale: str | None, variant: str, seed: int, epochs: int,
+               overrides: Sequence[str] = ()) -> Any:  # fmt: skip
+    """The ablation cell of (scale, variant, seed) with ``epochs`` classifier epochs, its classifier in a folder of
+    its own (keyed by those epochs: never the grid's one-epoch classifier)."""
+    from wsss.research import ablations
+
+    (cell,) = ablations.plan(config, params_file, root, scale, [variant], [seed], overrides)
+    params = dataclasses.replace(cell.params, classifier=dataclasses.replace(cell.params.classifier, epochs=epochs))
+    out = ablations.classifier_dir(params, Path(root), cell.scale)
+    params.classifier = dataclasses.replace(params.classifier, out=str(out))
+    return dataclasses.replace(cell, params=params)
+
+
+def curve_report(scale: str, out_root: Path = CURVE_ROOT) -> pd.DataFrame:
+    """``<out_root>/<scale>/curves.png`` (specificity minus area share, and val mAP, against optimizer steps; one
+    line per curve file) and ``table.md`` (each curve's last row); returns that table.
+
+    Raises:
+        WsssError: no curve of ``scale`` has been written.
+    """
+    import matplotlib.pyplot as plt
+
+    folder = out_root / scale
+    files = sorted(folder.glob("*_seed*.csv"))
+    if not files:
+        raise WsssError(f"{folder}: no curve yet (run `wsss-research curve --scale {scale} --variant ...` first)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    last = []
+    for path in files:
+        curve = pd.read_csv(path)
+        left.plot(curve["steps"], curve["specificity"] - curve["area_share"], marker="o", label=path.stem)
+        right.plot(curve["steps"], curve["val_map"], marker="o", label=path.stem)
+        last.append({"curve": path.stem, **curve.iloc[-1][["epoch", "steps", "images_seen", "seconds", "val_map",
+                                                          *PROBE_KEYS]].to_dict()})  # fmt: skip
+    left.axhline(0.05, color="grey", linestyle=":", linewidth=1)
+    left.set(xlabel="optimizer steps", ylabel="class specificity - area share", title="[CLS]_c attention, last block")
+    right.set(xlabel="optimizer steps", ylabel="val mAP", title="classification")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=110)
+    plt.close(fig)
+    table = pd.DataFrame(last)
+    (folder / "table.md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    return table

@@ -105,9 +105,9 @@ def test_dvc_plots_page_shows_every_declared_plot_with_no_network(pipeline_repo:
     assert "cdn.jsdelivr" not in page.read_text()
     dom = browse(page.as_uri(), tmp_path, screenshot=tmp_path / "plots.png")
     # vega-embed replaces each plot's div content with a rendered chart (class "vega-embed", an svg or canvas)
-    declared = page.read_text().count("vegaEmbed(")  # dvc.yaml's 7 Vega plots (6 stage plots + the mask-ratio curve)
+    declared = page.read_text().count("vegaEmbed(")  # dvc.yaml's 6 Vega plots (5 stage plots + the mask-ratio curve)
     rendered = dom.count('class="vega-embed')
-    assert declared == 7 and rendered == declared, f"{rendered} of the {declared} declared Vega plots rendered"
+    assert declared == 6 and rendered == declared, f"{rendered} of the {declared} declared Vega plots rendered"
     assert dom.count("<img") >= 1  # grid.png (the ablation PNGs are declared too, committed in reports/)
 
 

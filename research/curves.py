@@ -83,6 +83,12 @@ def epoch_probe(dataset: DatasetIndex, images: int) -> Callable[[TokenMaskingViT
     return lambda model: attention_probe(model, subset, gts)
 
 
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Optimizer steps of one epoch as :func:`wsss.lib.distributed.shard_loader` batches a split in one process: the
+    last, incomplete batch is dropped when there is more than one batch."""
+    return images // batch_size if images > batch_size else 1
+
+
 def run_curve(cell: Any, epochs: int, images: int, out_root: Path = CURVE_ROOT) -> Path:
     """Trains ``cell``'s classifier ``epochs`` epochs with the probe after each; returns the curve CSV."""
     from wsss.lib.artifacts import read_ingested
@@ -100,9 +106,9 @@ def run_curve(cell: Any, epochs: int, images: int, out_root: Path = CURVE_ROOT) 
         probe = epoch_probe(dataset, images)
         result = train_classifier(dataset, settings, out, params.seed, device, world, params.trainer, epoch_end=probe)
     history = pd.read_csv(out / "history.csv")
-    steps = int(np.ceil(len(dataset.split("train")) / settings.batch_size))
+    steps = steps_per_epoch(len(dataset.split("train")), settings.batch_size)
     history.insert(1, "steps", history["epoch"] * steps)
-    history.insert(2, "images_seen", history["epoch"] * len(dataset.split("train")))
+    history.insert(2, "images_seen", history["steps"] * settings.batch_size)
     curve = out_root / cell.scale / f"{cell.variant}_seed{cell.seed}.csv"
     rows = history.to_dict("records")
     for row in rows:

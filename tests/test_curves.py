@@ -20,9 +20,11 @@ def test_a_curve_is_one_probed_row_per_epoch_in_its_own_classifier(tmp_path: Pat
     params_file, config_file = _write_grid(tmp_path, tiny_params, grid)
     args = ["curve", "--params", str(params_file), "--config", str(config_file), "--scale", "tiny"]
     args += ["--root", str(tmp_path / "runs"), "--out", str(tmp_path / "curves"), "--epochs", "3", "--images", "6"]
-    assert cli.main([*args, "--variant", "shared_head"]) == 0
+    assert cli.main([*args, "--variant", "shared_head", "-S", "classifier.batch_size=20"]) == 0
     curve = pd.read_csv(tmp_path / "curves" / "tiny" / "shared_head_seed0.csv")
-    assert list(curve["epoch"]) == [1, 2, 3] and list(curve["steps"]) == [3, 6, 9]  # 48 images, batch 16
+    # 48 images in batches of 20: the loader drops the incomplete third batch, 2 steps (40 images) an epoch
+    assert list(curve["epoch"]) == [1, 2, 3] and list(curve["steps"]) == [2, 4, 6]
+    assert list(curve["images_seen"]) == [40, 80, 120]
     assert set(PROBE_KEYS) <= set(curve.columns) and curve["specificity"].between(0, 1).all()
     assert (curve["assignment_chance"] >= 0.5 - 1e-9).all()  # the largest of >= 2 classes holds half at least
     assert (tmp_path / "curves" / "tiny" / "curves.png").stat().st_size > 0

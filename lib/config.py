@@ -41,8 +41,11 @@ _ABSENT = "absent_value"
 
 def added_option(default: Any, absent: Any = dataclasses.MISSING) -> Any:
     """A dataclass field that run keys omit while it holds ``absent`` (default: ``default``); see
-    :func:`key_settings`."""
-    return field(default=default, metadata={_ABSENT: default if absent is dataclasses.MISSING else absent})
+    :func:`key_settings`. A list default is copied for each instance."""
+    metadata = {_ABSENT: default if absent is dataclasses.MISSING else absent}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def key_settings(section: Any) -> dict[str, Any]:
@@ -131,7 +134,12 @@ class PseudoMaskParams:
     ``refine``: ``affinity`` applies MCTformer's patch-affinity refinement ``refine_iterations`` times (a
     peer's addition, not the paper's; off by default).
     ``scales``/``flip``: test-time views (input size times each scale, and their mirror images) whose maps
-    and probabilities are averaged; ``[1.0]`` without flip is the single plain pass.
+    and probabilities are averaged on the finest view's grid (``[2.0]``: a grid twice as fine); ``[1.0]``
+    without flip is the single plain pass.
+    ``pixel_refine``: the decided masks refined with the image's own pixels (:mod:`wsss.lib.pixel_refine`): ``par``
+    (AFA/ToCo's pixel-adaptive refinement) or ``crf`` (a local-window dense CRF, ConvCRF's), peers' methods; their
+    iterations are picked among ``pixel_refine_iterations`` on the tuning images (after the thresholds), or the
+    largest of them without tuning.
     """
 
     split: str = "train"
@@ -145,6 +153,8 @@ class PseudoMaskParams:
     tune_images: int = 200
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
+    pixel_refine: str = added_option("none")
+    pixel_refine_iterations: list[int] = added_option([10, 20, 40, 80])
     out: str = "artifacts/pseudo_masks"
 
 
@@ -229,6 +239,7 @@ _CHOICES = {
     "classifier.class_tokens": ("joint", "read_only"),
     "classifier.gate_penalty": ("sum", "layer_mean", "mean"),
     "pseudo_masks.refine": ("none", "affinity"),
+    "pseudo_masks.pixel_refine": ("none", "par", "crf"),
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 _UNIT_INTERVAL = {
@@ -344,6 +355,11 @@ def _validate(params: Params) -> None:
     scales = params.pseudo_masks.scales
     if not scales or min(scales) <= 0:
         raise ConfigError(f"pseudo_masks.scales: expected a non-empty list of scales > 0, got {scales!r}")
+    iterations = params.pseudo_masks.pixel_refine_iterations
+    if not iterations or min(iterations) <= 0:
+        raise ConfigError(
+            f"pseudo_masks.pixel_refine_iterations: expected a non-empty list of counts > 0, got {iterations!r}"
+        )
     if params.pseudo_masks.bg_threshold > params.pseudo_masks.fg_threshold:
         raise ConfigError("pseudo_masks.bg_threshold must not exceed pseudo_masks.fg_threshold")
     if params.embedded.min_object_size > params.embedded.max_object_size:

@@ -146,6 +146,17 @@ class EpochSampler(DistributedSampler):
         return ((self.epoch, index) for index in super().__iter__())
 
 
+def drops_last_batch(images: int, batch_size: int) -> bool:
+    """Whether :func:`shard_loader` drops an incomplete last batch: always, unless the whole split is smaller than
+    one batch (tiny data sets then train on one partial batch)."""
+    return images > batch_size
+
+
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Optimizer steps of one epoch of :func:`shard_loader` over ``images`` (global ``batch_size``)."""
+    return images // batch_size if drops_last_batch(images, batch_size) else 1
+
+
 def shard_loader(
     dataset: Dataset, batch_size: int, seed: int, world: World, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
@@ -162,8 +173,7 @@ def shard_loader(
     """
     if batch_size % world.size:
         raise WsssError(f"batch_size {batch_size} is not divisible by trainer.nproc {world.size}")
-    # One partial batch only when the whole split is smaller than a batch (tiny data sets).
-    drop_last = len(dataset) > batch_size
+    drop_last = drops_last_batch(len(dataset), batch_size)
     if world.distributed and not drop_last:
         raise WsssError(f"{len(dataset)} training images: need more than batch_size {batch_size} with trainer.nproc")
     # A dataset with set_epoch (AugmentedSplit) takes (epoch, index) keys: see EpochSampler.

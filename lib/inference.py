@@ -39,13 +39,21 @@ def _model_batch(model: torch.nn.Module, pixels: Sequence[np.ndarray], size: int
 
 
 def segment_images(
-    model: torch.nn.Module, pixels: Sequence[np.ndarray], size: int, device: torch.device, batch_size: int = 16
+    model: torch.nn.Module,
+    pixels: Sequence[np.ndarray],
+    size: int,
+    device: torch.device,
+    batch_size: int = 16,
+    pixel_refine: tuple[str, int] = ("none", 0),
 ) -> list[np.ndarray]:
-    """The segmenter's HxW uint8 mask of each uint8 HxWxC image, at the image's own size."""
+    """The segmenter's HxW uint8 mask of each uint8 HxWxC image, at the image's own size; ``pixel_refine``
+    (``par``/``crf``, iterations): refined with the image's pixels (:func:`wsss.lib.pixel_refine.refine_predicted`)."""
     from wsss.lib.artifacts import predict_images
+    from wsss.lib.pixel_refine import refine_predicted
 
     masks = predict_images(model, _model_batch(model, pixels, size, False), device, batch_size)
-    return [masks[str(i)] for i in range(len(pixels))]
+    found = [masks[str(i)] for i in range(len(pixels))]
+    return found if pixel_refine[0] == "none" else refine_predicted(pixels, found, *pixel_refine)
 
 
 @torch.no_grad()
@@ -60,21 +68,26 @@ def attention_masks(
     map_blocks: int | None = None,
     refine: int = 0,
     size: int | None = None,
+    pixel_refine: tuple[str, int] = ("none", 0),
 ) -> tuple[list[np.ndarray], torch.Tensor]:
     """Masks painted from the [CLS]_c attention of the classes the classifier predicts (the pseudo-mask rule),
     one per uint8 HxWxC image at its own size, and the class probabilities ``[N, C]``; ``size``: the longer side
-    the images are resized to (default: the classifier's trained input)."""
-    from wsss.lib.mask_rule import attention_maps, merge_maps, normalized_maps, present_classes
+    the images are resized to (default: the classifier's trained input); ``pixel_refine``: the rule's pixel
+    refiner and its iterations."""
+    from wsss.lib.mask_rule import MaskRule, attention_maps, normalized_maps, paint, present_classes
 
     data = _model_batch(model, pixels, size or model_input_size(model, True, None), True)
     # As in the pseudo-mask stage: closed heads removed, same maps and logits at less cost.
     maps, probs = attention_maps(
         model.prune_heads(), data.images, device, batch_size, scales, flip, map_blocks, refine=refine
     )
-    masks = []
+    rule = MaskRule(*thresholds, None, "", (), pixel_refine=pixel_refine[0], pixel_iterations=pixel_refine[1])
+    painted, present = [], []
     for i in range(len(pixels)):
         p = probs[i].numpy()
-        classes = present_classes(None, p)
-        norm = normalized_maps(maps[i][classes], data.original_sizes[i])
-        masks.append(merge_maps(norm, classes, p, *thresholds))
-    return masks, probs
+        present.append(present_classes(None, p))
+        painted.append(
+            paint(normalized_maps(maps[i][present[-1]], data.original_sizes[i]), present[-1], p, *thresholds)
+        )
+    images = [torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) for image in pixels]
+    return rule.masks(painted, present, images), probs

@@ -12,7 +12,10 @@ Rule (the paper's, with an explicit background, see README):
 3. classes are painted in increasing probability, so the most confident class wins overlaps, on the
    pixels where their map is >= ``fg_threshold``;
 4. pixels where every present map is < ``bg_threshold`` are background;
-5. the remaining pixels take the label of the nearest assigned pixel (Euclidean distance transform).
+5. the remaining pixels take the label of the nearest assigned pixel (Euclidean distance transform);
+   or, with ``pixel_refine``, steps 3-5 are refined with the image's own pixels (:mod:`wsss.lib.pixel_refine`:
+   PAR or a local dense CRF, peers' methods) over background and the present classes, and each pixel takes
+   the argmax.
 ``fg_threshold``/``bg_threshold`` are params, optionally tuned on a subset of the TRAIN split (never val).
 Steps 2-4 run on the device the maps are on (:func:`normalized_maps`, :func:`paint`); only the uint8 mask
 comes back for step 5 on the CPU (scipy's distance transform).
@@ -37,10 +40,11 @@ from tqdm import tqdm
 from wsss.lib.artifacts import classifier_images
 from wsss.lib.config import PseudoMaskParams, map_block_count
 from wsss.lib.dataset_format import DatasetIndex
-from wsss.lib.datasets import SplitData, aspect_size, normalize, resize_mask, shape_groups
+from wsss.lib.datasets import SplitData, StreamedSplit, aspect_size, normalize, resize_mask, shape_groups
 from wsss.lib.errors import WsssError
 from wsss.lib.images import read_mask
 from wsss.lib.metrics import IGNORE_INDEX, mean_iou
+from wsss.lib.pixel_refine import refine_masks
 from wsss.lib.runtime import autocast
 from wsss.models.token_masking_vit import TokenMaskingViT
 
@@ -86,7 +90,7 @@ def attention_maps(
     (:meth:`TokenMaskingViT.class_attention_maps`): the maps of the last ``blocks`` blocks with an open
     head summed (None: all), or kept apart (``[L, C, h, w]`` per image). With several ``scales`` or
     ``flip``, maps and probabilities are averaged over the views of :func:`multi_view_maps`; ``h, w``
-    stay the grid of the image's own size. ``on_device``: the maps stay where the model is (float32), for
+    are then the grid of its largest view. ``on_device``: the maps stay where the model is (float32), for
     the rule to run there; probabilities always come back to the CPU.
     """
     model.eval()
@@ -120,14 +124,15 @@ def multi_view_maps(
     refined on its own grid when ``refine``).
 
     Each view is the batch resized (bilinear) to the multiple of the patch size nearest to ``scale`` times
-    its size (at least one patch); its maps are resized (bilinear) to the grid of scale 1, a mirrored
-    view's maps are mirrored back first.
+    its size (at least one patch); its maps are resized (bilinear) to the grid of the largest view, the finest
+    (so ``[2.0]`` gives maps on a grid twice as fine as the input size's), a mirrored view's maps are mirrored
+    back first.
     """
     patch = model.patch_size
-    base = tuple(max(1, round(d / patch)) for d in batch.shape[-2:])
+    sizes = [tuple(max(1, round(scale * d / patch)) * patch for d in batch.shape[-2:]) for scale in scales]
+    base = tuple(d // patch for d in max(sizes, key=lambda size: size[0] * size[1]))
     map_sum, prob_sum, views = 0.0, 0.0, 0
-    for scale in scales:
-        size = tuple(max(1, round(scale * d / patch)) * patch for d in batch.shape[-2:])
+    for size in sizes:
         scaled = batch
         if size != tuple(batch.shape[-2:]):
             scaled = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
@@ -302,12 +307,17 @@ class ThresholdSearch:
 PARALLEL_SEARCH_MIN = 400  # tuning images x candidates below which starting processes costs more than it saves
 
 
-def _coarse_scores(job: tuple[list, int]) -> dict[tuple[float, float], float]:
-    """A worker's share: one candidate's coarse grid (one thread: the workers share the cores)."""
-    torch.set_num_threads(1)
-    search = ThresholdSearch(*job)
+def _grid_scores(samples: list, num_classes: int) -> dict[tuple[float, float], float]:
+    """One candidate's coarse grid: each scored pair's tuning mIoU."""
+    search = ThresholdSearch(samples, num_classes)
     search.coarse()
     return search.scores
+
+
+def _worker_grid_scores(job: tuple[list, int]) -> dict[tuple[float, float], float]:
+    """A worker's share, :func:`_grid_scores` on one thread (the workers share the cores)."""
+    torch.set_num_threads(1)
+    return _grid_scores(*job)
 
 
 def coarse_scores(jobs: Iterator[list], num_classes: int, workers: int, total: int) -> list[dict]:
@@ -316,7 +326,7 @@ def coarse_scores(jobs: Iterator[list], num_classes: int, workers: int, total: i
     this process may have children; the scores are the serial ones, each search being a function of its samples.
     At most ``workers`` candidates' samples are held at once."""
     if workers < 2 or total < PARALLEL_SEARCH_MIN or multiprocessing.current_process().daemon:
-        return [_searched(samples, num_classes).scores for samples in jobs]
+        return [_grid_scores(samples, num_classes) for samples in jobs]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         pending, results = [], []
@@ -325,14 +335,8 @@ def coarse_scores(jobs: Iterator[list], num_classes: int, workers: int, total: i
                 results.append(pending.pop(0).result())
             # numpy, not tensors: torch would share each tensor through a file descriptor of its own
             arrays = [(np.asarray(maps), classes, probs, gt) for maps, classes, probs, gt in samples]
-            pending.append(pool.submit(_coarse_scores, (arrays, num_classes)))
+            pending.append(pool.submit(_worker_grid_scores, (arrays, num_classes)))
         return results + [future.result() for future in pending]
-
-
-def _searched(samples: list, num_classes: int) -> ThresholdSearch:
-    search = ThresholdSearch(samples, num_classes)
-    search.coarse()
-    return search
 
 
 def tune_thresholds(
@@ -358,6 +362,20 @@ class MaskRule:
     # map_blocks: auto -> tuning mIoU of each candidate at its best thresholds (coarse grid); else None
     block_scores: dict[str, float] | None = None
     precision: str = "fp32"  # the maps' forward passes (trainer.precision, resolved for the device)
+    pixel_refine: str = "none"  # none | par | crf: the painted masks refined with the image's pixels
+    pixel_iterations: int = 0  # the refiner's iterations (0: none)
+    # pixel_refine tuned: tuning mIoU of each candidate iteration count at the thresholds; else None
+    pixel_scores: dict[int, float] | None = None
+
+    def masks(
+        self, painted: Sequence[torch.Tensor], classes: Sequence[np.ndarray], images: Sequence[torch.Tensor] | None
+    ) -> list[np.ndarray]:
+        """Step 5 of the rule for painted masks (:func:`paint`): the nearest-pixel fill, or the pixel refiner
+        with the ``images`` (uint8 ``[channels, H, W]``, each its mask's size)."""
+        if self.pixel_refine == "none":
+            return [fill_unassigned(mask.cpu().numpy()) for mask in painted]
+        refined = refine_masks(images, painted, classes, self.pixel_refine, [self.pixel_iterations])
+        return [mask.cpu().numpy() for mask in refined[self.pixel_iterations]]
 
 
 @dataclass
@@ -368,6 +386,15 @@ class SplitMaps:
     maps: list[torch.Tensor]  # [C, h, w] per image (per block: [L, C, h, w]) on the model's device, h x w its own grid
     probs: torch.Tensor  # [N, C]
     gt_paths: list[str | None]
+    pixels: StreamedSplit  # the same images as read, at their own size (for the pixel refiners)
+
+    def image(self, i: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Image ``i`` uint8 ``[channels, H, W]`` at its own size, or resized to ``size``."""
+        image = self.pixels.image(i)
+        if size is None or tuple(image.shape[-2:]) == tuple(size):
+            return image
+        resized = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        return resized[0].round().clamp(0, 255).to(torch.uint8)
 
 
 @contextlib.contextmanager
@@ -412,7 +439,7 @@ def split_maps(
             refine_steps(params), desc, on_device=True,
         )  # fmt: skip
     gt_paths = [path if isinstance(path, str) else None for path in picked["mask"].tolist()]
-    return SplitMaps(data, maps, probs, gt_paths)
+    return SplitMaps(data, maps, probs, gt_paths, StreamedSplit(subset, params.split))
 
 
 def sum_blocks(maps: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -472,7 +499,10 @@ def decide_rule(
     spec = params.map_blocks if params.map_blocks != "auto" or tune else "all"
     if not tune:
         layers = tuple(model.map_layers(map_block_count(spec)))
-        return MaskRule(params.fg_threshold, params.bg_threshold, None, spec, layers, precision=precision)
+        return MaskRule(
+            params.fg_threshold, params.bg_threshold, None, spec, layers, precision=precision,
+            pixel_refine=params.pixel_refine, pixel_iterations=refine_count(params),
+        )  # fmt: skip
     candidates = block_candidates(model) if spec == "auto" else {spec: map_block_count(spec)}
     has_labels = params.split == "train"
     sample = split_maps(
@@ -501,4 +531,34 @@ def decide_rule(
     search.scores = dict(grids[names.index(best)])  # the leader's coarse grid is not scored again
     fg, bg, score = search.refine()
     layers = tuple(model.map_layers(candidates[best]))
-    return MaskRule(fg, bg, score, best, layers, scores if len(candidates) > 1 else None, precision)
+    pixel_scores = None
+    if params.pixel_refine != "none":
+        pixel_scores = pixel_tuning(sample, search.samples, fg, bg, params, dataset.num_classes)
+    return MaskRule(
+        fg, bg, score, best, layers, scores if len(candidates) > 1 else None, precision, params.pixel_refine,
+        max(pixel_scores, key=lambda n: (pixel_scores[n], -n)) if pixel_scores else refine_count(params),
+        pixel_scores,
+    )  # fmt: skip
+
+
+def refine_count(params: PseudoMaskParams) -> int:
+    """The pixel refiner's iterations when they are not tuned: the most listed (0: ``pixel_refine: none``)."""
+    return max(params.pixel_refine_iterations) if params.pixel_refine != "none" else 0
+
+
+def pixel_tuning(
+    sample: SplitMaps, samples: list, fg: float, bg: float, params: PseudoMaskParams, num_classes: int
+) -> dict[int, float]:
+    """Tuning mIoU of the pixel refiner after each of ``params.pixel_refine_iterations``, at the thresholds
+    (``fg``, ``bg``) found without it (one pass reaches every count); the thresholds are searched first because
+    each refined search would cost the refiner's pass per pair (on seed 0's animals the pair found unrefined
+    also led the refined masks among five pairs tried)."""
+    painted = [paint(torch.as_tensor(maps), classes, probs, fg, bg) for maps, classes, probs, _ in samples]
+    images = [sample.image(i, gt.shape) for i, (*_, gt) in enumerate(samples)]
+    refined = refine_masks(images, painted, [s[1] for s in samples], params.pixel_refine,
+                           params.pixel_refine_iterations)  # fmt: skip
+    gts = [s[3] for s in samples]
+    return {
+        n: mean_iou(zip(gts, [m.cpu().numpy() for m in masks], strict=True), num_classes + 1)
+        for n, masks in sorted(refined.items())
+    }

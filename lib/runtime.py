@@ -4,7 +4,7 @@
 process finds (:class:`Hardware`): bf16 pays off only where the silicon computes it (on a CPU without bf16 units
 a ViT-S/14 training step under bf16 autocast was measured 29x slower than in fp32), and a fixed thread count
 wastes a workstation's cores or oversubscribes a container's quota. Each choice is printed once, with its
-reason, and recorded by the stages (``runtime`` in their metrics) and MLflow (``wsss.runtime.*`` tags).
+reason, and recorded by the stages (``runtime.json`` beside their outputs) and MLflow (``wsss.runtime.*`` tags).
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ class Hardware:
     cores_reason: str
     cuda: str | None
     cuda_bf16: bool
+
+    @property
+    def bf16_units(self) -> list[str]:
+        """The CPU's bf16 units torch reports (``AMX``, ``AVX512-BF16``), whether or not a cap holds them back."""
+        return [name for name, has in (("AMX", self.amx), ("AVX512-BF16", self.avx512_bf16)) if has]
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,7 +158,7 @@ def cpu_bf16_units(hw: Hardware) -> tuple[bool, str]:
     Native means torch reports AMX or AVX512-BF16 AND neither ATen (``ATEN_CPU_CAPABILITY``: below AVX512) nor
     oneDNN (``ONEDNN_MAX_CPU_ISA``) is held below the ISA that has them.
     """
-    units = [name for name, has in (("AMX", hw.amx), ("AVX512-BF16", hw.avx512_bf16)) if has]
+    units = hw.bf16_units
     where = f"CPU {hw.cpu_capability}"
     if not units:
         return False, f"{where}, no bf16 units"

@@ -10,7 +10,9 @@ Output, one row per image:
 
 - segmenter (``wsss-segmenter``): ``mask`` (base64 palette PNG at the image's own size, pixel value = class index,
   0 background, k + 1 the k-th class), ``height``, ``width``, ``labels`` (JSON list of the class names in the mask)
-  and ``class_names`` (JSON list, index k + 1 -> name) — the masks of ``wsss predict``, pixel for pixel.
+  and ``class_names`` (JSON list, index k + 1 -> name) — the masks of ``wsss predict``, pixel for pixel; the params
+  ``pixel_refine`` (``par``/``crf``, default ``none``) and ``pixel_refine_iterations`` (10) refine them with the
+  image's pixels as ``wsss predict --pixel-refine`` does.
 - classifier (``wsss-classifier``): ``probabilities`` (JSON object class -> sigmoid probability) and, with the
   param ``attention_masks=true``, ``mask``/``height``/``width``/``labels`` from the [CLS] attention painted by the
   pseudo-mask rule (``wsss predict --from-attention``), else empty strings.
@@ -153,6 +155,17 @@ def serving_precision(model_config: dict[str, Any] | None) -> str:
     return resolve_precision(str((model_config or {}).get("precision", "fp32")), CPU, announce=False)
 
 
+def pixel_refine_param(params: dict[str, Any]) -> tuple[str, int]:
+    """The segmenter's ``pixel_refine``/``pixel_refine_iterations`` params (off by default), checked."""
+    refiner, iterations = str(params.get("pixel_refine", "none")), params.get("pixel_refine_iterations", 10)
+    if refiner not in ("none", "par", "crf"):
+        raise MlflowException(f"pixel_refine: {refiner!r} is not one of none, par, crf", INVALID_PARAMETER_VALUE)
+    if isinstance(iterations, bool) or not isinstance(iterations, int | np.integer) or iterations <= 0:
+        raise MlflowException(f"pixel_refine_iterations: expected a count > 0, got {iterations!r}",
+                              INVALID_PARAMETER_VALUE)  # fmt: skip
+    return refiner, int(iterations)
+
+
 class SegmenterModel(mlflow.pyfunc.PythonModel):
     """``wsss-segmenter``: images -> masks at each image's own size (``wsss predict --model``)."""
 
@@ -170,8 +183,9 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         from wsss.lib.inference import segment_images
 
         images = read_images(model_input)
+        refiner = pixel_refine_param(params or {})
         with torch.no_grad(), autocast(self.precision, CPU):
-            masks = segment_images(self.model, images, self.size, CPU, BATCH_SIZE)
+            masks = segment_images(self.model, images, self.size, CPU, BATCH_SIZE, refiner)
         return pd.DataFrame(
             {**_mask_columns(masks, self.class_names), "class_names": [json.dumps(self.class_names)] * len(masks)}
         )
@@ -231,7 +245,8 @@ def signature(kind: str) -> ModelSignature:
                 for n, t in zip(SEGMENTER_OUTPUTS, ("string", "long", "long", "string", "string"), strict=True)
             ]
         )
-        return ModelSignature(inputs, outputs)
+        refiner = [ParamSpec("pixel_refine", "string", "none"), ParamSpec("pixel_refine_iterations", "long", 10)]
+        return ModelSignature(inputs, outputs, ParamSchema(refiner))
     outputs = Schema(
         [ColSpec(t, n) for n, t in zip(CLASSIFIER_OUTPUTS, ("string", "string", "long", "long", "string"), strict=True)]
     )

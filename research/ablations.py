@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,10 +247,12 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     classifier = json.loads(classifier_metrics.read_text())
     if classifier["map_layer"] is None:  # every head closed: a result of the variant, without maps
         keys = ("miou", "ceiling_miou", "class_specificity", "area_share", "map_layer", "map_blocks")
-        stats = {key: None for key in (*keys, "fg_threshold", "bg_threshold")}
+        stats = {key: None for key in (*keys, "fg_threshold", "bg_threshold", "images", "seconds")}
         segmenter = {"val_miou": None, "seconds": 0.0}
     else:
+        began = time.perf_counter()
         stats = pseudo_masks.main(params)
+        stats["seconds"] = time.perf_counter() - began
         segmenter = train_segmenter.main(params, mask_source="pseudo")
         if segmenter is None or "miou" not in stats:
             split = params.pseudo_masks.split
@@ -272,6 +275,9 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "map_blocks": stats.get("map_blocks"),
         "fg_threshold": stats["fg_threshold"],
         "bg_threshold": stats["bg_threshold"],
+        "pixel_refine_iterations": stats.get("pixel_refine_iterations"),
+        # the pseudo-mask stage (maps, tuning, refinement, scoring) per 1,000 images, on this run's device
+        "pseudo_seconds_per_1000": 1000 * stats["seconds"] / stats["images"] if stats["images"] else None,
         "classifier_seconds": classifier["train_seconds"],
         "segmenter_seconds": segmenter["seconds"],
         "classifier_dir": params.classifier.out,

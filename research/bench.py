@@ -480,8 +480,7 @@ def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     hw = hardware()
-    units = [name for name, has in (("AMX", hw.amx), ("AVX512-BF16", hw.avx512_bf16)) if has]
-    kind = hw.cpu_capability + ("; " + "/".join(units) if units else "")
+    kind = hw.cpu_capability + ("; " + "/".join(hw.bf16_units) if hw.bf16_units else "")
     return f"CPU {hw.cpu_model} ({kind}), {torch.get_num_threads()} threads"
 
 

@@ -83,16 +83,10 @@ def epoch_probe(dataset: DatasetIndex, images: int) -> Callable[[TokenMaskingViT
     return lambda model: attention_probe(model, subset, gts)
 
 
-def steps_per_epoch(images: int, batch_size: int) -> int:
-    """Optimizer steps of one epoch as :func:`wsss.lib.distributed.shard_loader` batches a split in one process: the
-    last, incomplete batch is dropped when there is more than one batch."""
-    return images // batch_size if images > batch_size else 1
-
-
 def run_curve(cell: Any, epochs: int, images: int, out_root: Path = CURVE_ROOT) -> Path:
     """Trains ``cell``'s classifier ``epochs`` epochs with the probe after each; returns the curve CSV."""
     from wsss.lib.artifacts import read_ingested
-    from wsss.lib.distributed import process_group
+    from wsss.lib.distributed import process_group, steps_per_epoch
     from wsss.tasks.train_classifier import train_classifier
 
     params = cell.params

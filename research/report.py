@@ -28,12 +28,14 @@ EXPERIMENT = "wsss-ablations"
 # result column -> table heading
 METRICS = {
     "pseudo_miou": "pseudo-mask mIoU (train)",
+    "pseudo_ceiling_miou": "its grid ceiling",  # ground truth reduced to the maps' token grid and blown up
     "segmenter_miou": "segmenter mIoU (val)",
     "val_map": "val mAP",
     "class_specificity": "class specificity",
     "area_share": "area share",  # what the specificity is when the maps do not tell classes apart
     "closed_heads": "closed heads",
     "train_minutes": "training min",
+    "pseudo_seconds_per_1000": "pseudo masks s / 1,000 img",
 }
 MAP_VARIANTS = ("full", "no_masking")  # whose per-class attention maps the grid shows
 PAIRED_REFERENCE = "full"  # what the paired table subtracts unless ablations.yaml `paired` names another
@@ -64,8 +66,9 @@ def summarize(runs: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
     """Per variant: ``<metric>_mean`` and ``<metric>_std`` (over seeds, ddof 1; NaN for one seed) and ``seeds``."""
     grouped = runs.groupby("variant", sort=False)
     table = pd.DataFrame({"seeds": grouped["seed"].nunique()})
-    for column in METRICS:
-        values = pd.to_numeric(runs[column], errors="coerce").groupby(runs["variant"], sort=False)
+    for column in METRICS:  # a column runs from before it existed lack: NaN ("–" in the table)
+        found = runs[column] if column in runs else pd.Series(np.nan, index=runs.index)
+        values = pd.to_numeric(found, errors="coerce").groupby(runs["variant"], sort=False)
         table[f"{column}_mean"] = values.mean()
         table[f"{column}_std"] = values.std(ddof=1)
     return table.loc[_in_order(list(table.index), order)].reset_index()

@@ -46,6 +46,7 @@ PSEUDO_MASK_METRICS = (
     ("pseudo_mask_ceiling_miou", "ceiling_miou"),
     ("pseudo_mask_fg_threshold", "fg_threshold"),
     ("pseudo_mask_bg_threshold", "bg_threshold"),
+    ("pseudo_mask_pixel_refine_iterations", "pixel_refine_iterations"),
     ("class_specificity", "class_specificity"),
     ("area_share", "area_share"),
 )

@@ -30,7 +30,7 @@ from wsss.lib.mask_rule import (
     decide_rule,
     grid_ceiling_mask,
     image_maps,
-    merge_maps,
+    paint,
     refine_steps,
     split_maps,
 )
@@ -90,10 +90,13 @@ def pseudo_mask_shard(
     for first in range(start, stop, params.batch_size):
         positions = slice(first, min(stop, first + params.batch_size))
         batch = split_maps(model, dataset, params, device, positions, blocks, precision=rule.precision)
-        for i in range(len(batch.data.ids)):
+        count = len(batch.data.ids)
+        found = [image_maps(batch, i, has_labels) for i in range(count)]
+        painted = [paint(maps, classes, probs, rule.fg_threshold, rule.bg_threshold) for maps, classes, probs in found]
+        images = [batch.image(i) for i in range(count)] if rule.pixel_refine != "none" else None
+        for i, mask in enumerate(rule.masks(painted, [classes for _, classes, _ in found], images)):
             grid = tuple(batch.maps[i].shape[-2:])
             grids[grid] += 1
-            mask = merge_maps(*image_maps(batch, i, has_labels), rule.fg_threshold, rule.bg_threshold)
             masks.append(encode_mask_png(mask))
             gt_path = batch.gt_paths[i]
             if gt_path is None:
@@ -141,6 +144,9 @@ def gather(
         "map_blocks_tuning": rule.block_scores,
         "refine": params.refine,
         "refine_iterations": refine_steps(params),
+        "pixel_refine": rule.pixel_refine,
+        "pixel_refine_iterations": rule.pixel_iterations,
+        "pixel_refine_tuning": {str(n): score for n, score in rule.pixel_scores.items()} if rule.pixel_scores else None,
         "precision": rule.precision,
         "fg_threshold": rule.fg_threshold,
         "bg_threshold": rule.bg_threshold,
@@ -190,6 +196,11 @@ def write_pseudo_masks(params: PseudoMaskParams, ids: list[str], masks: list[byt
             f"ceiling {stats['ceiling_miou']:.3f}  class specificity {stats['class_specificity'] or float('nan'):.3f} "
             f"(area share {stats['area_share'] or float('nan'):.3f})  thresholds fg {stats['fg_threshold']} "
             f"bg {stats['bg_threshold']}  maps {stats['map_blocks']} (blocks {stats['map_layers']})"
+            + (
+                f"  pixel refine {stats['pixel_refine']} x{stats['pixel_refine_iterations']}"
+                if stats["pixel_refine"] != "none"
+                else ""
+            )  # fmt: skip
         )
 
 

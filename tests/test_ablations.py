@@ -38,7 +38,13 @@ GRID = {
     },
     "mask_ratio_sweep": ["no_masking", "full"],
 }
-VOLATILE = ("classifier_seconds", "segmenter_seconds", "classifier_dir", "dataset")  # wall time, where it ran
+VOLATILE = (
+    "classifier_seconds",
+    "segmenter_seconds",
+    "pseudo_seconds_per_1000",
+    "classifier_dir",
+    "dataset",
+)  # wall time, where it ran
 ADDED_LATER = (  # options declared with added_option: at their default they stay out of run keys
     ("classifier", "diversity"),
     ("classifier", "backbone_lr"),
@@ -47,6 +53,8 @@ ADDED_LATER = (  # options declared with added_option: at their default they sta
     ("classifier", "separation"),
     ("classifier", "class_sample"),
     ("embedded", "family"),
+    ("pseudo_masks", "pixel_refine"),
+    ("pseudo_masks", "pixel_refine_iterations"),
 )
 
 

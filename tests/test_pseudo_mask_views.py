@@ -47,20 +47,25 @@ def test_flipped_image_gives_the_mirrored_maps_with_flip():
     assert not torch.allclose(maps, torch.stack(plain))  # the model is not mirror-symmetric: the flip view counts
 
 
-def test_scales_average_views_resized_to_the_base_grid():
+def test_scales_average_views_resized_to_the_finest_grid():
     model, x = tiny_model().eval(), images()
     maps, probs = attention_maps(model, x, CPU, batch_size=8, scales=[0.5, 1.0, 1.3], flip=True)
-    assert [m.shape for m in maps] == [(C, 4, 4)] * 5 and probs.shape == (5, C)
-    # One view by hand: the 16 px image (0.5 x 32, two patches), its 2 x 2 maps upsampled to 4 x 4.
+    # 1.3 x 32 px = 41.6 -> 40 px, five patches: the finest view's 5 x 5 grid
+    assert [m.shape for m in maps] == [(C, 5, 5)] * 5 and probs.shape == (5, C)
+    # One view by hand: the 16 px image (0.5 x 32, two patches), its 2 x 2 maps upsampled to the 4 x 4 of scale 1.
     batch = normalize(x)
     half, logits = model.class_attention_maps(F.interpolate(batch, size=(16, 16), mode="bilinear", align_corners=False))
     assert half.shape[-2:] == (2, 2)
-    m, p = multi_view_maps(model, batch, [0.5], flip=False)
-    assert torch.equal(m, F.interpolate(half, size=(4, 4), mode="bilinear", align_corners=False)) and torch.equal(
-        p, torch.sigmoid(logits)
-    )
+    m, p = multi_view_maps(model, batch, [0.5, 1.0], flip=False)
+    full, full_logits = model.class_attention_maps(batch)
+    expected = (F.interpolate(half, size=(4, 4), mode="bilinear", align_corners=False) + full) / 2
+    torch.testing.assert_close(m, expected)
+    torch.testing.assert_close(p, (torch.sigmoid(logits) + torch.sigmoid(full_logits)) / 2)
+    double, _ = multi_view_maps(model, batch, [2.0], flip=False)  # a grid twice as fine, the view's own maps
+    torch.testing.assert_close(double, model.class_attention_maps(F.interpolate(batch, size=(64, 64), mode="bilinear",
+                                                                                  align_corners=False))[0])  # fmt: skip
     tiny, _ = multi_view_maps(model, batch, [0.01], flip=False)  # at least one patch
-    assert tiny.shape == (5, C, 4, 4)
+    assert tiny.shape == (5, C, 1, 1)
 
 
 def test_images_of_several_sizes_get_maps_on_their_own_grids():

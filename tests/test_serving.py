@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from tests.test_predict import run_cli, trained  # noqa: F401  (the module's trained tiny models)
@@ -83,6 +84,14 @@ def test_segmenter_pyfunc_gives_wsss_predicts_masks(registry: str, trained: Path
     assert json.loads(answer["class_names"][0]) == ["bird", "elephant", "giraffe"]
     cards = [p for p in (tmp_path / "copy").rglob("MODEL_CARD.md")]
     assert len(cards) == 1 and cards[0].read_text() == "# card of the segmenter\n"
+    # The pixel refiner on request (off by default): wsss predict --pixel-refine's masks, pixel for pixel.
+    refined = served.predict(pd.DataFrame({"image": [_png(photo)]}), params={"pixel_refine": "par",
+                                                                            "pixel_refine_iterations": 3})  # fmt: skip
+    expected_refined = _predicted(capsys, tmp_path, photo, "--model", trained / "segmenter", "--pixel-refine", "par",
+                                  "--pixel-refine-iterations", 3, "--overwrite")  # fmt: skip
+    np.testing.assert_array_equal(decode_mask(refined["mask"][0]), expected_refined)
+    with pytest.raises(MlflowException, match="pixel_refine: 'dense' is not one of none, par, crf"):
+        served.predict(pd.DataFrame({"image": [_png(photo)]}), params={"pixel_refine": "dense"})
 
 
 def test_served_precision_is_the_registering_runs_decided_where_served(monkeypatch):

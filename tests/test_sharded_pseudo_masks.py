@@ -26,8 +26,11 @@ def test_sharded_masks_equal_the_serial_ones_bit_for_bit_on_local_and_given_clus
     ingest(Path(tiny_params.ingest.source), Path(tiny_params.ingest.out))
     tiny_params.classifier.epochs = 1
     train_classifier.main(tiny_params)
-    # Batches of 8: the 48 training images make 6 batches, so 3 shards of 2 batches each.
-    settings = dataclasses.replace(tiny_params.pseudo_masks, batch_size=8, tune_images=16)
+    # Batches of 8: the 48 training images make 6 batches, so 3 shards of 2 batches each; masks refined by PAR (its
+    # iterations tuned with the thresholds), which each shard applies to its own batches.
+    settings = dataclasses.replace(
+        tiny_params.pseudo_masks, batch_size=8, tune_images=16, pixel_refine="par", pixel_refine_iterations=[2, 4]
+    )
     serial = dataclasses.replace(tiny_params, pseudo_masks=dataclasses.replace(settings, out=str(tmp_path / "serial")))
     sharded = dataclasses.replace(
         tiny_params,
@@ -42,6 +45,8 @@ def test_sharded_masks_equal_the_serial_ones_bit_for_bit_on_local_and_given_clus
     assert len(run["seconds"]["shard_tasks"]) == 3
     assert run["stats"] == serial_stats
     assert serial_stats["images"] == 48 and serial_stats["thresholds_tuned"]
+    tuning = serial_stats["pixel_refine_tuning"]
+    assert set(tuning) == {"2", "4"} and tuning[str(serial_stats["pixel_refine_iterations"])] == max(tuning.values())
     for name in ("train.parquet", "stats.json"):
         assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes(), name
 

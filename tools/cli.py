@@ -71,7 +71,7 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
     model = args.from_attention or args.model
     main(
         params, args.images, model, args.out, bool(args.from_attention), args.overlay, args.img_size, args.bands,
-        args.overwrite,
+        args.overwrite, (args.pixel_refine, args.pixel_refine_iterations),
     )  # fmt: skip
 
 
@@ -87,6 +87,14 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     predict.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     predict.add_argument("--img-size", type=positive_int, help="model input size (default: its training size)")
     predict.add_argument("--bands", help="bands.json of the training data set (multi-band .tif/.npy images)")
+    predict.add_argument(
+        "--pixel-refine",
+        choices=("none", "par", "crf"),
+        default="none",
+        help="refine the masks with the image's pixels: PAR (AFA/ToCo) or a local dense CRF",
+    )
+    predict.add_argument("--pixel-refine-iterations", type=positive_int, metavar="N",
+                         help="the refiner's iterations (default: 10)")  # fmt: skip
     predict.set_defaults(handler=_predict)
 
 

@@ -7,7 +7,9 @@ the store is the one ``wsss register`` writes to, see :func:`wsss.lib.tracking.t
 resized back bilinearly, so every mask has its image's size. With ``--from-attention`` the classifier's
 [CLS]_c attention is painted by the pseudo-mask rule of :mod:`wsss.lib.mask_rule` for the classes it
 predicts, with ``pseudo_masks.fg_threshold``/``bg_threshold`` and the test-time views of
-``pseudo_masks.scales``/``flip`` (scales of the image size the model is given).
+``pseudo_masks.scales``/``flip`` (scales of the image size the model is given). ``--pixel-refine par|crf``
+refines either kind of mask with the image's own pixels (:mod:`wsss.lib.pixel_refine`, peers' methods; off by
+default), ``--pixel-refine-iterations`` times (default 10).
 
 ``OUT/<image name>.png`` is the mask (VOC palette, 0 = background, k + 1 = class k); ``--overlay`` adds
 ``OUT/<image name>_overlay.png``. Each file is written atomically; ``--out``, the outputs and the inputs are
@@ -27,6 +29,7 @@ from wsss.lib.errors import WsssError
 from wsss.lib.images import BANDS_FILE, Bands, display_rgb, one_line, read_bands, read_image, to_uint8, write_mask_png
 from wsss.lib.inference import attention_masks, in_chans, model_input_size, segment_images
 from wsss.lib.io import atomic_file, check_writable, writing
+from wsss.lib.pixel_refine import PREDICT_ITERATIONS
 from wsss.lib.plotting import overlay_picture
 from wsss.lib.runtime import autocast, resolve_precision, setup_runtime
 
@@ -130,6 +133,7 @@ def predict(
     refine: int = 0,
     overwrite: bool = False,
     precision: str = "fp32",
+    pixel_refine: tuple[str, int] = ("none", 0),
 ) -> list[Path]:
     """Writes one palette PNG mask per image into ``out`` (see module docstring); returns the mask paths.
 
@@ -168,9 +172,11 @@ def predict(
     with autocast(precision, device):
         if from_attention:
             views = dict(scales=scales, flip=flip, map_blocks=map_blocks, refine=refine, size=size)
-            found, _ = attention_masks(model, pixels, device, thresholds, batch_size, **views)
+            found, _ = attention_masks(
+                model, pixels, device, thresholds, batch_size, **views, pixel_refine=pixel_refine
+            )
         else:
-            found = segment_images(model, pixels, size, device, batch_size)
+            found = segment_images(model, pixels, size, device, batch_size, pixel_refine)
     masks = dict(zip(names, found, strict=True))
     # The overlay's legend names the classes the masks hold, when the model knows them (a wsss checkpoint
     # or a model registered by `wsss register`); otherwise it shows their values.
@@ -200,6 +206,7 @@ def main(
     img_size: int | None = None,
     bands: str | None = None,
     overwrite: bool = False,
+    pixel_refine: tuple[str, int | None] = ("none", None),
 ) -> list[Path]:
     """CLI entry (``wsss predict``): device/threads from params, thresholds, views and map blocks from
     ``pseudo_masks`` (``map_blocks: auto`` is the paper's ``all`` here: new images have no ground truth)."""
@@ -228,6 +235,7 @@ def main(
         refine=settings.refine_iterations if settings.refine == "affinity" else 0,
         overwrite=overwrite,
         precision=resolve_precision(params.trainer.precision, device),
+        pixel_refine=(pixel_refine[0], pixel_refine[1] or PREDICT_ITERATIONS),
     )
     print(f"{len(written)} mask{'' if len(written) == 1 else 's'} written to {out}")
     return written

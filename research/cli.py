@@ -133,7 +133,10 @@ def _curve(params: Params, args: argparse.Namespace) -> None:
             config, args.params, args.root, scale, args.variant, args.seed, args.epochs, args.overrides
         )
         ablations.prepare([cell])
-        curves.run_curve(cell, args.epochs, args.images, Path(args.out))
+        if not (args.cell and curves.classifier_done(cell)):
+            curves.run_curve(cell, args.epochs, args.images, Path(args.out))
+        if args.cell:
+            curves.curve_cell(cell, args.epochs, Path(args.out))
     table = curves.curve_report(scale, Path(args.out))
     print(table.to_markdown(index=False, floatfmt=".3f"))
     print(f"{len(table)} curve{'' if len(table) == 1 else 's'}: {Path(args.out) / scale / 'curves.png'}")
@@ -155,6 +158,9 @@ def _add_curve(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     curve.add_argument("--root", default=str(DEFAULT_ROOT), help="where the runs live")
     curve.add_argument("--out", default="reports/curves", help="curve CSVs, picture and table (a folder per scale)")
     curve.add_argument("--report-only", action="store_true", help="draw the scale's finished curves only")
+    curve.add_argument(
+        "--cell", action="store_true", help="then the cell's pseudo masks and segmenter on the trained classifier"
+    )
     curve.set_defaults(handler=_curve)
 
 

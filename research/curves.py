@@ -126,6 +126,34 @@ def plan_curve(config: Any, params_file: str, root: str, scale: str | None, vari
     return dataclasses.replace(cell, params=params)
 
 
+def classifier_done(cell: Any) -> bool:
+    """Whether the cell's classifier has finished training (its metrics.json is written last)."""
+    return (Path(cell.params.classifier.out) / "metrics.json").is_file()
+
+
+def curve_cell(cell: Any, epochs: int, out_root: Path = CURVE_ROOT) -> dict[str, Any]:
+    """The cell's pseudo masks and segmenter on its ``epochs``-epoch classifier
+    (:func:`wsss.research.ablations.run_cell`, in a run folder of its own, never the grid's one-epoch cell); the
+    result row is also written to
+    ``<out_root>/<scale>/<variant>_seed<seed>_cell.json``."""
+    from wsss.lib.io import write_json
+    from wsss.research import ablations
+
+    run_dir = Path(cell.run_dir).parent.parent / "curves" / f"{cell.variant}_e{epochs}" / f"seed{cell.seed}"
+    params = dataclasses.replace(
+        cell.params,
+        pseudo_masks=dataclasses.replace(cell.params.pseudo_masks, out=str(run_dir / "pseudo_masks")),
+        segmenter=dataclasses.replace(cell.params.segmenter, out=str(run_dir / "segmenter")),
+    )
+    row = ablations.run_cell(dataclasses.replace(cell, params=params, run_dir=run_dir))
+    row = {**row, "classifier_epochs": epochs}
+    write_json(out_root / cell.scale / f"{cell.variant}_seed{cell.seed}_cell.json", row)
+    print(f"cell {cell.name} at {epochs} epochs: pseudo-mask mIoU {row['pseudo_miou']:.3f} (ceiling "
+          f"{row['pseudo_ceiling_miou']:.3f}), segmenter {row['segmenter_miou']:.3f}, specificity "
+          f"{row['class_specificity']:.3f} vs {row['area_share']:.3f}")  # fmt: skip
+    return row
+
+
 def curve_report(scale: str, out_root: Path = CURVE_ROOT) -> pd.DataFrame:
     """``<out_root>/<scale>/curves.png`` (specificity minus area share, and val mAP, against optimizer steps; one
     line per curve file) and ``table.md`` (each curve's last row); returns that table.

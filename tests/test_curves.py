@@ -1,5 +1,6 @@
 """`wsss-research curve`: a classifier trained longer with the attention probe after every epoch (issue 32)."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,15 @@ def test_a_curve_is_one_probed_row_per_epoch_in_its_own_classifier(tmp_path: Pat
     # its own classifier (3 epochs): the grid's one-epoch classifier of the same variant is another folder
     assert len(list((tmp_path / "runs" / "tiny" / "classifiers").iterdir())) == 1
     assert cli.main([*args, "--report-only"]) == 0 and "1 curve: " in capsys.readouterr().out
+    # --cell: the trained classifier (not trained again) gives its pseudo masks and segmenter, in a folder of its own
+    trained = (tmp_path / "runs" / "tiny" / "classifiers").iterdir().__next__() / "model.pt"
+    before = trained.stat().st_mtime_ns
+    assert cli.main([*args, "--variant", "shared_head", "-S", "classifier.batch_size=20", "--cell"]) == 0
+    row = json.loads((tmp_path / "curves" / "tiny" / "shared_head_seed0_cell.json").read_text())
+    assert row["classifier_epochs"] == 3 and 0 <= row["pseudo_miou"] <= 1 and row["pseudo_ceiling_miou"] > 0
+    assert row["segmenter_miou"] is not None and trained.stat().st_mtime_ns == before
+    assert (tmp_path / "runs" / "tiny" / "curves" / "shared_head_e3" / "seed0" / "result.json").is_file()
+    assert not (tmp_path / "runs" / "tiny" / "shared_head").exists()  # the grid's own cell is left alone
 
 
 def test_without_a_variant_or_a_curve_it_says_what_to_run(tmp_path: Path, tiny_params: Params, capsys):

@@ -173,7 +173,8 @@ def curve_report(scale: str, out_root: Path = CURVE_ROOT) -> pd.DataFrame:
         curve = pd.read_csv(path)
         left.plot(curve["steps"], curve["specificity"] - curve["area_share"], marker="o", label=path.stem)
         right.plot(curve["steps"], curve["val_map"], marker="o", label=path.stem)
-        last.append({"curve": path.stem, **curve.iloc[-1][["epoch", "steps", "images_seen", "seconds", "val_map",
+        curve["train_minutes"] = curve["seconds"].cumsum() / 60  # history's seconds are each epoch's own
+        last.append({"curve": path.stem, **curve.iloc[-1][["epoch", "steps", "images_seen", "train_minutes", "val_map",
                                                           *PROBE_KEYS]].to_dict()})  # fmt: skip
     left.axhline(0.05, color="grey", linestyle=":", linewidth=1)
     left.set(xlabel="optimizer steps", ylabel="class specificity - area share", title="[CLS]_c attention, last block")

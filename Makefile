@@ -24,7 +24,8 @@ data: setup
 
 # The real thing: local Prefect server (reused if one answers on PREFECT_PORT) + process pool + worker,
 # `prefect deployment run wsss/full --watch`, then the metrics table; stops what it started.
-# Optional: DATASET=data/voc (a data set root), OVERRIDES="classifier.epochs=5 segmenter.epochs=3".
+# Optional: DATASET=data/voc (a data set root), PROFILE=paper (profiles.yaml: the paper's class tokens, ~2,000 steps:
+# hours on a CPU, minutes on a GPU), OVERRIDES="classifier.epochs=5 segmenter.epochs=3" (after the profile's).
 run: setup
 	scripts/run.sh
 

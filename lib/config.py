@@ -22,6 +22,7 @@ import yaml
 from wsss.lib.errors import WsssError
 
 DEFAULT_PARAMS = Path("params.yaml")
+PROFILES = Path("profiles.yaml")  # named override lists (`--profile`, `make run PROFILE=`)
 # Options that serve the research bench's experiments only, measured not to help (docs/results.md,
 # docs/results-scratch.md): they keep their defaults here and params.yaml does not list them; the grid's variants
 # (ablations.yaml) and `-S` set them.
@@ -94,7 +95,12 @@ class ClassifierParams:
 
     ``class_sample``: 0 (off) trains every class token in every sequence, as the paper; K > 0 keeps per image
     its present classes' tokens plus absent ones drawn per step (the batch's most present classes + K in all)
-    and leaves the rest out, counted as masked: a step's cost then follows K, not the number of classes."""
+    and leaves the rest out, counted as masked: a step's cost then follows K, not the number of classes.
+
+    ``mask_schedule``: ``[]`` masks at ``mask_ratio`` from the first step; ``[[fraction, ratio], ...]`` masks at
+    each ``ratio`` from that fraction of the optimizer steps on, not at all before the first, the last ratio being
+    ``mask_ratio`` (the reference's README recipe, off for 20 of 500 epochs, 0.2 until epoch 50, then 0.5:
+    ``[[0.04, 0.2], [0.1, 0.5]]``)."""
 
     model: str = "wsss_vit_small_patch14"
     img_size: int = 112
@@ -121,6 +127,7 @@ class ClassifierParams:
     patch_cam: bool = added_option(True, absent=False)
     separation: float = added_option(0.0)
     class_sample: int = added_option(0)
+    mask_schedule: list[list[float]] = added_option([])
     out: str = "artifacts/classifier"
 
 
@@ -233,13 +240,18 @@ class Params:
         return dataclasses.asdict(self)
 
 
+PIXEL_REFINERS = ("none", "par", "crf")  # pseudo_masks.pixel_refine, `wsss predict --pixel-refine`, the served param
+# The refiner's iterations on a model's own masks (`wsss predict`, the served segmenter) unless asked: the smallest
+# count the pseudo-mask stage tunes among (that stage picks its own among pseudo_masks.pixel_refine_iterations).
+PREDICT_PIXEL_ITERATIONS = 10
+
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "classifier.head": ("linear", "per_class", "shared", "mean"),
     "classifier.class_tokens": ("joint", "read_only"),
     "classifier.gate_penalty": ("sum", "layer_mean", "mean"),
     "pseudo_masks.refine": ("none", "affinity"),
-    "pseudo_masks.pixel_refine": ("none", "par", "crf"),
+    "pseudo_masks.pixel_refine": PIXEL_REFINERS,
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 _UNIT_INTERVAL = {
@@ -355,6 +367,7 @@ def _validate(params: Params) -> None:
     scales = params.pseudo_masks.scales
     if not scales or min(scales) <= 0:
         raise ConfigError(f"pseudo_masks.scales: expected a non-empty list of scales > 0, got {scales!r}")
+    _check_mask_schedule(params.classifier)
     iterations = params.pseudo_masks.pixel_refine_iterations
     if not iterations or min(iterations) <= 0:
         raise ConfigError(
@@ -370,6 +383,22 @@ def _validate(params: Params) -> None:
             raise ConfigError(
                 f"{section}.batch_size {batch_size} is not divisible by trainer.nproc {params.trainer.nproc}"
             )
+
+
+def _check_mask_schedule(params: ClassifierParams) -> None:
+    schedule = params.mask_schedule
+    if not schedule:
+        return
+    where = f"classifier.mask_schedule {schedule!r}"
+    if any(len(pair) != 2 for pair in schedule):
+        raise ConfigError(f"{where}: expected [[fraction, ratio], ...] pairs")
+    fractions = [pair[0] for pair in schedule]
+    if not all(0.0 <= f < 1.0 for f in fractions) or fractions != sorted(set(fractions)):
+        raise ConfigError(f"{where}: fractions of training must increase within [0, 1)")
+    if not all(0.0 <= pair[1] <= 1.0 for pair in schedule):
+        raise ConfigError(f"{where}: ratios must lie in [0, 1]")
+    if schedule[-1][1] != params.mask_ratio:
+        raise ConfigError(f"{where}: the last ratio must be classifier.mask_ratio ({params.mask_ratio})")
 
 
 MAP_BLOCKS = re.compile(r"last([1-9][0-9]*)?")  # `pseudo_masks.map_blocks` besides auto and all: last, lastK
@@ -417,6 +446,25 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         node[leaf] = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({_yaml_problem(err)[1]})") from None
+
+
+def profile_overrides(name: str, path: str | Path = PROFILES) -> list[str]:
+    """The overrides of profile ``name`` in ``path`` (profiles.yaml), each one shell word ``section.key=value``.
+
+    Raises:
+        ConfigError: unreadable file, an unknown profile (the message lists the known ones), a malformed entry.
+    """
+    profiles = read_yaml(path, "profiles file")
+    if not isinstance(profiles, dict) or name not in profiles:
+        known = ", ".join(map(str, profiles)) if isinstance(profiles, dict) else "none"
+        raise ConfigError(f"{path}: no profile {name!r} (known: {known})")
+    overrides = profiles[name]
+    if not isinstance(overrides, list) or not overrides:
+        raise ConfigError(f"{path}: profile {name!r}: expected a non-empty list of section.key=value")
+    for override in overrides:
+        if not isinstance(override, str) or "=" not in override or any(ch.isspace() for ch in override):
+            raise ConfigError(f"{path}: profile {name!r}: {override!r} is not one word section.key=value")
+    return overrides
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

@@ -74,14 +74,13 @@ def attention_masks(
     one per uint8 HxWxC image at its own size, and the class probabilities ``[N, C]``; ``size``: the longer side
     the images are resized to (default: the classifier's trained input); ``pixel_refine``: the rule's pixel
     refiner and its iterations."""
-    from wsss.lib.mask_rule import MaskRule, attention_maps, normalized_maps, paint, present_classes
+    from wsss.lib.mask_rule import attention_maps, finish_masks, normalized_maps, paint, present_classes
 
     data = _model_batch(model, pixels, size or model_input_size(model, True, None), True)
     # As in the pseudo-mask stage: closed heads removed, same maps and logits at less cost.
     maps, probs = attention_maps(
         model.prune_heads(), data.images, device, batch_size, scales, flip, map_blocks, refine=refine
     )
-    rule = MaskRule(*thresholds, None, "", (), pixel_refine=pixel_refine[0], pixel_iterations=pixel_refine[1])
     painted, present = [], []
     for i in range(len(pixels)):
         p = probs[i].numpy()
@@ -89,5 +88,5 @@ def attention_masks(
         painted.append(
             paint(normalized_maps(maps[i][present[-1]], data.original_sizes[i]), present[-1], p, *thresholds)
         )
-    images = [torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) for image in pixels]
-    return rule.masks(painted, present, images), probs
+    images = [image_tensor(image) for image in pixels] if pixel_refine[0] != "none" else None
+    return finish_masks(painted, present, images, *pixel_refine), probs

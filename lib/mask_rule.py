@@ -370,12 +370,24 @@ class MaskRule:
     def masks(
         self, painted: Sequence[torch.Tensor], classes: Sequence[np.ndarray], images: Sequence[torch.Tensor] | None
     ) -> list[np.ndarray]:
-        """Step 5 of the rule for painted masks (:func:`paint`): the nearest-pixel fill, or the pixel refiner
-        with the ``images`` (uint8 ``[channels, H, W]``, each its mask's size)."""
-        if self.pixel_refine == "none":
-            return [fill_unassigned(mask.cpu().numpy()) for mask in painted]
-        refined = refine_masks(images, painted, classes, self.pixel_refine, [self.pixel_iterations])
-        return [mask.cpu().numpy() for mask in refined[self.pixel_iterations]]
+        """Step 5 of the rule with this rule's pixel refiner (:func:`finish_masks`)."""
+        return finish_masks(painted, classes, images, self.pixel_refine, self.pixel_iterations)
+
+
+def finish_masks(
+    painted: Sequence[torch.Tensor],
+    classes: Sequence[np.ndarray],
+    images: Sequence[torch.Tensor] | None,
+    pixel_refine: str = "none",
+    iterations: int = 0,
+) -> list[np.ndarray]:
+    """Step 5 of the rule for painted masks (:func:`paint`) of the present ``classes``: the nearest-pixel fill, or
+    ``pixel_refine`` (``par``/``crf``) for ``iterations`` with the ``images`` (uint8 ``[channels, H, W]``, each its
+    mask's size)."""
+    if pixel_refine == "none":
+        return [fill_unassigned(mask.cpu().numpy()) for mask in painted]
+    refined = refine_masks(images, painted, classes, pixel_refine, [iterations])
+    return [mask.cpu().numpy() for mask in refined[iterations]]
 
 
 @dataclass

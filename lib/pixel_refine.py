@@ -6,15 +6,15 @@ Two peers' refiners, both labelled as such (neither is the paper's):
   becomes the weighted mean of its 8 neighbours at a few dilations, the weights a softmax of colour similarity
   (scaled by the neighbourhood's own colour spread) plus a small softmax of nearness, iterated. Ours normalises the
   weights to sum 1 (theirs sum to 1 + w2), so refined maps stay in [0, 1] and the rule's thresholds keep their meaning.
-- :func:`conv_crf`: a fully connected CRF's mean-field inference (Krähenbühl & Koltun 2011; the dense CRF of
+- :func:`conv_crf_steps`: a fully connected CRF's mean-field inference (Krähenbühl & Koltun 2011; the dense CRF of
   MCTformer, IRN and PSA) restricted to a local window as ConvCRF (Teichmann & Cipolla 2019) does, so it needs no
   compiled extension: Gaussian bilateral (position + colour) and spatial kernels, Potts compatibility.
 
-Both act on per-pixel label scores ``[L, H, W]``: either the normalised class maps before the mask rule
-(:func:`maps_scores`, then the rule thresholds the refined maps) or the decided mask (:func:`mask_scores`: confident
-one-hot scores where the rule painted a pixel, uniform over the image's labels where it left the pixel to the
-nearest-neighbour fill), after which the argmax is the mask. Spatial sizes are given for a 112-px longer side and
-scale with the image (:func:`spatial_scale`), so a photo reads the same neighbourhood relative to its objects.
+Both act on the decided mask (:func:`mask_scores`: confident scores where the mask rule painted a pixel, uniform
+over the image's labels where it left the pixel to the nearest-neighbour fill), after which each pixel takes the
+argmax: refining the class maps before the rule instead measured lower with either refiner (docs/results.md).
+Spatial sizes are given for a 112-px longer side and scale with the image (:func:`spatial_scale`), so a photo reads
+the same neighbourhood relative to its objects.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from wsss.lib.config import PREDICT_PIXEL_ITERATIONS
+from wsss.lib.datasets import image_tensor
 
 REFERENCE_SIDE = 112  # the pixel sizes below are for an image whose longer side is this
 
@@ -43,8 +46,8 @@ class ParSettings:
 @dataclass(frozen=True)
 class CrfSettings:
     """The dense CRF's usual pseudo-label setting (IRN/PSA on VOC at ~500 px: bilateral xy 80, rgb 13, weight 10;
-    spatial xy 3, weight 3) with xy scaled to 112 px, a window of ``radius`` px sampled every ``stride`` px (a
-    local window sees fewer pixels than the dense CRF, so its weight is the parameter tuned), 5 mean-field steps."""
+    spatial xy 3, weight 3) with xy scaled to 112 px, a window of ``radius`` px sampled every ``stride`` px, 5
+    mean-field steps (the pseudo-mask stage tunes the steps, ``pseudo_masks.pixel_refine_iterations``)."""
 
     bilateral_xy: float = 18.0
     bilateral_rgb: float = 13.0
@@ -162,20 +165,10 @@ def mask_scores(painted: torch.Tensor, classes: np.ndarray, confidence: float = 
     return scores
 
 
-def maps_scores(norm_maps: torch.Tensor) -> torch.Tensor:
-    """Scores ``[1 + K, H, W]`` from normalised class maps ``[K, H, W]``: background ``1 - max`` beside them,
-    each pixel normalised to sum 1."""
-    scores = torch.cat([1.0 - norm_maps.amax(0, keepdim=True), norm_maps], 0).clamp_min(1e-6)
-    return scores / scores.sum(0, keepdim=True)
-
-
 def labels_of(scores: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
     """The mask ``[H, W]`` uint8 (0 background, k+1 class k) of the argmax of background/``classes`` scores."""
     lookup = torch.tensor([0, *(int(c) + 1 for c in classes)], dtype=torch.uint8, device=scores.device)
     return lookup[scores.argmax(0)]
-
-
-REFINERS = ("none", "par", "crf")
 
 
 def refine_masks(
@@ -214,15 +207,12 @@ def refine_masks(
     return out
 
 
-PREDICT_ITERATIONS = 10  # `wsss predict --pixel-refine`'s default: the smallest count the stage tunes among
-
-
 def refine_predicted(
-    pixels: Sequence[np.ndarray], masks: Sequence[np.ndarray], refiner: str, iterations: int = PREDICT_ITERATIONS
+    pixels: Sequence[np.ndarray], masks: Sequence[np.ndarray], refiner: str, iterations: int = PREDICT_PIXEL_ITERATIONS
 ) -> list[np.ndarray]:
     """Masks a model decided for every pixel (``wsss predict``'s, HxW uint8) refined by ``refiner`` with their
     uint8 HxWxC images, among the labels each mask holds."""
-    images = [torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) for image in pixels]
+    images = [image_tensor(image) for image in pixels]
     painted = [torch.from_numpy(np.asarray(mask, dtype=np.uint8)) for mask in masks]
     classes = [np.setdiff1d(np.unique(mask), [0]).astype(int) - 1 for mask in masks]
     refined = refine_masks(images, painted, classes, refiner, [iterations])[iterations]

@@ -46,6 +46,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from wsss.lib.config import PIXEL_REFINERS, PREDICT_PIXEL_ITERATIONS
 from wsss.lib.images import encode_mask_png
 from wsss.lib.runtime import autocast, resolve_precision
 
@@ -157,9 +158,11 @@ def serving_precision(model_config: dict[str, Any] | None) -> str:
 
 def pixel_refine_param(params: dict[str, Any]) -> tuple[str, int]:
     """The segmenter's ``pixel_refine``/``pixel_refine_iterations`` params (off by default), checked."""
-    refiner, iterations = str(params.get("pixel_refine", "none")), params.get("pixel_refine_iterations", 10)
-    if refiner not in ("none", "par", "crf"):
-        raise MlflowException(f"pixel_refine: {refiner!r} is not one of none, par, crf", INVALID_PARAMETER_VALUE)
+    refiner = str(params.get("pixel_refine", "none"))
+    iterations = params.get("pixel_refine_iterations", PREDICT_PIXEL_ITERATIONS)
+    if refiner not in PIXEL_REFINERS:
+        raise MlflowException(f"pixel_refine: {refiner!r} is not one of {', '.join(PIXEL_REFINERS)}",
+                              INVALID_PARAMETER_VALUE)  # fmt: skip
     if isinstance(iterations, bool) or not isinstance(iterations, int | np.integer) or iterations <= 0:
         raise MlflowException(f"pixel_refine_iterations: expected a count > 0, got {iterations!r}",
                               INVALID_PARAMETER_VALUE)  # fmt: skip
@@ -245,7 +248,10 @@ def signature(kind: str) -> ModelSignature:
                 for n, t in zip(SEGMENTER_OUTPUTS, ("string", "long", "long", "string", "string"), strict=True)
             ]
         )
-        refiner = [ParamSpec("pixel_refine", "string", "none"), ParamSpec("pixel_refine_iterations", "long", 10)]
+        refiner = [
+            ParamSpec("pixel_refine", "string", "none"),
+            ParamSpec("pixel_refine_iterations", "long", PREDICT_PIXEL_ITERATIONS),
+        ]
         return ModelSignature(inputs, outputs, ParamSchema(refiner))
     outputs = Schema(
         [ColSpec(t, n) for n, t in zip(CLASSIFIER_OUTPUTS, ("string", "string", "long", "long", "string"), strict=True)]

@@ -3,7 +3,8 @@
 #   1. data: generate the embedded set when missing, check it against data.dvc;
 #   2. Prefect: reuse a server answering on PREFECT_PORT (default 4200) or start one (PREFECT_HOME=.prefect);
 #      create the process work pool `local` if missing; `prefect deploy --all` (prefect.yaml); start a worker;
-#   3. `prefect deployment run wsss/full --watch` (DATASET=..., OVERRIDES="k=v k=v" become its parameters);
+#   3. `prefect deployment run wsss/full --watch` (DATASET=..., PROFILE=<profiles.yaml entry>, OVERRIDES="k=v k=v"
+#      become its parameters);
 #   4. print the metrics table and where to look; stop what this script started (TERM, then KILL), also on
 #      failure or Ctrl-C.
 set -euo pipefail
@@ -80,7 +81,12 @@ urllib.request.urlopen(sys.argv[1], timeout=2).read()
 EOF
 }
 
-# 1. data --------------------------------------------------------------------------------------------
+# 1. profile and data (a typo in PROFILE ends here, before any server starts) ---------------------------
+if [[ -n "${PROFILE:-}" ]]; then  # profiles.yaml's overrides first, then OVERRIDES
+  profile=$(wsss profile "$PROFILE") || exit 1
+  # shellcheck disable=SC2086
+  OVERRIDES="$(echo $profile) ${OVERRIDES:-}"
+fi
 if [[ ! -f data/embedded/manifest.parquet ]]; then
   say "data/embedded missing: generating the embedded data set (deterministic, hashes to data.dvc)"
   wsss import embedded

@@ -92,6 +92,13 @@ def model_kwargs(params: ClassifierParams, num_classes: int, in_chans: int) -> d
     )
 
 
+def scheduled_mask_ratio(schedule: list[list[float]], step: int, total: int) -> float:
+    """``classifier.mask_schedule``'s ratio at optimizer step ``step`` of ``total``: the last pair whose fraction
+    of the steps has been reached, 0 before the first."""
+    reached = [ratio for fraction, ratio in schedule if step >= fraction * total]
+    return reached[-1] if reached else 0.0
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -215,6 +222,8 @@ def train_classifier(
         if params.class_sample:
             sample_noise = world.local_rows(torch.rand(len(labels) * world.size, labels.shape[1])).to(device)
         model.set_gates_active(index >= gate_start_step)
+        if params.mask_schedule:  # the model reads its ratio at each forward
+            model.mask_ratio = scheduled_mask_ratio(params.mask_schedule, index, total_steps)
         factor = _lr_factor(index, total_steps, warmup_steps)
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             # Gates are trained at a constant lr once pruning starts: the cosine tail would freeze them.

@@ -141,3 +141,41 @@ def test_params_yaml_holds_exactly_the_dataclass_defaults():
     assert set(written) == set(defaults), (sorted(set(defaults) - set(written)), sorted(set(written) - set(defaults)))
     differ = {key: (written[key], defaults[key]) for key in defaults if written[key] != defaults[key]}
     assert not differ, f"params.yaml vs lib/config.py defaults: {differ}"
+
+
+def test_profiles_list_overrides_that_load_and_reach_2000_steps_on_make_runs_data(capsys):
+    """profiles.yaml's `paper`: overrides valid against params.yaml, printed for OVERRIDES and for dvc exp run, and
+    the ~2,000 optimizer steps the class-token curves needed (issue 32) on make run's own training images."""
+    from wsss.lib.config import load_params, profile_overrides
+    from wsss.lib.distributed import steps_per_epoch
+
+    code, out, err = run(capsys, "profile", "paper")
+    assert code == 0, err
+    overrides = out.split()
+    assert overrides == profile_overrides("paper") and "classifier.head=shared" in overrides
+    code, out, _ = run(capsys, "profile", "paper", "--dvc")
+    assert out.split() == [word for o in overrides for word in ("-S", o)]
+    params = load_params("params.yaml", overrides)
+    steps = params.classifier.epochs * steps_per_epoch(params.embedded.train_images, params.classifier.batch_size)
+    assert 2000 <= steps <= 2200 and not params.classifier.patch_cam
+
+
+def test_a_profile_goes_before_the_overrides_and_a_bad_one_is_one_line(capsys, tmp_path, monkeypatch):
+    from wsss.lib.config import profile_overrides
+
+    monkeypatch.chdir(tmp_path)
+    Path("profiles.yaml").write_text("short:\n  - classifier.epochs=3\nspaced:\n  - 'pseudo_masks.scales=[1.0, 2.0]'\n")
+    code, out, err = run(capsys, "profile", "short", "--params", "none.yaml")
+    assert code == 1 and err.strip().endswith("none.yaml: cannot read params file (No such file or directory)")
+    Path("params.yaml").write_text("seed: 0\n")
+    code, out, err = run(capsys, "profile", "nope")
+    assert code == 1 and err.strip() == "wsss profile: error: profiles.yaml: no profile 'nope' (known: short, spaced)"
+    code, out, err = run(capsys, "ingest", "--profile", "spaced")
+    assert code == 1 and "'pseudo_masks.scales=[1.0, 2.0]' is not one word section.key=value" in err
+    assert len(err.strip().splitlines()) == 1
+    assert profile_overrides("short") == ["classifier.epochs=3"]
+    # -S comes after the profile: its bad epochs win over the profile's good ones (the other order would pass)
+    code, out, err = run(capsys, "profile", "short", "--profile", "short", "-S", "classifier.epochs=0")
+    assert code == 1 and err.strip() == "wsss profile: error: classifier.epochs: must be > 0, got 0"
+    code, out, err = run(capsys, "profile", "short", "--profile", "short")
+    assert code == 0 and out == "classifier.epochs=3\n"

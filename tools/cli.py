@@ -10,7 +10,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from wsss.lib.config import DEFAULT_PARAMS, Params, load_params
+from wsss.lib.config import (
+    DEFAULT_PARAMS,
+    PIXEL_REFINERS,
+    PREDICT_PIXEL_ITERATIONS,
+    PROFILES,
+    Params,
+    load_params,
+    profile_overrides,
+)
 from wsss.lib.errors import WsssError
 from wsss.lib.io import os_error_line
 from wsss.tasks.stages import STAGES
@@ -89,12 +97,12 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     predict.add_argument("--bands", help="bands.json of the training data set (multi-band .tif/.npy images)")
     predict.add_argument(
         "--pixel-refine",
-        choices=("none", "par", "crf"),
+        choices=PIXEL_REFINERS,
         default="none",
         help="refine the masks with the image's pixels: PAR (AFA/ToCo) or a local dense CRF",
     )
-    predict.add_argument("--pixel-refine-iterations", type=positive_int, metavar="N",
-                         help="the refiner's iterations (default: 10)")  # fmt: skip
+    predict.add_argument("--pixel-refine-iterations", type=positive_int, metavar="N", default=PREDICT_PIXEL_ITERATIONS,
+                         help="the refiner's iterations (default: %(default)s)")  # fmt: skip
     predict.set_defaults(handler=_predict)
 
 
@@ -202,15 +210,23 @@ def _plots(params: Params, args: argparse.Namespace) -> None:
     print(f"plots written to {show(args.out)} (renders offline: Vega inline)")
 
 
+def _print_profile(params: Params, args: argparse.Namespace) -> None:
+    """One override per line (what ``make run PROFILE=`` passes on), checked against the params file."""
+    overrides = profile_overrides(args.name)
+    load_params(args.params, [*overrides, *args.overrides])
+    print(" ".join(f"-S {o}" for o in overrides) if args.dvc else "\n".join(overrides))
+
+
 # Commands that work outside a wsss repo: without a params.yaml in the working directory they use the defaults
 # (the importers write a data set anywhere; predict and bench need no pipeline).
 REPO_FREE = ("predict", "export", "import")
 
 
 def common_parser() -> argparse.ArgumentParser:
-    """The options every command takes: ``--params`` and ``-S key=value`` overrides."""
+    """The options every command takes: ``--params``, ``--profile`` and ``-S key=value`` overrides."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
+    common.add_argument("--profile", help=f"a named override list of {PROFILES} (before -S), e.g. paper")
     common.add_argument(
         "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a parameter, e.g. -S classifier.epochs=5 (repeatable)",
@@ -243,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub, common)
     _add_export(sub, common)
     _add_s3(sub, common)
+    profile = sub.add_parser("profile", parents=[common], help=f"print a profile's overrides ({PROFILES})")
+    profile.add_argument("name", help="the profile, e.g. paper")
+    profile.add_argument("--dvc", action="store_true", help="as -S arguments: dvc exp run $(wsss profile NAME --dvc)")
+    profile.set_defaults(handler=_print_profile)
     plots = sub.add_parser("plots", parents=[common], help="dvc plots show, rendering offline (Vega inline)")
     plots.add_argument("--out", default="dvc_plots", help="output folder of the page (default: dvc_plots)")
     plots.set_defaults(handler=_plots)
@@ -260,6 +280,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str, repo
         params_file = args.params
         if args.command in repo_free and args.params == str(DEFAULT_PARAMS) and not DEFAULT_PARAMS.is_file():
             params_file = None  # outside the repo: the defaults (and -S overrides)
+        if getattr(args, "profile", None):  # handlers that load params again (research grids) see them too
+            args.overrides = [*profile_overrides(args.profile), *args.overrides]
         params = load_params(params_file, args.overrides)
         args.handler(params, args)
     except WsssError as err:

@@ -29,7 +29,6 @@ from wsss.lib.errors import WsssError
 from wsss.lib.images import BANDS_FILE, Bands, display_rgb, one_line, read_bands, read_image, to_uint8, write_mask_png
 from wsss.lib.inference import attention_masks, in_chans, model_input_size, segment_images
 from wsss.lib.io import atomic_file, check_writable, writing
-from wsss.lib.pixel_refine import PREDICT_ITERATIONS
 from wsss.lib.plotting import overlay_picture
 from wsss.lib.runtime import autocast, resolve_precision, setup_runtime
 
@@ -206,7 +205,7 @@ def main(
     img_size: int | None = None,
     bands: str | None = None,
     overwrite: bool = False,
-    pixel_refine: tuple[str, int | None] = ("none", None),
+    pixel_refine: tuple[str, int] = ("none", 0),
 ) -> list[Path]:
     """CLI entry (``wsss predict``): device/threads from params, thresholds, views and map blocks from
     ``pseudo_masks`` (``map_blocks: auto`` is the paper's ``all`` here: new images have no ground truth)."""
@@ -235,7 +234,7 @@ def main(
         refine=settings.refine_iterations if settings.refine == "affinity" else 0,
         overwrite=overwrite,
         precision=resolve_precision(params.trainer.precision, device),
-        pixel_refine=(pixel_refine[0], pixel_refine[1] or PREDICT_ITERATIONS),
+        pixel_refine=pixel_refine,
     )
     print(f"{len(written)} mask{'' if len(written) == 1 else 's'} written to {out}")
     return written

@@ -34,7 +34,7 @@ def _bench(params: Params, args: argparse.Namespace) -> None:
         print(f"written to {out}")
         return
     record = run_benchmarks(
-        args.size, args.device, args.out, args.warmup, args.repeats, args.bf16, args.compile, args.profile
+        args.size, args.device, args.out, args.warmup, args.repeats, args.bf16, args.compile, args.torch_profile
     )
     print(Path(args.out).with_suffix(".md").read_text(), end="")
     print(f"written to {args.out} (P1 {record['p1_train_step_ratio']}, P4 {record['p4_pruned_head_speedup']})")
@@ -55,7 +55,7 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     bench.add_argument("--repeats", type=positive_int, default=7, help="timed runs per case (median reported)")
     bench.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     bench.add_argument("--compile", action="store_true", help="torch.compile the models")
-    bench.add_argument("--profile", action="store_true", help="torch.profiler tables of the P1 train steps")
+    bench.add_argument("--torch-profile", action="store_true", help="torch.profiler tables of the P1 train steps")
     bench.add_argument(
         "--class-sample",
         type=positive_int,

@@ -52,6 +52,7 @@ ADDED_LATER = (  # options declared with added_option: at their default they sta
     ("classifier", "patch_cam"),
     ("classifier", "separation"),
     ("classifier", "class_sample"),
+    ("classifier", "mask_schedule"),
     ("embedded", "family"),
     ("pseudo_masks", "pixel_refine"),
     ("pseudo_masks", "pixel_refine_iterations"),

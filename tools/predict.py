@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from wsss.lib.config import Params
+from wsss.lib.config import PIXEL_REFINERS, Params
 from wsss.lib.errors import WsssError
 from wsss.lib.images import BANDS_FILE, Bands, display_rgb, one_line, read_bands, read_image, to_uint8, write_mask_png
 from wsss.lib.inference import attention_masks, in_chans, model_input_size, segment_images
@@ -142,8 +142,14 @@ def predict(
     Raises:
         WsssError: unreadable image, two images with the same name, an image whose channel count the model
             does not take, a model that cannot be loaded, or an output that would replace an input image or
-            (without ``overwrite``) an existing file.
+            (without ``overwrite``) an existing file; a ``pixel_refine`` method that is not one of
+            ``PIXEL_REFINERS`` or is asked for with fewer than 1 iteration.
     """
+    method, iterations = pixel_refine
+    if method not in PIXEL_REFINERS:
+        raise WsssError(f"pixel_refine: {method!r} is not one of {', '.join(PIXEL_REFINERS)}")
+    if method != "none" and iterations < 1:
+        raise WsssError(f"pixel_refine: {method} needs at least 1 iteration, got {iterations}")
     names = [path.stem for path in images]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)

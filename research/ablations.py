@@ -79,11 +79,12 @@ class Cell:
 
 
 def _string_list(value: Any, where: str) -> list[str]:
-    """A list of overrides; a nested list (a YAML alias of another entry, ``- *pretrained``) is spliced in."""
+    """A list of overrides; a nested list (a YAML alias of another entry, ``- *pretrained``, itself maybe holding
+    aliases) is spliced in."""
     if value is None:
         return []
     if isinstance(value, list):
-        value = [v for item in value for v in (item if isinstance(item, list) else [item])]
+        value = [v for item in value for v in (_string_list(item, where) if isinstance(item, list) else [item])]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: expected a list of section.key=value strings, got {value!r}")
     return list(value)

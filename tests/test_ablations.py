@@ -139,6 +139,14 @@ def test_the_committed_grid_plans_every_variant_at_every_scale(tmp_path: Path):
     many = {c.variant: c.params for c in plan(config, repo / "params.yaml", tmp_path, scale="many_classes", seeds=[0])}
     assert many["full"].classifier.class_sample == 0 and many["class_sample"].classifier.class_sample == 16
     assert many["full"].embedded.family == "tinted_shapes" and many["full"].embedded.classes == []
+    # The core table's scale aliases the shapes scale, itself holding an alias: both are spliced in.
+    core = {
+        c.variant: c.params for c in plan(config, repo / "params.yaml", tmp_path, "pretrained_shapes_e4", seeds=[0])
+    }
+    assert set(core) == {"full", "no_masking", "no_reg", "no_pruning", "cam_baseline", "patch_cam"}
+    assert core["full"].embedded.family == "shapes" and core["full"].classifier.model == "wsss_vit_small_patch14"
+    assert core["full"].classifier.head == "shared" and core["full"].classifier.epochs == 4
+    assert core["cam_baseline"].classifier.head == "linear" and core["cam_baseline"].classifier.epochs == 4
 
 
 def test_plan_shares_a_classifier_only_between_variants_with_equal_classifier_params(

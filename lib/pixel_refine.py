@@ -26,10 +26,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wsss.lib.config import PREDICT_PIXEL_ITERATIONS
+from wsss.lib.config import PIXEL_REFINERS, PREDICT_PIXEL_ITERATIONS
 from wsss.lib.datasets import image_tensor
+from wsss.lib.errors import WsssError
 
 REFERENCE_SIDE = 112  # the pixel sizes below are for an image whose longer side is this
+
+
+def check_pixel_refine(refiner: object, iterations: object) -> tuple[str, int]:
+    """A refiner asked for at predict time (``wsss predict``, the served segmenter), checked before anything runs.
+
+    Raises:
+        WsssError: a refiner that is not one of ``PIXEL_REFINERS``, or an iteration count that is not an integer > 0.
+    """
+    if refiner not in PIXEL_REFINERS:
+        raise WsssError(f"pixel_refine: {refiner!r} is not one of {', '.join(PIXEL_REFINERS)}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int | np.integer) or iterations <= 0:
+        raise WsssError(f"pixel_refine_iterations: expected a count > 0, got {iterations!r}")
+    return str(refiner), int(iterations)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from wsss.lib.config import PIXEL_REFINERS, PREDICT_PIXEL_ITERATIONS
+from wsss.lib.config import PREDICT_PIXEL_ITERATIONS
+from wsss.lib.errors import WsssError
 from wsss.lib.images import encode_mask_png
 from wsss.lib.runtime import autocast, resolve_precision
 
@@ -158,15 +159,13 @@ def serving_precision(model_config: dict[str, Any] | None) -> str:
 
 def pixel_refine_param(params: dict[str, Any]) -> tuple[str, int]:
     """The segmenter's ``pixel_refine``/``pixel_refine_iterations`` params (off by default), checked."""
-    refiner = str(params.get("pixel_refine", "none"))
-    iterations = params.get("pixel_refine_iterations", PREDICT_PIXEL_ITERATIONS)
-    if refiner not in PIXEL_REFINERS:
-        raise MlflowException(f"pixel_refine: {refiner!r} is not one of {', '.join(PIXEL_REFINERS)}",
-                              INVALID_PARAMETER_VALUE)  # fmt: skip
-    if isinstance(iterations, bool) or not isinstance(iterations, int | np.integer) or iterations <= 0:
-        raise MlflowException(f"pixel_refine_iterations: expected a count > 0, got {iterations!r}",
-                              INVALID_PARAMETER_VALUE)  # fmt: skip
-    return refiner, int(iterations)
+    from wsss.lib.pixel_refine import check_pixel_refine
+
+    try:
+        return check_pixel_refine(str(params.get("pixel_refine", "none")),
+                                  params.get("pixel_refine_iterations", PREDICT_PIXEL_ITERATIONS))  # fmt: skip
+    except WsssError as error:
+        raise MlflowException(str(error), INVALID_PARAMETER_VALUE) from None
 
 
 class SegmenterModel(mlflow.pyfunc.PythonModel):

@@ -159,7 +159,11 @@ def test_predict_errors_are_one_line_and_write_nothing(
 
 @pytest.mark.parametrize(
     ("pixel_refine", "expected"),
-    [(("par", 0), "pixel_refine: par needs at least 1 iteration, got 0"), (("dcrf", 5), "'dcrf' is not one of")],
+    [
+        (("par", 0), "pixel_refine_iterations: expected a count > 0, got 0"),
+        (("crf", 2.5), "pixel_refine_iterations: expected a count > 0, got 2.5"),
+        (("dcrf", 5), "'dcrf' is not one of"),
+    ],
 )
 def test_predict_api_checks_the_pixel_refiner_before_anything_else(
     tmp_path: Path, pixel_refine: tuple[str, int], expected: str

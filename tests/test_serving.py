@@ -92,6 +92,9 @@ def test_segmenter_pyfunc_gives_wsss_predicts_masks(registry: str, trained: Path
     np.testing.assert_array_equal(decode_mask(refined["mask"][0]), expected_refined)
     with pytest.raises(MlflowException, match="pixel_refine: 'dense' is not one of none, par, crf"):
         served.predict(pd.DataFrame({"image": [_png(photo)]}), params={"pixel_refine": "dense"})
+    with pytest.raises(MlflowException, match="pixel_refine_iterations: expected a count > 0, got True"):
+        served.predict(pd.DataFrame({"image": [_png(photo)]}), params={"pixel_refine": "par",
+                                                                      "pixel_refine_iterations": True})  # fmt: skip
 
 
 def test_served_precision_is_the_registering_runs_decided_where_served(monkeypatch):

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from wsss.lib.config import PIXEL_REFINERS, Params
+from wsss.lib.config import PREDICT_PIXEL_ITERATIONS, Params
 from wsss.lib.errors import WsssError
 from wsss.lib.images import BANDS_FILE, Bands, display_rgb, one_line, read_bands, read_image, to_uint8, write_mask_png
 from wsss.lib.inference import attention_masks, in_chans, model_input_size, segment_images
 from wsss.lib.io import atomic_file, check_writable, writing
+from wsss.lib.pixel_refine import check_pixel_refine
 from wsss.lib.plotting import overlay_picture
 from wsss.lib.runtime import autocast, resolve_precision, setup_runtime
 
@@ -132,7 +133,7 @@ def predict(
     refine: int = 0,
     overwrite: bool = False,
     precision: str = "fp32",
-    pixel_refine: tuple[str, int] = ("none", 0),
+    pixel_refine: tuple[str, int] = ("none", PREDICT_PIXEL_ITERATIONS),
 ) -> list[Path]:
     """Writes one palette PNG mask per image into ``out`` (see module docstring); returns the mask paths.
 
@@ -143,13 +144,9 @@ def predict(
         WsssError: unreadable image, two images with the same name, an image whose channel count the model
             does not take, a model that cannot be loaded, or an output that would replace an input image or
             (without ``overwrite``) an existing file; a ``pixel_refine`` method that is not one of
-            ``PIXEL_REFINERS`` or is asked for with fewer than 1 iteration.
+            ``PIXEL_REFINERS`` or an iteration count that is not an integer > 0.
     """
-    method, iterations = pixel_refine
-    if method not in PIXEL_REFINERS:
-        raise WsssError(f"pixel_refine: {method!r} is not one of {', '.join(PIXEL_REFINERS)}")
-    if method != "none" and iterations < 1:
-        raise WsssError(f"pixel_refine: {method} needs at least 1 iteration, got {iterations}")
+    pixel_refine = check_pixel_refine(*pixel_refine)
     names = [path.stem for path in images]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
@@ -211,7 +208,7 @@ def main(
     img_size: int | None = None,
     bands: str | None = None,
     overwrite: bool = False,
-    pixel_refine: tuple[str, int] = ("none", 0),
+    pixel_refine: tuple[str, int] = ("none", PREDICT_PIXEL_ITERATIONS),
 ) -> list[Path]:
     """CLI entry (``wsss predict``): device/threads from params, thresholds, views and map blocks from
     ``pseudo_masks`` (``map_blocks: auto`` is the paper's ``all`` here: new images have no ground truth)."""

@@ -7,15 +7,16 @@ its open heads; the class tokens' own attention, never the PatchCAM-fused maps),
 how often the argmax over the present classes' maps names a foreground pixel's class (against always naming the
 image's largest class), and the mean pairwise cosine of the present classes' tokens entering the last block. The rows
 go into the classifier's ``history.csv`` beside loss and val mAP; the curve (steps, images seen, seconds) is copied to
-``reports/curves/<scale>/<variant>_seed<seed>.csv`` when the run ends, and ``--report`` draws a scale's curves (one line
-per variant) with a table of their last rows. A killed run resumes from its last epoch's checkpoint.
+``reports/curves/<scale>/<variant>_seed<seed>.csv`` when the run ends, and ``--report-only`` draws a scale's curves
+(one line per variant, labelled with its read-out) with a table of their last rows. A killed run resumes from its last
+epoch's checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,9 +155,26 @@ def curve_cell(cell: Any, epochs: int, out_root: Path = CURVE_ROOT) -> dict[str,
     return row
 
 
-def curve_report(scale: str, out_root: Path = CURVE_ROOT) -> pd.DataFrame:
+def curve_files(scale: str, out_root: Path = CURVE_ROOT) -> list[Path]:
+    """The scale's curve CSVs, ``<variant>_seed<seed>.csv``, by name."""
+    return sorted((out_root / scale).glob("*_seed*.csv"))
+
+
+def read_outs(config: Any, params_file: str, root: str, scale: str, files: Sequence[Path]) -> dict[str, str]:
+    """Each curve's classifier read-out (``classifier.head`` of its cell): a variant's name alone hides it
+    (``full`` is the linear read-out at one scale, the shared one at another)."""
+    heads = {}
+    for path in files:
+        variant, seed = path.stem.rsplit("_seed", 1)
+        cell = plan_curve(config, params_file, root, scale, variant, int(seed), 1)
+        heads[path.stem] = cell.params.classifier.head
+    return heads
+
+
+def curve_report(scale: str, out_root: Path = CURVE_ROOT, heads: Mapping[str, str] | None = None) -> pd.DataFrame:
     """``<out_root>/<scale>/curves.png`` (specificity minus area share, and val mAP, against optimizer steps; one
-    line per curve file) and ``table.md`` (each curve's last row); returns that table.
+    line per curve file, labelled with its read-out from ``heads`` when given) and ``table.md`` (each curve's last
+    row); returns that table.
 
     Raises:
         WsssError: no curve of ``scale`` has been written.
@@ -164,18 +182,22 @@ def curve_report(scale: str, out_root: Path = CURVE_ROOT) -> pd.DataFrame:
     import matplotlib.pyplot as plt
 
     folder = out_root / scale
-    files = sorted(folder.glob("*_seed*.csv"))
+    files = curve_files(scale, out_root)
     if not files:
         raise WsssError(f"{folder}: no curve yet (run `wsss-research curve --scale {scale} --variant ...` first)")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     last = []
     for path in files:
         curve = pd.read_csv(path)
-        left.plot(curve["steps"], curve["specificity"] - curve["area_share"], marker="o", label=path.stem)
-        right.plot(curve["steps"], curve["val_map"], marker="o", label=path.stem)
+        head = (heads or {}).get(path.stem)
+        label = f"{path.stem} ({head} read-out)" if head else path.stem
+        left.plot(curve["steps"], curve["specificity"] - curve["area_share"], marker="o", label=label)
+        right.plot(curve["steps"], curve["val_map"], marker="o", label=label)
         curve["train_minutes"] = curve["seconds"].cumsum() / 60  # history's seconds are each epoch's own
-        last.append({"curve": path.stem, **curve.iloc[-1][["epoch", "steps", "images_seen", "train_minutes", "val_map",
-                                                          *PROBE_KEYS]].to_dict()})  # fmt: skip
+        read_out = {"read_out": head} if heads is not None else {}
+        last.append({"curve": path.stem, **read_out, **curve.iloc[-1][["epoch", "steps", "images_seen",
+                                                                      "train_minutes", "val_map",
+                                                                      *PROBE_KEYS]].to_dict()})  # fmt: skip
     left.axhline(0.05, color="grey", linestyle=":", linewidth=1)
     left.set(xlabel="optimizer steps", ylabel="class specificity - area share", title="[CLS]_c attention, last block")
     right.set(xlabel="optimizer steps", ylabel="val mAP", title="classification")

@@ -29,7 +29,8 @@ def test_a_curve_is_one_probed_row_per_epoch_in_its_own_classifier(tmp_path: Pat
     assert set(PROBE_KEYS) <= set(curve.columns) and curve["specificity"].between(0, 1).all()
     assert (curve["assignment_chance"] >= 0.5 - 1e-9).all()  # the largest of >= 2 classes holds half at least
     assert (tmp_path / "curves" / "tiny" / "curves.png").stat().st_size > 0
-    assert "shared_head_seed0" in (tmp_path / "curves" / "tiny" / "table.md").read_text()
+    table = (tmp_path / "curves" / "tiny" / "table.md").read_text()
+    assert "| shared_head_seed0 | shared " in table  # each curve names its read-out (classifier.head)
     # its own classifier (3 epochs): the grid's one-epoch classifier of the same variant is another folder
     assert len(list((tmp_path / "runs" / "tiny" / "classifiers").iterdir())) == 1
     assert cli.main([*args, "--report-only"]) == 0 and "1 curve: " in capsys.readouterr().out

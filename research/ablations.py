@@ -38,7 +38,8 @@ class AblationConfig:
     ``scale_variants``: the variants a scale runs when none are named (every variant for a scale not in it);
     ``scale_variant_overrides``: scale -> variant -> overrides applied after the variant's (a variant that
     names a model, e.g. the CAM twin, names the scale's backbone);
-    ``paired``: variant -> the variant the report's paired table subtracts from it (default ``full``).
+    ``paired``: variant -> the variants the report's paired table subtracts from it, one row each (default
+    ``full``; one name or a list).
     """
 
     seeds: list[int]
@@ -46,7 +47,7 @@ class AblationConfig:
     variants: dict[str, list[str]]
     mask_ratio_sweep: list[str]
     scale_variants: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    paired: dict[str, str] = dataclasses.field(default_factory=dict)
+    paired: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     scale_variant_overrides: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
 
 
@@ -124,9 +125,13 @@ def read_config(path: str | Path = ABLATIONS_FILE) -> AblationConfig:
         _check_names(names, sections["variants"], f"{path}: scale_variants.{scale} names unknown variant")
         scale_variants[scale] = names
     paired = tree.get("paired") or {}
-    if not isinstance(paired, dict) or not all(isinstance(v, str) for v in paired.values()):
-        raise ConfigError(f"{path}: paired: expected a mapping of variant -> reference variant, got {paired!r}")
-    _check_names([*paired, *paired.values()], sections["variants"], f"{path}: paired names unknown variant")
+    paired = {k: [v] if isinstance(v, str) else v for k, v in paired.items()} if isinstance(paired, dict) else paired
+    if not isinstance(paired, dict) or not all(
+        isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs) for refs in paired.values()
+    ):
+        raise ConfigError(f"{path}: paired: expected a mapping of variant -> reference variant(s), got {paired!r}")
+    _check_names([*paired, *(r for refs in paired.values() for r in refs)], sections["variants"],
+                 f"{path}: paired names unknown variant")  # fmt: skip
     extra = tree.get("scale_variant_overrides") or {}
     if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
         raise ConfigError(f"{path}: scale_variant_overrides: expected scale -> variant -> overrides, got {extra!r}")

@@ -94,25 +94,25 @@ def markdown_table(summary: pd.DataFrame) -> str:
 
 
 def paired_differences(
-    runs: pd.DataFrame, references: Mapping[str, str] | None = None, order: Sequence[str] = ()
+    runs: pd.DataFrame, references: Mapping[str, Sequence[str]] | None = None, order: Sequence[str] = ()
 ) -> pd.DataFrame:
-    """Per variant: its metric minus its reference's on the same seed, mean ± std over the seeds both have,
-    and on how many of them the variant is higher.
+    """Per variant and reference: its metric minus the reference's on the same seed, mean ± std over the seeds
+    both have, and on how many of them the variant is higher.
 
     Runs of one seed share initial weights (same architecture), batch order and augmentations, so the
     per-seed difference is free of most of the seed-to-seed spread of the plain table.
 
     Args:
         runs: one row per run (:func:`collect`).
-        references: variant -> the variant it is compared with (default for any other: ``full``).
+        references: variant -> the variants it is compared with, a row each (default for any other: ``full``).
         order: variants first in this order (the grid's), then the rest.
     """
     references = references or {}
     values = runs.set_index(["variant", "seed"])[list(PAIRED_METRICS)].apply(pd.to_numeric, errors="coerce")
     present = list(dict.fromkeys(runs["variant"]))
     rows = []
-    for variant in _in_order(present, order):
-        reference = references.get(variant, PAIRED_REFERENCE)
+    pairs = [(v, r) for v in _in_order(present, order) for r in references.get(v, [PAIRED_REFERENCE])]
+    for variant, reference in pairs:
         if variant == reference or reference not in present:
             continue
         diff = (values.loc[variant] - values.loc[reference]).dropna(how="all")  # aligned on seed: seeds both ran

@@ -104,6 +104,7 @@ def finished_grid(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) 
         ({**GRID, "scale_variants": {"longer": ["no_reg"]}}, "scale_variants.longer names unknown variant 'no_reg'"),
         ({**GRID, "paired": {"no_masking": "no_reg"}}, "paired names unknown variant 'no_reg'"),
         ({**GRID, "paired": ["no_masking"]}, "paired: expected a mapping of variant -> reference variant"),
+        ({**GRID, "paired": {"no_masking": []}}, "paired: expected a mapping of variant -> reference variant"),
     ],
 )
 def test_a_malformed_grid_file_is_one_clear_error(tmp_path: Path, grid: dict | list, message: str):
@@ -287,9 +288,12 @@ def test_paired_differences_subtract_full_on_the_same_seed():
             for (v, s), p in pseudo.items()
         ]
     )
-    references = {"other_head_no_masking": "other_head"}
+    references = {"other_head_no_masking": ["other_head", "no_masking"]}
     order = ["full", "cam_baseline", "no_masking"]
-    paired = paired_differences(runs, references, order).set_index("variant")
+    both = paired_differences(runs, references, order)
+    assert both[both["variant"] == "other_head_no_masking"]["reference"].tolist() == ["other_head", "no_masking"]
+    assert both.iloc[-1]["pseudo_miou_diff_mean"] == pytest.approx(0.45 - 0.25)  # seed 0 only: the seed both ran
+    paired = both.drop(index=len(both) - 1).set_index("variant")
     assert list(paired.index) == ["cam_baseline", "no_masking", "other_head", "other_head_no_masking"]
     assert paired.loc["other_head_no_masking", "pseudo_miou_diff_mean"] == pytest.approx(-0.05)
     assert paired.loc["other_head", "reference"] == "full"

@@ -6,12 +6,57 @@ ratio, in multiples of the classifier's patch or the segmenter's stride); masks 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from wsss.lib.config import PREDICT_PIXEL_ITERATIONS, PseudoMaskParams, map_block_count
 from wsss.lib.datasets import SplitData, aspect_size, image_tensor
+from wsss.lib.errors import WsssError
+
+
+def decided_rule(settings: PseudoMaskParams, stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The attention-mask rule the pseudo-mask stage applied (its ``stats.json``: thresholds and map blocks as tuned,
+    the pixel refiner with its picked iterations; the views of ``settings``), as a registered classifier carries it
+    (``model_config``) so that its masks of new images are made as its pseudo masks were.
+
+    Raises:
+        WsssError: ``stats`` lacks a key of the rule (written by an older stage: run ``wsss pseudo-masks`` again).
+    """
+    try:
+        refiner = str(stats["pixel_refine"])
+        return {
+            "fg_threshold": float(stats["fg_threshold"]),
+            "bg_threshold": float(stats["bg_threshold"]),
+            "map_blocks": map_block_count(str(stats["map_blocks"])),
+            "scales": [float(scale) for scale in settings.scales],
+            "flip": bool(settings.flip),
+            "refine": int(stats["refine_iterations"]) if stats["refine"] == "affinity" else 0,
+            "pixel_refine": refiner,
+            "pixel_refine_iterations": int(stats["pixel_refine_iterations"]) if refiner != "none" else 0,
+        }
+    except KeyError as missing:
+        raise WsssError(
+            f"pseudo-mask stats: no {missing} (an older stage wrote them: run `wsss pseudo-masks`)"
+        ) from None
+
+
+def rule_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`attention_masks`' keyword arguments from a registered classifier's rule (:func:`decided_rule`); a key
+    that a version registered before it existed lacks keeps the argument's default."""
+    arguments: dict[str, Any] = {}
+    if "fg_threshold" in config:
+        arguments["thresholds"] = (float(config["fg_threshold"]), float(config["bg_threshold"]))
+    if "map_blocks" in config:
+        arguments["map_blocks"] = config["map_blocks"]
+    for key in ("scales", "flip", "refine"):
+        if key in config:
+            arguments[key] = config[key]
+    if config.get("pixel_refine", "none") != "none":
+        arguments["pixel_refine"] = (str(config["pixel_refine"]), int(config["pixel_refine_iterations"]))
+    return arguments
 
 
 def model_input_size(model: torch.nn.Module, from_attention: bool, trained_size: int | None) -> int | None:
@@ -44,7 +89,7 @@ def segment_images(
     size: int,
     device: torch.device,
     batch_size: int = 16,
-    pixel_refine: tuple[str, int] = ("none", 0),
+    pixel_refine: tuple[str, int] = ("none", PREDICT_PIXEL_ITERATIONS),
 ) -> list[np.ndarray]:
     """The segmenter's HxW uint8 mask of each uint8 HxWxC image, at the image's own size; ``pixel_refine``
     (``par``/``crf``, iterations): refined with the image's pixels (:func:`wsss.lib.pixel_refine.refine_predicted`)."""
@@ -68,7 +113,7 @@ def attention_masks(
     map_blocks: int | None = None,
     refine: int = 0,
     size: int | None = None,
-    pixel_refine: tuple[str, int] = ("none", 0),
+    pixel_refine: tuple[str, int] = ("none", PREDICT_PIXEL_ITERATIONS),
 ) -> tuple[list[np.ndarray], torch.Tensor]:
     """Masks painted from the [CLS]_c attention of the classes the classifier predicts (the pseudo-mask rule),
     one per uint8 HxWxC image at its own size, and the class probabilities ``[N, C]``; ``size``: the longer side

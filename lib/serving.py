@@ -15,7 +15,8 @@ Output, one row per image:
   image's pixels as ``wsss predict --pixel-refine`` does.
 - classifier (``wsss-classifier``): ``probabilities`` (JSON object class -> sigmoid probability) and, with the
   param ``attention_masks=true``, ``mask``/``height``/``width``/``labels`` from the [CLS] attention painted by the
-  pseudo-mask rule (``wsss predict --from-attention``), else empty strings.
+  rule its pseudo-mask stage applied (tuned thresholds and map blocks, views, pixel refiner; registered with the
+  version: ``wsss predict --from-attention models:/...``), else empty strings.
 
 A bad payload (not an image, floats or values outside 0..255, no rows) is refused with an
 ``INVALID_PARAMETER_VALUE`` MlflowException, which ``mlflow models serve`` answers with HTTP 400 and the reason.
@@ -203,7 +204,7 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
 
         self.model, record = load_classifier(context.artifacts[MODEL_ARTIFACT])
         self.class_names = list(record.get("classes", []))
-        self.rule = dict(context.model_config or {})  # `wsss predict --from-attention`'s params at registration
+        self.rule = dict(context.model_config or {})  # the pseudo-mask stage's rule (inference.decided_rule)
         self.precision = serving_precision(context.model_config)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -213,12 +214,10 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
 
     def _predict(self, images: list[np.ndarray], params: dict[str, Any]) -> pd.DataFrame:
         from wsss.lib.datasets import aspect_size, image_tensor, normalize
-        from wsss.lib.inference import attention_masks
+        from wsss.lib.inference import attention_masks, rule_arguments
 
         if params.get("attention_masks"):
-            thresholds = (float(self.rule.get("fg_threshold", 0.5)), float(self.rule.get("bg_threshold", 0.2)))
-            blocks = self.rule.get("map_blocks")
-            masks, probs = attention_masks(self.model, images, CPU, thresholds, BATCH_SIZE, map_blocks=blocks)
+            masks, probs = attention_masks(self.model, images, CPU, batch_size=BATCH_SIZE, **rule_arguments(self.rule))
             columns = _mask_columns(masks, self.class_names)
         else:
             size, patch = self.model.grid_size[0] * self.model.patch_size, self.model.patch_size
@@ -324,7 +323,7 @@ def log_pyfunc(
 ) -> Any:
     """Logs ``model_file`` (a stage's model.pt) as the pyfunc of ``kind`` in the active run; returns MLflow's
     ModelInfo. The code travels with the model (``code_paths``), its environment is :func:`requirements`;
-    ``model_config``: the classifier's attention-mask rule (``fg_threshold``, ``bg_threshold``, ``map_blocks``);
+    ``model_config``: the classifier's attention-mask rule (:func:`wsss.lib.inference.decided_rule`);
     ``card``: Markdown stored as ``MODEL_CARD.md`` among the model's artifacts."""
     python_model = SegmenterModel() if kind == "segmenter" else ClassifierModel()
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,8 +23,9 @@ from typing import Any
 
 from wsss.lib import serving, storage, tracking
 from wsss.lib.artifacts import HISTORY_FILE, MODEL_FILE, segmenter_dir
-from wsss.lib.config import Params, flatten, map_block_count
+from wsss.lib.config import Params, flatten
 from wsss.lib.errors import WsssError
+from wsss.lib.inference import decided_rule
 from wsss.lib.io import write_json
 from wsss.lib.runtime import RUNTIME_FILE
 from wsss.models.pretrained import parse_source
@@ -85,8 +86,8 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
     "segmenter_version", "segmenter_miou", "champion", "champion_why", "reused", "tracking_uri"}``.
 
     Raises:
-        WsssError: a model or metrics file of the earlier stages (or the ingest stage's source.json) is missing or
-            unreadable.
+        WsssError: a model or metrics file of the earlier stages (or the ingest stage's source.json, the pseudo-mask
+            stage's stats.json) is missing or unreadable.
     """
     root = Path(root)
     classifier_dir = Path(params.classifier.out)
@@ -94,6 +95,9 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
     classifier_file = _require(classifier_dir / MODEL_FILE, "wsss train-classifier")
     segmenter_file = _require(segmenter_dir(params, "pseudo") / MODEL_FILE, "wsss train-segmenter")
     metrics_file = _require(metrics_dir / "metrics.json", "wsss evaluate")
+    stats_file = _require(Path(params.pseudo_masks.out) / "stats.json", "wsss pseudo-masks")
+    # The classifier serves its masks by the rule its pseudo masks were made with (tuned, not params' own).
+    attention = decided_rule(params.pseudo_masks, _read_json(stats_file))
     val_data = _val_data(Path(params.ingest.out) / "source.json")
     metrics = _read_json(metrics_file)
     score = metrics.get(tracking.SCORE_KEY)
@@ -105,12 +109,12 @@ def register(params: Params, root: str | Path = ".", out: str | Path | None = RE
     if store is not None:
         storage.check_store(store)  # fail before a run exists when the artifact store is not usable
     experiment_id = tracking.ensure_experiment(client, root)
-    inputs_hash = tracking.files_hash([classifier_file, segmenter_file, metrics_file], extra=flat_params)
+    inputs_hash = tracking.files_hash([classifier_file, segmenter_file, metrics_file, stats_file], extra=flat_params)
     record = _reuse(client, experiment_id, inputs_hash)
     if record is None:
         run = _Run(client, experiment_id, root, params, inputs_hash, val_data)
         try:
-            record = run.log(flat_params, metrics, score, classifier_file, segmenter_file)
+            record = run.log(flat_params, metrics, score, classifier_file, segmenter_file, attention)
         except Exception as err:
             # The store failed mid-run (the run is marked FAILED, nothing is registered as complete).
             if store is None or not storage.is_store_failure(err):
@@ -140,6 +144,7 @@ class _Run:
         score: float | None,
         classifier_file: Path,
         segmenter_file: Path,
+        attention: dict[str, Any],
     ) -> dict[str, Any]:
         import mlflow
 
@@ -161,9 +166,6 @@ class _Run:
             self._log_metrics(run_id, metrics)
             self._log_files()
             versions = {}
-            rule = self.params.pseudo_masks  # `wsss predict --from-attention`'s rule, served by the classifier
-            attention = {"fg_threshold": rule.fg_threshold, "bg_threshold": rule.bg_threshold,
-                         "map_blocks": map_block_count(rule.map_blocks)}  # fmt: skip
             served = {"precision": self.params.trainer.precision}  # auto: decided where the model is served
             for name, kind, model_file, config in (
                 (tracking.CLASSIFIER_MODEL, "classifier", classifier_file, attention | served),

@@ -157,6 +157,14 @@ def test_predict_errors_are_one_line_and_write_nothing(
     assert not out.exists()
 
 
+def test_predict_refuses_refiner_iterations_without_a_refiner(trained: Path, photo: Path, tmp_path: Path, capsys):
+    argv = ("predict", photo, "--model", trained / "segmenter", "--out", tmp_path / "out")
+    code, stdout, err = run_cli(capsys, *argv, "--pixel-refine-iterations", 5)
+    assert code == 1 and stdout == "" and err.count("\n") == 1
+    assert "--pixel-refine-iterations: name the refiner too (--pixel-refine par|crf)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("pixel_refine", "expected"),
     [

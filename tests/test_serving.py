@@ -28,6 +28,13 @@ from tests.test_predict import run_cli, trained  # noqa: F401  (the module's tra
 from wsss.lib.images import read_mask
 from wsss.lib.serving import decode_mask, encode_image, log_pyfunc
 
+# A pseudo-mask stage's decided rule (wsss.lib.inference.decided_rule), not params' defaults: tuned thresholds, the
+# last block, PAR for 3 iterations.
+REGISTERED_RULE = {"fg_threshold": 0.3, "bg_threshold": 0.1, "map_blocks": 1, "scales": [1.0], "flip": False,
+                   "refine": 0, "pixel_refine": "par", "pixel_refine_iterations": 3}  # fmt: skip
+AS_OPTIONS = ("-S", "pseudo_masks.fg_threshold=0.3", "-S", "pseudo_masks.bg_threshold=0.1", "-S",
+              "pseudo_masks.map_blocks=last", "--pixel-refine", "par", "--pixel-refine-iterations", 3)  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def registry(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: F811
@@ -41,7 +48,7 @@ def registry(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> str:  #
     mlflow.set_registry_uri(uri)
     with mlflow.start_run(experiment_id=experiment):
         for kind in ("segmenter", "classifier"):
-            rule = {"fg_threshold": 0.5, "bg_threshold": 0.2, "map_blocks": None} if kind == "classifier" else None
+            rule = REGISTERED_RULE if kind == "classifier" else None
             info = log_pyfunc(kind, trained / kind / "model.pt", f"wsss-{kind}", rule, f"# card of the {kind}\n")
             client.set_registered_model_alias(f"wsss-{kind}", "champion", info.registered_model_version)
     mlflow.set_tracking_uri(None)
@@ -92,9 +99,9 @@ def test_segmenter_pyfunc_gives_wsss_predicts_masks(registry: str, trained: Path
     np.testing.assert_array_equal(decode_mask(refined["mask"][0]), expected_refined)
     with pytest.raises(MlflowException, match="pixel_refine: 'dense' is not one of none, par, crf"):
         served.predict(pd.DataFrame({"image": [_png(photo)]}), params={"pixel_refine": "dense"})
-    with pytest.raises(MlflowException, match="pixel_refine_iterations: expected a count > 0, got True"):
+    with pytest.raises(MlflowException, match="pixel_refine_iterations: expected a count > 0, got 0"):
         served.predict(pd.DataFrame({"image": [_png(photo)]}), params={"pixel_refine": "par",
-                                                                      "pixel_refine_iterations": True})  # fmt: skip
+                                                                      "pixel_refine_iterations": 0})  # fmt: skip
 
 
 def test_served_precision_is_the_registering_runs_decided_where_served(monkeypatch):
@@ -112,15 +119,27 @@ def test_served_precision_is_the_registering_runs_decided_where_served(monkeypat
         assert serving_precision({"precision": "auto"}) == expected
 
 
-def test_classifier_pyfunc_probabilities_and_attention_masks(registry: str, trained: Path, tmp_path: Path, capsys):  # noqa: F811
+def test_classifier_pyfunc_probabilities_and_attention_masks(
+    registry: str,
+    trained: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
+):
     served = mlflow.pyfunc.load_model("models:/wsss-classifier@champion")
     photo = _voc()
     plain = served.predict(pd.DataFrame({"image": [_png(photo)]}))
     probabilities = json.loads(plain["probabilities"][0])
     assert sorted(probabilities) == ["bird", "elephant", "giraffe"] and plain["mask"][0] == ""
     masked = served.predict(pd.DataFrame({"image": [_png(photo)]}), params={"attention_masks": True})
-    expected = _predicted(capsys, tmp_path, photo, "--from-attention", trained / "classifier" / "model.pt")
+    # painted by the rule registered with the version: the checkpoint's masks under that rule given as options
+    checkpoint = trained / "classifier" / "model.pt"
+    expected = _predicted(capsys, tmp_path, photo, "--from-attention", checkpoint, *AS_OPTIONS)
     np.testing.assert_array_equal(decode_mask(masked["mask"][0]), expected)
+    # and `wsss predict --from-attention models:/...` applies the same registered rule without being told
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    by_uri = _predicted(capsys, tmp_path, photo, "--from-attention", "models:/wsss-classifier@champion", "--overwrite")
+    np.testing.assert_array_equal(by_uri, expected)
     assert json.loads(masked["probabilities"][0]) == pytest.approx(probabilities, abs=1e-5)
 
 
@@ -231,7 +250,7 @@ def test_onnx_export_matches_torch_on_real_photos_and_is_recorded_on_the_version
     print(stdout)
     assert f"recorded on wsss-{kind} v1" in stdout
     # dynamic batch, height and width: two photos of another size than the export's check images, batched
-    model, size = load_model(f"models:/wsss-{kind}@champion", kind, torch.device("cpu"))
+    model, size, _ = load_model(f"models:/wsss-{kind}@champion", kind, torch.device("cpu"))
     multiple = model.patch_size if kind == "classifier" else model.size_multiple
     photo = _voc()[:240, :400]
     side = 4 * multiple  # not the training size: the graph's height and width are free

@@ -81,6 +81,14 @@ def _finished_pipeline(params: Params, miou: float | None, seed: int, val_data: 
         json.dumps({"pseudo_mask_miou": 0.3, "segmenter_miou": miou, "classifier": {"val_map": 0.6}})
     )
     (metrics / "per_class_iou.json").write_text(json.dumps({"bird": {"segmenter": miou, "pseudo_mask": None}}))
+    pseudo = Path(params.pseudo_masks.out)
+    pseudo.mkdir(parents=True, exist_ok=True)
+    (pseudo / "stats.json").write_text(json.dumps(STAGE_RULE))
+
+
+# What the pseudo-mask stage writes of the rule it applied (stats.json), tuned: not params' own.
+STAGE_RULE = {"fg_threshold": 0.375, "bg_threshold": 0.075, "map_blocks": "last2", "refine": "none",
+              "refine_iterations": 0, "pixel_refine": "par", "pixel_refine_iterations": 80}  # fmt: skip
 
 
 def test_champion_moves_only_when_the_new_miou_is_better(store: Path, tiny_params: Params):
@@ -150,6 +158,20 @@ def test_register_names_an_ingest_output_without_split_hashes(store: Path, tiny_
     with pytest.raises(WsssError, match=r"source.json: no hash of the val split .*run `wsss ingest` again"):
         register(tiny_params, store, out=None)
     assert not (store / "mlflow.db").exists() or tracking.champion_score(tracking.get_client(store)) == (None, None)
+
+
+def test_the_classifier_is_registered_with_the_rule_its_pseudo_masks_were_made_with(store: Path, tiny_params: Params):
+    _finished_pipeline(tiny_params, 0.30, 0)
+    register(tiny_params, store, out=None)
+    served = mlflow.pyfunc.load_model(f"models:/{tracking.CLASSIFIER_MODEL}/1")
+    rule = {"fg_threshold": 0.375, "bg_threshold": 0.075, "map_blocks": 2, "scales": [1.0], "flip": False, "refine": 0,
+            "pixel_refine": "par", "pixel_refine_iterations": 80}  # fmt: skip
+    assert served.model_config == rule | {"precision": tiny_params.trainer.precision}
+    # without the stage's stats nothing is registered: one line naming the file
+    (Path(tiny_params.pseudo_masks.out) / "stats.json").unlink()
+    with pytest.raises(WsssError, match=r"stats.json: not found \(run `wsss pseudo-masks` first\)"):
+        register(tiny_params, store, out=None)
+    assert len(tracking.get_client(store).search_model_versions(f"name='{tracking.CLASSIFIER_MODEL}'")) == 1
 
 
 def test_a_run_without_a_score_never_becomes_champion(store: Path, tiny_params: Params):

@@ -77,9 +77,13 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
     from wsss.tools.predict import main
 
     model = args.from_attention or args.model
+    if args.pixel_refine is None and args.pixel_refine_iterations is not None:
+        raise WsssError("--pixel-refine-iterations: name the refiner too (--pixel-refine par|crf)")
+    # None: the model's own (a registered classifier's rule; else none)
+    refiner = args.pixel_refine and (args.pixel_refine, args.pixel_refine_iterations or PREDICT_PIXEL_ITERATIONS)
     main(
         params, args.images, model, args.out, bool(args.from_attention), args.overlay, args.img_size, args.bands,
-        args.overwrite, (args.pixel_refine, args.pixel_refine_iterations),
+        args.overwrite, refiner,
     )  # fmt: skip
 
 
@@ -98,11 +102,11 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     predict.add_argument(
         "--pixel-refine",
         choices=PIXEL_REFINERS,
-        default="none",
-        help="refine the masks with the image's pixels: PAR (AFA/ToCo) or a local dense CRF",
+        help="refine the masks with the image's pixels: PAR (AFA/ToCo) or a local dense CRF (default: none, or the "
+        "rule registered with a classifier version for --from-attention models:/...)",
     )
-    predict.add_argument("--pixel-refine-iterations", type=positive_int, metavar="N", default=PREDICT_PIXEL_ITERATIONS,
-                         help="the refiner's iterations (default: %(default)s)")  # fmt: skip
+    predict.add_argument("--pixel-refine-iterations", type=positive_int, metavar="N",
+                         help=f"the refiner's iterations (default: {PREDICT_PIXEL_ITERATIONS})")  # fmt: skip
     predict.set_defaults(handler=_predict)
 
 

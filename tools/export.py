@@ -146,10 +146,10 @@ def main(model_ref: str, out: str) -> dict[str, Any]:
     if out_path.is_dir():
         raise WsssError(f"{out}: is a folder; name the .onnx file to write")
     try:
-        model, size = load_model(model_ref, "segmenter", torch.device("cpu"))
+        model, size, _ = load_model(model_ref, "segmenter", torch.device("cpu"))
     except WsssError as first:
         try:
-            model, size = load_model(model_ref, "classifier", torch.device("cpu"))
+            model, size, _ = load_model(model_ref, "classifier", torch.device("cpu"))
         except WsssError:
             raise first from None
     if hasattr(model, "grid_size"):

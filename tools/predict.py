@@ -6,10 +6,12 @@ the store is the one ``wsss register`` writes to, see :func:`wsss.lib.tracking.t
 (checkpoint record, the registered run's params, or ``--img-size``); the logits or attention maps are
 resized back bilinearly, so every mask has its image's size. With ``--from-attention`` the classifier's
 [CLS]_c attention is painted by the pseudo-mask rule of :mod:`wsss.lib.mask_rule` for the classes it
-predicts, with ``pseudo_masks.fg_threshold``/``bg_threshold`` and the test-time views of
-``pseudo_masks.scales``/``flip`` (scales of the image size the model is given). ``--pixel-refine par|crf``
-refines either kind of mask with the image's own pixels (:mod:`wsss.lib.pixel_refine`, peers' methods; off by
-default), ``--pixel-refine-iterations`` times (default 10).
+predicts: a registered classifier (URI) by the rule its pseudo-mask stage applied, registered with the version
+(tuned thresholds and map blocks, views, pixel refiner: :func:`wsss.lib.inference.decided_rule`); a checkpoint
+with ``pseudo_masks.fg_threshold``/``bg_threshold`` and the test-time views of ``pseudo_masks.scales``/``flip``
+(scales of the image size the model is given). ``--pixel-refine par|crf`` refines either kind of mask with the
+image's own pixels (:mod:`wsss.lib.pixel_refine`, peers' methods; off by default unless the registered rule has
+it), ``--pixel-refine-iterations`` times (default 10).
 
 ``OUT/<image name>.png`` is the mask (VOC palette, 0 = background, k + 1 = class k); ``--overlay`` adds
 ``OUT/<image name>_overlay.png``. Each file is written atomically; ``--out``, the outputs and the inputs are
@@ -24,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from wsss.lib.config import PREDICT_PIXEL_ITERATIONS, Params
+from wsss.lib.config import Params
 from wsss.lib.errors import WsssError
 from wsss.lib.images import BANDS_FILE, Bands, display_rgb, one_line, read_bands, read_image, to_uint8, write_mask_png
-from wsss.lib.inference import attention_masks, in_chans, model_input_size, segment_images
+from wsss.lib.inference import attention_masks, in_chans, model_input_size, rule_arguments, segment_images
 from wsss.lib.io import atomic_file, check_writable, writing
 from wsss.lib.pixel_refine import check_pixel_refine
 from wsss.lib.plotting import overlay_picture
@@ -39,11 +41,12 @@ def is_uri(ref: str) -> bool:
     return ref.startswith(("models:/", "runs:/")) or "://" in ref
 
 
-def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Module, int | None]:
+def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Module, int | None, dict | None]:
     """Loads a segmenter (``kind="segmenter"``) or classifier from a URI or checkpoint.
 
     Returns:
-        (model in eval mode, its training image size when known).
+        (model in eval mode, its training image size when known, the attention-mask rule registered with a
+        classifier version — :func:`wsss.lib.inference.decided_rule` — or None).
 
     Raises:
         WsssError: the model cannot be found or loaded.
@@ -74,7 +77,7 @@ def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Modu
         model = served.model
         if not hasattr(model, "grid_size" if kind == "classifier" else "size_multiple"):
             raise WsssError(f"{ref}: is a {type(model).__name__}, not a {kind} (use the other option)")
-        return model.to(device).eval(), getattr(served, "size", None)
+        return model.to(device).eval(), getattr(served, "size", None), getattr(served, "rule", None)
     path = Path(ref)
     if path.is_dir():
         path = path / "model.pt"
@@ -82,11 +85,11 @@ def load_model(ref: str, kind: str, device: torch.device) -> tuple[torch.nn.Modu
         from wsss.lib.artifacts import load_segmenter
 
         model, record = load_segmenter(path, device)
-        return model, int(record["img_size"])
+        return model, int(record["img_size"]), None
     from wsss.lib.artifacts import load_classifier
 
     model, _ = load_classifier(path, device)
-    return model, None
+    return model, None, None
 
 
 def _check_out_folder(out: Path) -> None:
@@ -133,12 +136,16 @@ def predict(
     refine: int = 0,
     overwrite: bool = False,
     precision: str = "fp32",
-    pixel_refine: tuple[str, int] = ("none", PREDICT_PIXEL_ITERATIONS),
+    pixel_refine: tuple[str, int] | None = None,
 ) -> list[Path]:
     """Writes one palette PNG mask per image into ``out`` (see module docstring); returns the mask paths.
 
     ``out`` is created when missing; files already in it are left alone (``overwrite``: existing masks of
     the same names are replaced). Each mask is written atomically.
+
+    ``thresholds``, ``scales``, ``flip``, ``map_blocks``, ``refine``: the attention-mask rule for a checkpoint; a
+    registered classifier's own rule replaces them. ``pixel_refine`` (refiner, iterations): None for the model's own
+    (a registered classifier's rule, else none).
 
     Raises:
         WsssError: unreadable image, two images with the same name, an image whose channel count the model
@@ -146,7 +153,8 @@ def predict(
             (without ``overwrite``) an existing file; a ``pixel_refine`` method that is not one of
             ``PIXEL_REFINERS`` or an iteration count that is not an integer > 0.
     """
-    pixel_refine = check_pixel_refine(*pixel_refine)
+    if pixel_refine is not None:
+        pixel_refine = check_pixel_refine(*pixel_refine)
     names = [path.stem for path in images]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
@@ -163,7 +171,7 @@ def predict(
         except WsssError as err:
             raise WsssError(f"{path}: {err}; pass --bands DATA_SET/{BANDS_FILE}") from None
     kind = "classifier" if from_attention else "segmenter"
-    model, trained_size = load_model(model_ref, kind, device)
+    model, trained_size, rule = load_model(model_ref, kind, device)
     size = img_size or model_input_size(model, from_attention, trained_size)
     if size is None:
         raise WsssError(f"{model_ref}: training image size unknown (not in the run's params); pass --img-size")
@@ -173,12 +181,12 @@ def predict(
             raise WsssError(f"{path}: image has {image.shape[-1]} channels, the model takes {channels}")
     with autocast(precision, device):
         if from_attention:
-            views = dict(scales=scales, flip=flip, map_blocks=map_blocks, refine=refine, size=size)
-            found, _ = attention_masks(
-                model, pixels, device, thresholds, batch_size, **views, pixel_refine=pixel_refine
-            )
+            # A registered classifier brings the rule its pseudo masks were made with; a checkpoint takes the caller's.
+            views = dict(thresholds=thresholds, scales=scales, flip=flip, map_blocks=map_blocks, refine=refine)
+            arguments = views | rule_arguments(rule or {}) | ({"pixel_refine": pixel_refine} if pixel_refine else {})
+            found, _ = attention_masks(model, pixels, device, batch_size=batch_size, size=size, **arguments)
         else:
-            found = segment_images(model, pixels, size, device, batch_size, pixel_refine)
+            found = segment_images(model, pixels, size, device, batch_size, pixel_refine or ("none", 0))
     masks = dict(zip(names, found, strict=True))
     # The overlay's legend names the classes the masks hold, when the model knows them (a wsss checkpoint
     # or a model registered by `wsss register`); otherwise it shows their values.
@@ -208,9 +216,9 @@ def main(
     img_size: int | None = None,
     bands: str | None = None,
     overwrite: bool = False,
-    pixel_refine: tuple[str, int] = ("none", PREDICT_PIXEL_ITERATIONS),
+    pixel_refine: tuple[str, int] | None = None,
 ) -> list[Path]:
-    """CLI entry (``wsss predict``): device/threads from params, thresholds, views and map blocks from
+    """CLI entry (``wsss predict``): device/threads from params, a checkpoint's thresholds, views and map blocks from
     ``pseudo_masks`` (``map_blocks: auto`` is the paper's ``all`` here: new images have no ground truth)."""
     from wsss.lib.config import map_block_count
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss.lib.config import PREDICT_PIXEL_ITERATIONS, PseudoMaskParams, map_block_count
+from wsss.lib.config import PseudoMaskParams, map_block_count
 from wsss.lib.datasets import SplitData, aspect_size, image_tensor
 from wsss.lib.errors import WsssError
 
@@ -49,9 +49,7 @@ def rule_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
     arguments: dict[str, Any] = {}
     if "fg_threshold" in config:
         arguments["thresholds"] = (float(config["fg_threshold"]), float(config["bg_threshold"]))
-    if "map_blocks" in config:
-        arguments["map_blocks"] = config["map_blocks"]
-    for key in ("scales", "flip", "refine"):
+    for key in ("map_blocks", "scales", "flip", "refine"):
         if key in config:
             arguments[key] = config[key]
     if config.get("pixel_refine", "none") != "none":
@@ -89,7 +87,7 @@ def segment_images(
     size: int,
     device: torch.device,
     batch_size: int = 16,
-    pixel_refine: tuple[str, int] = ("none", PREDICT_PIXEL_ITERATIONS),
+    pixel_refine: tuple[str, int] = ("none", 0),
 ) -> list[np.ndarray]:
     """The segmenter's HxW uint8 mask of each uint8 HxWxC image, at the image's own size; ``pixel_refine``
     (``par``/``crf``, iterations): refined with the image's pixels (:func:`wsss.lib.pixel_refine.refine_predicted`)."""
@@ -113,7 +111,7 @@ def attention_masks(
     map_blocks: int | None = None,
     refine: int = 0,
     size: int | None = None,
-    pixel_refine: tuple[str, int] = ("none", PREDICT_PIXEL_ITERATIONS),
+    pixel_refine: tuple[str, int] = ("none", 0),
 ) -> tuple[list[np.ndarray], torch.Tensor]:
     """Masks painted from the [CLS]_c attention of the classes the classifier predicts (the pseudo-mask rule),
     one per uint8 HxWxC image at its own size, and the class probabilities ``[N, C]``; ``size``: the longer side

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT, make_pipeline_repo, pipeline_params
-from tests.test_tracking import STAGE_RULE
+from tests.test_tracking import write_stage_rule
 from wsss.lib import storage
 from wsss.lib.config import Params
 from wsss.lib.seaweedfs import SeaweedS3, free_port, weed_binary
@@ -205,9 +205,7 @@ def test_mlflow_artifacts_and_registered_models_live_in_the_bucket(
     metrics_dir = Path(tiny_params.evaluate.metrics_dir)
     metrics_dir.mkdir()
     (metrics_dir / "metrics.json").write_text(json.dumps({"segmenter_miou": 0.25}))
-    pseudo = Path(tiny_params.pseudo_masks.out)  # the rule the classifier is registered with (the stage's stats)
-    pseudo.mkdir(parents=True, exist_ok=True)
-    (pseudo / "stats.json").write_text(json.dumps(STAGE_RULE))
+    write_stage_rule(tiny_params)  # the rule the classifier is registered with (the stage's stats)
 
     record = register(tiny_params, root=tmp_path, out=None)
 

@@ -81,14 +81,19 @@ def _finished_pipeline(params: Params, miou: float | None, seed: int, val_data: 
         json.dumps({"pseudo_mask_miou": 0.3, "segmenter_miou": miou, "classifier": {"val_map": 0.6}})
     )
     (metrics / "per_class_iou.json").write_text(json.dumps({"bird": {"segmenter": miou, "pseudo_mask": None}}))
-    pseudo = Path(params.pseudo_masks.out)
-    pseudo.mkdir(parents=True, exist_ok=True)
-    (pseudo / "stats.json").write_text(json.dumps(STAGE_RULE))
+    write_stage_rule(params)
 
 
 # What the pseudo-mask stage writes of the rule it applied (stats.json), tuned: not params' own.
 STAGE_RULE = {"fg_threshold": 0.375, "bg_threshold": 0.075, "map_blocks": "last2", "refine": "none",
               "refine_iterations": 0, "pixel_refine": "par", "pixel_refine_iterations": 80}  # fmt: skip
+
+
+def write_stage_rule(params: Params) -> None:
+    """The pseudo-mask stage's stats.json with :data:`STAGE_RULE`: what register reads the classifier's rule from."""
+    pseudo = Path(params.pseudo_masks.out)
+    pseudo.mkdir(parents=True, exist_ok=True)
+    (pseudo / "stats.json").write_text(json.dumps(STAGE_RULE))
 
 
 def test_champion_moves_only_when_the_new_miou_is_better(store: Path, tiny_params: Params):

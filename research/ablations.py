@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ ABLATIONS_FILE = Path("ablations.yaml")
 DEFAULT_ROOT = Path("artifacts/ablations")
 REPORT_ROOT = Path("reports/ablations")
 RESULT_FILE = "result.json"
+POLL_S = 2.0  # how often run_in_processes looks at its processes
 
 
 @dataclass(frozen=True)
@@ -341,3 +343,38 @@ def cell_command(group: Sequence[Cell], grid_args: Sequence[str] = ()) -> list[s
     for cell in group:
         cmd += ["--variant", cell.variant]
     return [*cmd, "--seed", str(group[0].seed)]
+
+
+def run_in_processes(
+    cells: Sequence[Cell], jobs: int, grid_args: Sequence[str] = (), log: Callable[[str], None] = print
+) -> None:
+    """Runs the cells' classifier groups as at most ``jobs`` concurrent ``wsss-research ablations`` processes
+    (:func:`cell_command`; the Prefect deployment's queue without Prefect, for a GPU or many cores), in the
+    cells' order. A group's output goes to ``<root>/<scale>/logs/<variants>_seed<k>.log``.
+
+    Raises:
+        WsssError: groups that failed, with their logs (the other groups still ran to the end).
+    """
+    prepare(cells)  # ingested once here, not raced for by the processes
+    queue = list(classifier_groups(cells))
+    running: list[tuple[str, Path, subprocess.Popen]] = []
+    failed: list[str] = []
+    while queue or running:
+        while queue and len(running) < jobs:
+            group = queue.pop(0)
+            label = "+".join(cell.variant for cell in group) + f"_seed{group[0].seed}"
+            path = group[0].run_dir.parent.parent / "logs" / f"{label}.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w") as out:
+                process = subprocess.Popen(cell_command(group, grid_args), stdout=out, stderr=subprocess.STDOUT)
+            running.append((label, path, process))
+            log(f"ablations: {label} started (log {path})")
+        time.sleep(POLL_S)
+        for entry in [entry for entry in running if entry[2].poll() is not None]:
+            running.remove(entry)
+            label, path, process = entry
+            if process.returncode:
+                failed.append(f"{label} ({path})")
+            log(f"ablations: {label} " + (f"failed, exit {process.returncode}" if process.returncode else "done"))
+    if failed:
+        raise WsssError(f"{len(failed)} of the runs failed, see their logs: {', '.join(failed)}")

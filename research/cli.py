@@ -73,11 +73,18 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def _ablations(params: Params, args: argparse.Namespace) -> None:
+    from wsss.lib.runtime import available_cores
     from wsss.research import ablations
 
     config = ablations.read_config(args.config)
     cells = ablations.plan(config, args.params, args.root, args.scale, args.variant, args.seed, args.overrides)
-    ablations.run_grid(cells)
+    if args.jobs > 1:
+        # the children share the cores: num_threads auto would give each all of them
+        threads = [] if params.num_threads != "auto" else [f"num_threads={max(1, available_cores()[0] // args.jobs)}"]
+        grid_args = ["--params", args.params, "--config", args.config, "--root", args.root]
+        ablations.run_in_processes(cells, args.jobs, [*grid_args, *(f"-S{o}" for o in (*args.overrides, *threads))])
+    else:
+        ablations.run_grid(cells)
     if not args.no_report:
         _write_report(config, cells[0].scale, args)
 
@@ -116,6 +123,13 @@ def _add_ablations(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     abl.add_argument("--variant", action="append", help="only this variant (repeatable; default: all)")
     abl.add_argument("--seed", action="append", type=int, help="only this seed (repeatable; default: the grid's)")
     abl.add_argument("--no-report", action="store_true", help="run the cells only")
+    abl.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="classifier groups run at once, each in its own process with cores/jobs threads (num_threads auto); "
+        "for a GPU or many cores (default 1: in this process, one cell after the other)",
+    )
     abl.set_defaults(handler=_ablations)
     rep = sub.add_parser("report", parents=[common, grid], help="ablation table, charts and grid from finished runs")
     rep.set_defaults(handler=_report)

@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from wsss.lib.config import ConfigError, Params, key_settings, load_params
@@ -341,6 +342,33 @@ def test_prefect_flow_runs_the_grid_in_processes_and_reports(
     assert state.is_failed()
     with pytest.raises(Exception, match=r"wsss-research ablations: error: unknown variant 'no_reg'"):
         state.result()
+
+
+def test_jobs_run_the_groups_in_processes_with_the_in_process_numbers(
+    finished_grid, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    params_file, config_file, root = finished_grid
+    grid = ["--params", str(params_file), "--config", str(config_file), "--root", str(tmp_path / "runs")]
+    argv = ["ablations", *grid, "--variant", "no_masking", "--variant", "full", "--variant", "fixed_thresholds"]
+    assert cli.main([*argv, "--seed", "0", "--jobs", "2", "--no-report"]) == 0
+    logs = sorted(p.name for p in (tmp_path / "runs/tiny/logs").iterdir())
+    assert logs == ["full+fixed_thresholds_seed0.log", "no_masking_seed0.log"]  # full's classifier group, in order
+    for variant in ("no_masking", "fixed_thresholds", "full"):
+        in_process, in_child = (json.loads((base / f"tiny/{variant}/seed0/result.json").read_text())
+                                for base in (root, tmp_path / "runs"))  # fmt: skip
+        assert {k: v for k, v in in_child.items() if k not in VOLATILE} == {
+            k: v for k, v in in_process.items() if k not in VOLATILE
+        }
+
+    if torch.cuda.is_available():
+        return  # the failing child below asks for a GPU that this machine lacks
+    capsys.readouterr()  # a child that fails (planning in the parent passes): one line naming its log
+    argv = ["ablations", *grid, "--variant", "no_masking", "--seed", "0", "--jobs", "2", "--no-report"]
+    assert cli.main([*argv, "-S", "device=cuda"]) == 1
+    err = capsys.readouterr().err.strip()
+    log = tmp_path / "runs/tiny/logs/no_masking_seed0.log"
+    assert err == f"wsss-research ablations: error: 1 of the runs failed, see their logs: no_masking_seed0 ({log})"
+    assert "cuda requested but no CUDA device" in log.read_text()
 
 
 def test_a_variant_that_closes_every_head_is_a_row_without_maps(finished_grid, tmp_path: Path):

@@ -1,10 +1,10 @@
 """``wsss-research ablations``: the ablation grid of ``ablations.yaml`` run through the pipeline's own stage functions.
 
-Each cell (scale x variant x seed) is params.yaml plus the scale's and the variant's overrides plus
-``seed=<seed>``; it runs train-classifier, pseudo-masks and train-segmenter exactly as the DVC stages do,
-into ``<root>/<scale>/<variant>/seed<seed>/``, and writes one ``result.json`` row (the numbers the report
-tabulates). Classifiers are keyed by what decides them (classifier params, seed, data set), so variants
-that change only the pseudo-mask stage (``multiscale_flip``) reuse the one trained for ``full``. A cell
+Each cell (scale x variant x seed) is params.yaml plus the scale's overrides, the caller's (``-S``), the
+variant's and ``seed=<seed>``, in that order; it runs train-classifier, pseudo-masks and train-segmenter exactly
+as the DVC stages do, into ``<root>/<scale>/<variant>/seed<seed>/``, and writes one ``result.json`` row (the
+numbers the report tabulates). Classifiers are keyed by what decides them (classifier params, seed, data set),
+so variants that change only the pseudo-mask stage (``multiscale_flip``) reuse the one trained for ``full``. A cell
 whose ``result.json`` holds its fingerprint is not rerun; a killed cell resumes from its checkpoints.
 Runs are keyed by the data set's path, not its content (the grid is an experiment beside the versioned
 pipeline): after changing the data at the same path, give the grid a fresh ``--root``.
@@ -60,7 +60,7 @@ class Cell:
     scale: str
     variant: str
     seed: int
-    overrides: tuple[str, ...]  # scale + variant + seed, as given to load_params (no output paths)
+    overrides: tuple[str, ...]  # scale + caller's + variant + seed, as given to load_params (no output paths)
     params: Params
     run_dir: Path
 
@@ -199,7 +199,9 @@ def plan(
     for seed in seeds if seeds else config.seeds:
         for variant in names:
             after = config.scale_variant_overrides.get(scale, {}).get(variant, [])
-            overrides = (*base_overrides, *config.scales[scale], *config.variants[variant], *after, f"seed={seed}")
+            # the caller's -S over the scale's settings (else a scale that sets a key ignores it silently), under the
+            # variant's own (what the variant varies stays varied)
+            overrides = (*config.scales[scale], *base_overrides, *config.variants[variant], *after, f"seed={seed}")
             try:
                 params = load_params(params_file, overrides)
             except ConfigError as err:

@@ -188,6 +188,15 @@ def test_a_scale_with_its_own_backbone_and_data(tmp_path: Path, tiny_params: Par
         read_config(_write_grid(tmp_path, tiny_params, bad)[1])
 
 
+def test_overrides_of_the_caller_beat_the_scale_but_not_the_variant(tmp_path: Path, tiny_params: Params):
+    config = read_config(_write_grid(tmp_path, tiny_params)[1])
+    given = ["classifier.epochs=2", "classifier.mask_ratio=0.25"]
+    full, no_masking = plan(config, tmp_path / "params.yaml", tmp_path / "runs", "longer", ["full", "no_masking"],
+                            base_overrides=given)  # fmt: skip
+    assert full.params.classifier.epochs == no_masking.params.classifier.epochs == 2  # the scale says 3
+    assert (full.params.classifier.mask_ratio, no_masking.params.classifier.mask_ratio) == (0.25, 0.0)
+
+
 def test_an_option_added_later_keys_runs_only_when_it_is_set(tmp_path: Path, tiny_params: Params):
     params_file, config_file = _write_grid(tmp_path, tiny_params)
     config = read_config(config_file)

@@ -116,15 +116,15 @@ def run_curve(cell: Any, epochs: int, images: int, out_root: Path = CURVE_ROOT) 
 
 def plan_curve(config: Any, params_file: str, root: str, scale: str | None, variant: str, seed: int, epochs: int,
                overrides: Sequence[str] = ()) -> Any:  # fmt: skip
-    """The ablation cell of (scale, variant, seed) with ``epochs`` classifier epochs, its classifier in a folder of
-    its own (keyed by those epochs: never the grid's one-epoch classifier)."""
+    """The ablation cell of (scale, variant, seed) with ``epochs`` classifier epochs (an override over the scale's,
+    so the cell's override list says so), its classifier in a folder of its own (keyed by those epochs: never the
+    grid's one-epoch classifier)."""
     from wsss.research import ablations
 
-    (cell,) = ablations.plan(config, params_file, root, scale, [variant], [seed], overrides)
-    params = dataclasses.replace(cell.params, classifier=dataclasses.replace(cell.params.classifier, epochs=epochs))
-    out = ablations.classifier_dir(params, Path(root), cell.scale)
-    params.classifier = dataclasses.replace(params.classifier, out=str(out))
-    return dataclasses.replace(cell, params=params)
+    (cell,) = ablations.plan(
+        config, params_file, root, scale, [variant], [seed], [*overrides, f"classifier.epochs={epochs}"]
+    )
+    return cell
 
 
 def classifier_done(cell: Any) -> bool:

@@ -40,6 +40,7 @@ def test_a_curve_is_one_probed_row_per_epoch_in_its_own_classifier(tmp_path: Pat
     assert cli.main([*args, "--variant", "shared_head", "-S", "classifier.batch_size=20", "--cell"]) == 0
     row = json.loads((tmp_path / "curves" / "tiny" / "shared_head_seed0_cell.json").read_text())
     assert row["classifier_epochs"] == 3 and 0 <= row["pseudo_miou"] <= 1 and row["pseudo_ceiling_miou"] > 0
+    assert row["overrides"][-3:] == ["classifier.epochs=3", "classifier.head=shared", "seed=0"]  # as it was trained
     assert row["segmenter_miou"] is not None and trained.stat().st_mtime_ns == before
     assert (tmp_path / "runs" / "tiny" / "curves" / "shared_head_e3" / "seed0" / "result.json").is_file()
     assert not (tmp_path / "runs" / "tiny" / "shared_head").exists()  # the grid's own cell is left alone

@@ -361,22 +361,28 @@ def run_in_processes(
     queue = list(classifier_groups(cells))
     running: list[tuple[str, Path, subprocess.Popen]] = []
     failed: list[str] = []
-    while queue or running:
-        while queue and len(running) < jobs:
-            group = queue.pop(0)
-            label = "+".join(cell.variant for cell in group) + f"_seed{group[0].seed}"
-            path = group[0].run_dir.parent.parent / "logs" / f"{label}.log"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w") as out:
-                process = subprocess.Popen(cell_command(group, grid_args), stdout=out, stderr=subprocess.STDOUT)
-            running.append((label, path, process))
-            log(f"ablations: {label} started (log {path})")
-        time.sleep(POLL_S)
-        for entry in [entry for entry in running if entry[2].poll() is not None]:
-            running.remove(entry)
-            label, path, process = entry
-            if process.returncode:
-                failed.append(f"{label} ({path})")
-            log(f"ablations: {label} " + (f"failed, exit {process.returncode}" if process.returncode else "done"))
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                group = queue.pop(0)
+                label = "+".join(cell.variant for cell in group) + f"_seed{group[0].seed}"
+                path = group[0].run_dir.parent.parent / "logs" / f"{label}.log"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("w") as out:
+                    process = subprocess.Popen(cell_command(group, grid_args), stdout=out, stderr=subprocess.STDOUT)
+                running.append((label, path, process))
+                log(f"ablations: {label} started (log {path})")
+            time.sleep(POLL_S)
+            for entry in [entry for entry in running if entry[2].poll() is not None]:
+                running.remove(entry)
+                label, path, process = entry
+                if process.returncode:
+                    failed.append(f"{label} ({path})")
+                log(f"ablations: {label} " + (f"failed, exit {process.returncode}" if process.returncode else "done"))
+    finally:  # interrupted (Ctrl-C, an error here): no run goes on without its parent; they resume next time
+        for _, _, process in running:
+            process.terminate()
+        for _, _, process in running:
+            process.wait()
     if failed:
         raise WsssError(f"{len(failed)} of the runs failed, see their logs: {', '.join(failed)}")

@@ -333,8 +333,9 @@ def coarse_scores(jobs: Iterator[list], num_classes: int, workers: int, total: i
         for samples in jobs:
             if len(pending) == workers:
                 results.append(pending.pop(0).result())
-            # numpy, not tensors: torch would share each tensor through a file descriptor of its own
-            arrays = [(np.asarray(maps), classes, probs, gt) for maps, classes, probs, gt in samples]
+            # numpy on the host, not tensors: torch would share each tensor through a file descriptor of its own (and
+            # a GPU's maps cannot go to a worker)
+            arrays = [(maps.numpy(force=True), classes, probs, gt) for maps, classes, probs, gt in samples]
             pending.append(pool.submit(_worker_grid_scores, (arrays, num_classes)))
         return results + [future.result() for future in pending]
 

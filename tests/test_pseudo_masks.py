@@ -132,13 +132,17 @@ def test_tuning_scores_large_images_downscaled_and_small_ones_as_they_are():
     assert resize_mask(gt, gt.shape) is gt
 
 
-def test_the_candidates_coarse_searches_in_processes_equal_the_serial_ones(monkeypatch):
-    """The pool is only where the time goes: each candidate's grid scores are the serial search's, exactly."""
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_the_candidates_coarse_searches_in_processes_equal_the_serial_ones(monkeypatch, device):
+    """The pool is only where the time goes: each candidate's grid scores are the serial search's, exactly (a
+    GPU's maps go to the workers through the host)."""
     rng = np.random.default_rng(0)
 
     def sample() -> tuple:
         gt = rng.integers(0, 4, (16, 16)).astype(np.uint8)
-        return torch.rand(2, 16, 16), np.array([0, 2]), rng.random(3), gt
+        return torch.rand(2, 16, 16).to(device), np.array([0, 2]), rng.random(3), gt
 
     candidates = [[sample() for _ in range(5)] for _ in range(3)]
     serial = coarse_scores(iter(candidates), 3, workers=1, total=15)

@@ -43,7 +43,7 @@ from wsss.lib.dataset_format import DatasetIndex
 from wsss.lib.datasets import SplitData, StreamedSplit, aspect_size, normalize, resize_mask, shape_groups
 from wsss.lib.errors import WsssError
 from wsss.lib.images import read_mask
-from wsss.lib.metrics import IGNORE_INDEX, mean_iou
+from wsss.lib.metrics import IGNORE_INDEX, confusion_matrix, mean_iou, scores_from_confusion
 from wsss.lib.pixel_refine import refine_masks
 from wsss.lib.runtime import autocast
 from wsss.models.token_masking_vit import TokenMaskingViT
@@ -168,10 +168,10 @@ def present_classes(labels: np.ndarray | None, probs: np.ndarray) -> np.ndarray:
     return predicted if predicted.size else np.array([int(np.argmax(probs))])
 
 
-def paint(
-    norm_maps: torch.Tensor, classes: np.ndarray, probs: np.ndarray, fg_threshold: float, bg_threshold: float
-) -> torch.Tensor:
-    """Steps 3 and 4 of the rule on the maps' device: uint8 ``[H, W]`` with UNASSIGNED where step 5 fills.
+def paint_classes(norm_maps: torch.Tensor, classes: np.ndarray, probs: np.ndarray, fg_threshold: float) -> torch.Tensor:
+    """Step 3 of the rule on the maps' device: uint8 ``[H, W]``, each present class where its map is >=
+    ``fg_threshold`` (the most probable class last, so it wins overlaps), UNASSIGNED elsewhere; all background
+    when no class is present.
 
     Args:
         norm_maps: normalised maps of the present ``classes``, ``[len(classes), H, W]`` float32.
@@ -183,7 +183,22 @@ def paint(
         return mask.zero_()
     for idx in np.argsort(probs[classes], kind="stable"):
         mask[norm_maps[idx] >= fg_threshold] = int(classes[idx]) + 1
-    mask[(norm_maps.amax(dim=0) < bg_threshold) & (mask == UNASSIGNED)] = 0
+    return mask
+
+
+def paint(
+    norm_maps: torch.Tensor, classes: np.ndarray, probs: np.ndarray, fg_threshold: float, bg_threshold: float
+) -> torch.Tensor:
+    """Steps 3 and 4 of the rule on the maps' device (:func:`paint_classes`, then background where every present
+    map is < ``bg_threshold``): uint8 ``[H, W]`` with UNASSIGNED where step 5 fills."""
+    mask = paint_classes(norm_maps, classes, probs, fg_threshold)
+    return paint_background(mask, norm_maps.amax(dim=0), bg_threshold) if len(classes) else mask
+
+
+def paint_background(mask: torch.Tensor, top: torch.Tensor, bg_threshold: float) -> torch.Tensor:
+    """Step 4 of the rule, in place: background where no class was painted and every present map is below
+    ``bg_threshold`` (``top``: their maximum per pixel)."""
+    mask[(top < bg_threshold) & (mask == UNASSIGNED)] = 0
     return mask
 
 
@@ -211,7 +226,7 @@ def fill_unassigned(mask: np.ndarray) -> np.ndarray:
         return mask
     if holes.all():
         return np.zeros_like(mask)
-    _, (rows, cols) = ndimage.distance_transform_edt(holes, return_indices=True)
+    rows, cols = ndimage.distance_transform_edt(holes, return_distances=False, return_indices=True)
     return mask[rows, cols]
 
 
@@ -282,13 +297,27 @@ class ThresholdSearch:
         self.scores: dict[tuple[float, float], float] = {}
 
     def _search(self, pairs) -> tuple[float, float, float]:
-        gts = [s[3] for s in self.samples]
+        # The pairs new to the search, in the order given (the order ties are broken in), grouped by fg: an image's
+        # classes are painted once per fg and only the background step and the fill are redone per bg.
+        size = self.num_classes + 1
+        todo: dict[tuple[float, float], np.ndarray] = {}  # each pair's confusion matrix over the images
         for fg, bg in pairs:
             fg, bg = round(float(fg), 4), round(float(bg), 4)
-            if bg > fg or (fg, bg) in self.scores or not (bg >= 0.0 and fg <= 1.0):
-                continue
-            preds = [merge_maps(m, c, p, fg, bg) for m, c, p, _ in self.samples]
-            self.scores[(fg, bg)] = mean_iou(zip(gts, preds, strict=True), self.num_classes + 1)
+            if bg <= fg and (fg, bg) not in self.scores and bg >= 0.0 and fg <= 1.0:
+                todo.setdefault((fg, bg), np.zeros((size, size), dtype=np.int64))
+        by_fg: dict[float, list[float]] = {}
+        for fg, bg in todo:
+            by_fg.setdefault(fg, []).append(bg)
+        for maps, classes, probs, gt in self.samples:
+            maps = torch.as_tensor(maps)
+            top = maps.amax(dim=0).cpu() if len(classes) else None
+            for fg, bgs in by_fg.items():
+                painted = paint_classes(maps, classes, probs, fg).cpu()
+                for bg in bgs:
+                    mask = painted if top is None else paint_background(painted.clone(), top, bg)
+                    todo[(fg, bg)] += confusion_matrix(gt, fill_unassigned(mask.numpy()), size)
+        for pair, confusion in todo.items():
+            self.scores[pair] = float(scores_from_confusion(confusion)["miou"])
         (fg, bg), score = max(self.scores.items(), key=lambda item: item[1])  # max keeps the first of equals
         return fg, bg, score
 
@@ -335,7 +364,7 @@ def coarse_scores(jobs: Iterator[list], num_classes: int, workers: int, total: i
                 results.append(pending.pop(0).result())
             # numpy on the host, not tensors: torch would share each tensor through a file descriptor of its own (and
             # a GPU's maps cannot go to a worker)
-            arrays = [(maps.numpy(force=True), classes, probs, gt) for maps, classes, probs, gt in samples]
+            arrays = [(maps.cpu().numpy(), classes, probs, gt) for maps, classes, probs, gt in samples]
             pending.append(pool.submit(_worker_grid_scores, (arrays, num_classes)))
         return results + [future.result() for future in pending]
 

@@ -149,3 +149,22 @@ def test_the_candidates_coarse_searches_in_processes_equal_the_serial_ones(monke
     monkeypatch.setattr(mask_rule, "PARALLEL_SEARCH_MIN", 0)
     assert coarse_scores(iter(candidates), 3, workers=2, total=15) == serial
     assert len(serial) == 3 and all(len(grid) == len(serial[0]) > 40 for grid in serial)
+
+
+def test_threshold_search_scores_each_pair_as_the_rule_masks_it():
+    """The search paints an image's classes once per fg and only redoes background and fill per bg: every pair's
+    score is still the mIoU of the rule's own masks (:func:`merge_maps`) at that pair, exactly."""
+    from wsss.lib.mask_rule import ThresholdSearch
+    from wsss.lib.metrics import mean_iou
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for k in (2, 0, 1, 3, 2):  # an image without a present class too
+        maps = torch.from_numpy((rng.integers(0, 41, (k, 12, 15)) / 40).astype(np.float32))
+        samples.append((maps, rng.choice(4, size=k, replace=False), rng.random(4), rng.integers(0, 5, (12, 15))))
+    search = ThresholdSearch(samples, num_classes=4)
+    search.refine()
+    assert len(search.scores) > 60
+    for (fg, bg), score in search.scores.items():
+        masks = [merge_maps(m, c, p, fg, bg) for m, c, p, _ in samples]
+        assert score == mean_iou(zip([s[3] for s in samples], masks, strict=True), 5), (fg, bg)

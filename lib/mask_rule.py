@@ -43,7 +43,7 @@ from wsss.lib.dataset_format import DatasetIndex
 from wsss.lib.datasets import SplitData, StreamedSplit, aspect_size, normalize, resize_mask, shape_groups
 from wsss.lib.errors import WsssError
 from wsss.lib.images import read_mask
-from wsss.lib.metrics import IGNORE_INDEX, confusion_matrix, mean_iou, scores_from_confusion
+from wsss.lib.metrics import IGNORE_INDEX, ConfusionMatrix, mean_iou
 from wsss.lib.pixel_refine import refine_masks
 from wsss.lib.runtime import autocast
 from wsss.models.token_masking_vit import TokenMaskingViT
@@ -299,12 +299,11 @@ class ThresholdSearch:
     def _search(self, pairs) -> tuple[float, float, float]:
         # The pairs new to the search, in the order given (the order ties are broken in), grouped by fg: an image's
         # classes are painted once per fg and only the background step and the fill are redone per bg.
-        size = self.num_classes + 1
-        todo: dict[tuple[float, float], np.ndarray] = {}  # each pair's confusion matrix over the images
+        todo: dict[tuple[float, float], ConfusionMatrix] = {}  # each pair's confusion matrix over the images
         for fg, bg in pairs:
             fg, bg = round(float(fg), 4), round(float(bg), 4)
             if bg <= fg and (fg, bg) not in self.scores and bg >= 0.0 and fg <= 1.0:
-                todo.setdefault((fg, bg), np.zeros((size, size), dtype=np.int64))
+                todo.setdefault((fg, bg), ConfusionMatrix(self.num_classes + 1))
         by_fg: dict[float, list[float]] = {}
         for fg, bg in todo:
             by_fg.setdefault(fg, []).append(bg)
@@ -315,9 +314,9 @@ class ThresholdSearch:
                 painted = paint_classes(maps, classes, probs, fg).cpu()
                 for bg in bgs:
                     mask = painted if top is None else paint_background(painted.clone(), top, bg)
-                    todo[(fg, bg)] += confusion_matrix(gt, fill_unassigned(mask.numpy()), size)
+                    todo[(fg, bg)].update(gt, fill_unassigned(mask.numpy()))
         for pair, confusion in todo.items():
-            self.scores[pair] = float(scores_from_confusion(confusion)["miou"])
+            self.scores[pair] = float(confusion.compute()["miou"])
         (fg, bg), score = max(self.scores.items(), key=lambda item: item[1])  # max keeps the first of equals
         return fg, bg, score
 

@@ -197,6 +197,41 @@ def _add_diagnose_maps(sub: argparse._SubParsersAction, common: argparse.Argumen
     diag.set_defaults(handler=_diagnose_maps)
 
 
+def _placement(params: Params, args: argparse.Namespace) -> None:
+    from wsss.research import ablations, placement
+
+    config = ablations.read_config(args.config)
+    if args.tune >= args.images:
+        raise WsssError(f"placement: --tune {args.tune} leaves no image of --images {args.images} to score")
+    (cell,) = ablations.plan(config, args.params, args.root, args.scale, [args.variant], [args.seed], args.overrides)
+    ablations.prepare([cell])
+    result = placement.measure(cell, args.images, args.tune, args.refiner or ("par", "crf"))
+    path = placement.write(result, Path(args.out) / cell.scale)
+    print(placement.table(result), end="")
+    print(f"written to {path}")
+
+
+def _add_placement(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``wsss-research placement`` (research/placement.py): a pixel refiner on the mask vs on the class maps."""
+    from wsss.research.ablations import ABLATIONS_FILE, DEFAULT_ROOT
+
+    place = sub.add_parser(
+        "placement",
+        parents=[common],
+        help="one ablation cell's classifier: a pixel refiner on the decided mask vs on the class maps (train images)",
+    )
+    place.add_argument("--config", default=str(ABLATIONS_FILE), help="the grid (default: ablations.yaml)")
+    place.add_argument("--scale", help="scale of ablations.yaml (default: its first)")
+    place.add_argument("--variant", required=True, help="variant of ablations.yaml whose classifier makes the maps")
+    place.add_argument("--seed", type=int, default=0)
+    place.add_argument("--images", type=positive_int, default=600, help="training images with ground truth used")
+    place.add_argument("--tune", type=positive_int, default=200, help="of them, the first deciding the rule")
+    place.add_argument("--refiner", action="append", choices=("par", "crf"), help="repeatable (default: both)")
+    place.add_argument("--root", default=str(DEFAULT_ROOT), help="where the runs live")
+    place.add_argument("--out", default="reports/pixel_refine", help="tables go to <out>/<scale>/")
+    place.set_defaults(handler=_placement)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss-research", description=__doc__.splitlines()[0].replace("``", ""))
     common = common_parser()
@@ -204,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ablations(sub, common)
     _add_diagnose_maps(sub, common)
     _add_curve(sub, common)
+    _add_placement(sub, common)
     _add_bench(sub, common)
     return parser
 

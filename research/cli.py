@@ -1,4 +1,4 @@
-"""``wsss-research``: the research bench's commands (ablation grid, report, map diagnostics, curves, benchmarks).
+"""``wsss-research``: the research bench (ablations, report, map diagnostics, curves, refiner placement, benchmarks).
 
 Like ``wsss``, every command reads params.yaml (``-S section.key=value`` overrides) and ends bad input with one
 line ``wsss-research <command>: error: ...`` and exit code 1.

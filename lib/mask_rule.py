@@ -513,6 +513,11 @@ def tuning_samples(
     return [(*image_maps(view, i, has_labels, gt.shape), gt) for i, gt in enumerate(gts)]
 
 
+def gt_positions(dataset: DatasetIndex, split: str) -> list[int]:
+    """Positions in ``split`` of the images that have a ground-truth mask, in split order."""
+    return [i for i, path in enumerate(dataset.split(split)["mask"].tolist()) if isinstance(path, str)]
+
+
 def decide_rule(
     model: TokenMaskingViT,
     dataset: DatasetIndex,
@@ -534,8 +539,7 @@ def decide_rule(
         raise WsssError("the classifier closed every attention head: no block can provide attention maps")
     if refine_steps(params) and not model.class_token_per_class:
         raise WsssError("pseudo_masks.refine: affinity refines class-token attention; this classifier has one [CLS]")
-    rows = dataset.split(params.split)
-    with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)]
+    with_gt = gt_positions(dataset, params.split)
     tune = params.tune_thresholds and bool(with_gt)
     spec = params.map_blocks if params.map_blocks != "auto" or tune else "all"
     if not tune:

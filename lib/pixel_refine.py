@@ -20,7 +20,7 @@ the same neighbourhood relative to its objects.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,10 +198,17 @@ def refine_masks(
 ) -> dict[int, list[torch.Tensor]]:
     """Masks refined by ``refiner`` (``par`` or ``crf``) from painted masks (:func:`mask_scores`), each image
     ``[channels, H, W]`` the size of its mask: ``{n: [uint8 [H, W] per image]}`` after each ``n`` of
-    ``iterations`` (one pass reaches all; batching: :func:`refine_scores`)."""
-    scores = [mask_scores(mask, labels) for mask, labels in zip(painted, classes, strict=True)]
-    refined = refine_scores(images, scores, refiner, iterations, batch_size)
-    return {n: [labels_of(s, labels) for s, labels in zip(out, classes, strict=True)] for n, out in refined.items()}
+    ``iterations`` (one pass reaches all; batching: :func:`_refined_batches`)."""
+    out: dict[int, list] = {n: [None] * len(images) for n in iterations}
+    keys = [(tuple(mask.shape), len(labels)) for mask, labels in zip(painted, classes, strict=True)]
+
+    def score_of(i: int) -> torch.Tensor:  # made when its batch is: float scores of every image would be held at once
+        return mask_scores(painted[i], classes[i])
+
+    for group, step, refined in _refined_batches(images, score_of, keys, refiner, iterations, batch_size):
+        for row, i in enumerate(group):
+            out[step][i] = labels_of(refined[row], classes[i])
+    return out
 
 
 def refine_scores(
@@ -212,30 +219,45 @@ def refine_scores(
     batch_size: int = 16,
 ) -> dict[int, list[torch.Tensor]]:
     """Per-pixel label scores ``[L, H, W]`` (one tensor per image, its image's size) after each ``n`` of
-    ``iterations`` of ``refiner`` (``par`` or ``crf``): ``{n: [[L, H, W] per image]}``. Images of one size and label
-    count go together, ``batch_size`` at most (16 112-px images keep a step's tensors in cache: 1.9x faster than 64
-    on a CPU and as fast as 8, the same masks bit for bit; one label count per batch, so no step spends time on
-    padded labels: 0.85x the time on 1-3 labels an image)."""
+    ``iterations`` of ``refiner`` (``par`` or ``crf``): ``{n: [[L, H, W] per image]}``."""
     out: dict[int, list] = {n: [None] * len(images) for n in iterations}
+    keys = [tuple(score.shape) for score in scores]
+    for group, step, refined in _refined_batches(images, scores.__getitem__, keys, refiner, iterations, batch_size):
+        for row, i in enumerate(group):
+            out[step][i] = refined[row]
+    return out
+
+
+def _refined_batches(
+    images: Sequence[torch.Tensor],
+    score_of: Callable[[int], torch.Tensor],
+    keys: Sequence[tuple],
+    refiner: str,
+    iterations: Sequence[int],
+    batch_size: int = 16,
+) -> Iterator[tuple[list[int], int, torch.Tensor]]:
+    """``(image indices, n, their scores [B, L, H, W] after n steps)`` for each ``n`` of ``iterations`` and each batch
+    of images whose ``keys`` (size and label count) agree, ``batch_size`` at most; ``score_of(i)`` gives image ``i``'s
+    scores ``[L, H, W]`` when its batch is made. (16 112-px images keep a step's tensors in cache: 1.9x faster than
+    64 on a CPU and as fast as 8, the same masks bit for bit; one label count per batch, so no step spends time on
+    padded labels: 0.85x the time on 1-3 labels an image.)"""
     last = max(iterations)
     groups: dict[tuple, list[int]] = {}
-    for index, score in enumerate(scores):
-        groups.setdefault(tuple(score.shape), []).append(index)
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
             group = indices[start : start + batch_size]
-            batch_scores = torch.stack([scores[i] for i in group])
-            batch = torch.stack([images[i].to(batch_scores.device) for i in group]).float()
+            scores = torch.stack([score_of(i) for i in group])
+            batch = torch.stack([images[i].to(scores.device) for i in group]).float()
             steps = (
-                par(batch, batch_scores, ParSettings(iterations=last))
+                par(batch, scores, ParSettings(iterations=last))
                 if refiner == "par"
-                else conv_crf_steps(batch, batch_scores, CrfSettings(iterations=last))
+                else conv_crf_steps(batch, scores, CrfSettings(iterations=last))
             )
             for step, refined in enumerate(steps, 1):
-                if step in out:
-                    for row, i in enumerate(group):
-                        out[step][i] = refined[row]
-    return out
+                if step in iterations:
+                    yield group, step, refined
 
 
 def refine_predicted(

@@ -28,6 +28,7 @@ from wsss.lib.mask_rule import (
     ThresholdSearch,
     decide_rule,
     fill_unassigned,
+    gt_positions,
     image_maps,
     merge_maps,
     normalized_maps,
@@ -100,10 +101,11 @@ def measure(cell: Any, images: int = 600, tune: int = 200, refiners: Sequence[st
     """:func:`placement_scores` on the first ``images`` training images with ground truth of ``cell``'s data set,
     the first ``tune`` of them deciding the rule, with the cell's classifier (trained first when it is missing)."""
     from wsss.lib.runtime import resolve_precision, setup_runtime
+    from wsss.research.curves import classifier_done
     from wsss.tasks import train_classifier
 
     params = cell.params
-    if not (Path(params.classifier.out) / "metrics.json").is_file():
+    if not classifier_done(cell):
         train_classifier.main(params)
     device = setup_runtime(params.seed, params.num_threads, params.device)
     dataset = read_ingested(Path(params.ingest.out))
@@ -111,8 +113,7 @@ def measure(cell: Any, images: int = 600, tune: int = 200, refiners: Sequence[st
     precision = resolve_precision(params.trainer.precision, device)
     rule_params = dataclasses.replace(params.pseudo_masks, tune_images=tune, pixel_refine="none", split="train")
     rule = decide_rule(model, dataset, rule_params, device, precision)
-    rows = dataset.split("train")
-    with_gt = [i for i, path in enumerate(rows["mask"].tolist()) if isinstance(path, str)][:images]
+    with_gt = gt_positions(dataset, "train")[:images]
     blocks = len(rule.map_layers) if rule.map_blocks != "all" else None
     found = split_maps(model, dataset, rule_params, device, with_gt, blocks, precision=precision)
     samples, pixels = [], []

@@ -107,7 +107,8 @@ def run_curve(cell: Any, epochs: int, images: int, out_root: Path = CURVE_ROOT) 
     curve = out_root / cell.scale / f"{cell.variant}_seed{cell.seed}.csv"
     rows = history.to_dict("records")
     for row in rows:
-        row.update(backbone_lr=settings.backbone_lr, lr=settings.lr, precision=result.get("precision"))
+        backbone_lr = settings.lr if settings.backbone_lr is None else settings.backbone_lr  # None: the one lr
+        row.update(backbone_lr=backbone_lr, lr=settings.lr, precision=result.get("precision"))
     write_csv(curve, rows)
     print(f"curve {cell.name}: {len(rows)} epochs, {rows[-1]['steps']} steps in {time.perf_counter() - began:.0f}s "
           f"-> {curve}")  # fmt: skip
@@ -196,8 +197,8 @@ def curve_report(scale: str, out_root: Path = CURVE_ROOT, heads: Mapping[str, st
         curve["train_minutes"] = curve["seconds"].cumsum() / 60  # history's seconds are each epoch's own
         read_out = {"read_out": head} if heads is not None else {}
         last.append({"curve": path.stem, **read_out, **curve.iloc[-1][["epoch", "steps", "images_seen",
-                                                                      "train_minutes", "val_map",
-                                                                      *PROBE_KEYS]].to_dict()})  # fmt: skip
+                                                                      "backbone_lr", "lr", "train_minutes",
+                                                                      "val_map", *PROBE_KEYS]].to_dict()})  # fmt: skip
     left.axhline(0.05, color="grey", linestyle=":", linewidth=1)
     left.set(xlabel="optimizer steps", ylabel="class specificity - area share", title="[CLS]_c attention, last block")
     right.set(xlabel="optimizer steps", ylabel="val mAP", title="classification")
@@ -206,5 +207,7 @@ def curve_report(scale: str, out_root: Path = CURVE_ROOT, heads: Mapping[str, st
     fig.savefig(folder / "curves.png", dpi=110)
     plt.close(fig)
     table = pd.DataFrame(last)
-    (folder / "table.md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    rates = ("backbone_lr", "lr")  # peak rates as set, not rounded to 0.000 by the others' 3 decimals
+    formats = ["g" if column in rates else ".3f" for column in table.columns]
+    (folder / "table.md").write_text(table.to_markdown(index=False, floatfmt=formats) + "\n")
     return table

@@ -31,6 +31,9 @@ def test_a_curve_is_one_probed_row_per_epoch_in_its_own_classifier(tmp_path: Pat
     assert (tmp_path / "curves" / "tiny" / "curves.png").stat().st_size > 0
     table = (tmp_path / "curves" / "tiny" / "table.md").read_text()
     assert "| shared_head_seed0 | shared " in table  # each curve names its read-out (classifier.head)
+    settings = tiny_params.classifier  # and its peak rates as set, not rounded away by the table's 3 decimals
+    assert settings.backbone_lr is None and list(curve["backbone_lr"].unique()) == [settings.lr]  # None: the one lr
+    assert f" {settings.lr:g} " in table and "backbone_lr" in table
     # its own classifier (3 epochs): the grid's one-epoch classifier of the same variant is another folder
     assert len(list((tmp_path / "runs" / "tiny" / "classifiers").iterdir())) == 1
     assert cli.main([*args, "--report-only"]) == 0 and "1 curve: " in capsys.readouterr().out

@@ -130,6 +130,12 @@ class ClassifierParams:
     mask_schedule: list[list[float]] = added_option([])
     out: str = "artifacts/classifier"
 
+    @property
+    def backbone_group_lr(self) -> float | None:
+        """The pretrained weights' own learning rate (``backbone_lr``); None where they train at ``lr`` with the rest
+        (no ``backbone_lr``, or no pretrained weights to keep close to)."""
+        return self.backbone_lr if self.pretrained else None
+
 
 @dataclass
 class PseudoMaskParams:

@@ -106,8 +106,8 @@ def run_curve(cell: Any, epochs: int, images: int, out_root: Path = CURVE_ROOT) 
     history.insert(2, "images_seen", history["steps"] * settings.batch_size)
     curve = out_root / cell.scale / f"{cell.variant}_seed{cell.seed}.csv"
     rows = history.to_dict("records")
+    backbone_lr = settings.lr if settings.backbone_group_lr is None else settings.backbone_group_lr  # as trained
     for row in rows:
-        backbone_lr = settings.lr if settings.backbone_lr is None else settings.backbone_lr  # None: the one lr
         row.update(backbone_lr=backbone_lr, lr=settings.lr, precision=result.get("precision"))
     write_csv(curve, rows)
     print(f"curve {cell.name}: {len(rows)} epochs, {rows[-1]['steps']} steps in {time.perf_counter() - began:.0f}s "

@@ -197,9 +197,7 @@ def train_classifier(
     augmented = AugmentedSplit(train, train=True, size=params.img_size, crop_scale_min=params.crop_scale_min, seed=seed)
     loader = shard_loader(augmented, params.batch_size, seed, world, num_workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(
-        param_groups(
-            model, params.lr, params.weight_decay, params.gate_lr, params.backbone_lr if params.pretrained else None
-        )
+        param_groups(model, params.lr, params.weight_decay, params.gate_lr, params.backbone_group_lr)
     )
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resume overwrites them
     precision = resolve_precision(trainer.precision, device)

@@ -21,7 +21,8 @@ def test_a_curve_is_one_probed_row_per_epoch_in_its_own_classifier(tmp_path: Pat
     params_file, config_file = _write_grid(tmp_path, tiny_params, grid)
     args = ["curve", "--params", str(params_file), "--config", str(config_file), "--scale", "tiny"]
     args += ["--root", str(tmp_path / "runs"), "--out", str(tmp_path / "curves"), "--epochs", "3", "--images", "6"]
-    assert cli.main([*args, "--variant", "shared_head", "-S", "classifier.batch_size=20"]) == 0
+    train_args = ["--variant", "shared_head", "-S", "classifier.batch_size=20", "-S", "classifier.backbone_lr=5e-4"]
+    assert cli.main([*args, *train_args]) == 0
     curve = pd.read_csv(tmp_path / "curves" / "tiny" / "shared_head_seed0.csv")
     # 48 images in batches of 20: the loader drops the incomplete third batch, 2 steps (40 images) an epoch
     assert list(curve["epoch"]) == [1, 2, 3] and list(curve["steps"]) == [2, 4, 6]
@@ -32,7 +33,8 @@ def test_a_curve_is_one_probed_row_per_epoch_in_its_own_classifier(tmp_path: Pat
     table = (tmp_path / "curves" / "tiny" / "table.md").read_text()
     assert "| shared_head_seed0 | shared " in table  # each curve names its read-out (classifier.head)
     settings = tiny_params.classifier  # and its peak rates as set, not rounded away by the table's 3 decimals
-    assert settings.backbone_lr is None and list(curve["backbone_lr"].unique()) == [settings.lr]  # None: the one lr
+    # no pretrained weights: the backbone trained at the one lr, whatever backbone_lr says
+    assert settings.pretrained is None and list(curve["backbone_lr"].unique()) == [settings.lr]
     assert f" {settings.lr:g} " in table and "backbone_lr" in table
     # its own classifier (3 epochs): the grid's one-epoch classifier of the same variant is another folder
     assert len(list((tmp_path / "runs" / "tiny" / "classifiers").iterdir())) == 1
@@ -40,7 +42,7 @@ def test_a_curve_is_one_probed_row_per_epoch_in_its_own_classifier(tmp_path: Pat
     # --cell: the trained classifier (not trained again) gives its pseudo masks and segmenter, in a folder of its own
     trained = (tmp_path / "runs" / "tiny" / "classifiers").iterdir().__next__() / "model.pt"
     before = trained.stat().st_mtime_ns
-    assert cli.main([*args, "--variant", "shared_head", "-S", "classifier.batch_size=20", "--cell"]) == 0
+    assert cli.main([*args, *train_args, "--cell"]) == 0
     row = json.loads((tmp_path / "curves" / "tiny" / "shared_head_seed0_cell.json").read_text())
     assert row["classifier_epochs"] == 3 and 0 <= row["pseudo_miou"] <= 1 and row["pseudo_ceiling_miou"] > 0
     assert row["overrides"][-3:] == ["classifier.epochs=3", "classifier.head=shared", "seed=0"]  # as it was trained

@@ -153,7 +153,7 @@ def _curve(params: Params, args: argparse.Namespace) -> None:
             curves.curve_cell(cell, args.epochs, Path(args.out))
     heads = curves.read_outs(config, args.params, args.root, scale, curves.curve_files(scale, Path(args.out)))
     table = curves.curve_report(scale, Path(args.out), heads)
-    print(table.to_markdown(index=False, floatfmt=".3f"))
+    print((Path(args.out) / scale / "table.md").read_text(), end="")  # as written: its rates unrounded
     print(f"{len(table)} curve{'' if len(table) == 1 else 's'}: {Path(args.out) / scale / 'curves.png'}")
 
 

@@ -186,7 +186,9 @@ def curve_report(scale: str, out_root: Path = CURVE_ROOT, heads: Mapping[str, st
     files = curve_files(scale, out_root)
     if not files:
         raise WsssError(f"{folder}: no curve yet (run `wsss-research curve --scale {scale} --variant ...` first)")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = -(-len(files) // 3)  # legend rows, three curves a row
+    legend_inches = 0.2 * rows + 0.1
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4 + legend_inches))
     last = []
     for path in files:
         curve = pd.read_csv(path)
@@ -202,8 +204,9 @@ def curve_report(scale: str, out_root: Path = CURVE_ROOT, heads: Mapping[str, st
     left.axhline(0.05, color="grey", linestyle=":", linewidth=1)
     left.set(xlabel="optimizer steps", ylabel="class specificity - area share", title="[CLS]_c attention, last block")
     right.set(xlabel="optimizer steps", ylabel="val mAP", title="classification")
-    left.legend(fontsize=7)
-    fig.tight_layout()
+    # Below both panels, not inside one: with more than a few curves an inner legend hides the lines.
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / (4 + legend_inches), 1, 1))
     fig.savefig(folder / "curves.png", dpi=110)
     plt.close(fig)
     table = pd.DataFrame(last)

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -143,9 +144,19 @@ def write_json(target: str | Path, data: Any) -> None:
         handle.write("\n")
 
 
+def _rounded(value: float) -> float:
+    """`value` to 6 decimal places, but never fewer than 6 significant digits.
+
+    Six places alone would write a learning rate of 6.25e-5 as 6.3e-05 and one of 4e-7 as 0.
+    """
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, max(6, 5 - math.floor(math.log10(abs(value)))))
+
+
 def write_csv(target: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Writes dict rows (floats rounded to 6 digits) as CSV atomically; the first row's keys are the header."""
+    """Writes dict rows (floats rounded by `_rounded`) as CSV atomically; the first row's keys are the header."""
     with atomic_file(target, "w") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+        writer.writerows({k: _rounded(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows)

@@ -186,9 +186,9 @@ def curve_report(scale: str, out_root: Path = CURVE_ROOT, heads: Mapping[str, st
     files = curve_files(scale, out_root)
     if not files:
         raise WsssError(f"{folder}: no curve yet (run `wsss-research curve --scale {scale} --variant ...` first)")
-    rows = -(-len(files) // 3)  # legend rows, three curves a row
-    legend_inches = 0.2 * rows + 0.1
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4 + legend_inches))
+    panel_inches, legend_columns = 4, 3
+    legend_inches = 0.2 * -(-len(files) // legend_columns) + 0.1  # 0.2 in a legend row
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, panel_inches + legend_inches))
     last = []
     for path in files:
         curve = pd.read_csv(path)
@@ -205,8 +205,8 @@ def curve_report(scale: str, out_root: Path = CURVE_ROOT, heads: Mapping[str, st
     left.set(xlabel="optimizer steps", ylabel="class specificity - area share", title="[CLS]_c attention, last block")
     right.set(xlabel="optimizer steps", ylabel="val mAP", title="classification")
     # Below both panels, not inside one: with more than a few curves an inner legend hides the lines.
-    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, legend_inches / (4 + legend_inches), 1, 1))
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=legend_columns, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / (panel_inches + legend_inches), 1, 1))
     fig.savefig(folder / "curves.png", dpi=110)
     plt.close(fig)
     table = pd.DataFrame(last)

@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -179,3 +182,50 @@ def test_a_profile_goes_before_the_overrides_and_a_bad_one_is_one_line(capsys, t
     assert code == 1 and err.strip() == "wsss profile: error: classifier.epochs: must be > 0, got 0"
     code, out, err = run(capsys, "profile", "short", "--profile", "short")
     assert code == 0 and out == "classifier.epochs=3\n"
+
+
+# A command that is stopped by SIGTERM while it writes its output (the real `run` and `atomic_file`).
+WRITER = """
+import argparse, sys, time
+from wsss.lib.io import atomic_file
+from wsss.tools.cli import run
+
+def write_slowly(params, args):
+    with atomic_file(args.target) as handle:
+        handle.write(b"partial")
+        handle.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+
+parser = argparse.ArgumentParser()
+write = parser.add_subparsers(dest="command").add_parser("write")
+write.add_argument("target")
+write.set_defaults(handler=write_slowly, params=None, overrides=[])
+sys.exit(run(parser, sys.argv[1:], "wsss"))
+"""
+
+
+def test_sigterm_mid_write_keeps_the_old_output_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "out" / "model.pt"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    process = subprocess.Popen(
+        [sys.executable, str(script), "write", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline() == "writing\n", process.stderr.read()
+        assert len(list(target.parent.iterdir())) == 2  # the temporary file is there, beside the old output
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, err) == (143, "wsss write: terminated\n")
+    assert [path.name for path in target.parent.iterdir()] == ["model.pt"] and target.read_bytes() == b"old"
+
+
+def test_a_command_run_in_process_gives_the_callers_sigterm_handling_back(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["profile", "paper"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -6,7 +6,10 @@ Bad input ends with one line ``wsss <command>: error: ...`` on stderr and exit c
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -273,13 +276,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the command's own process so that ``finally`` blocks run: Python's default SIGTERM
+    handling exits at once, and `atomic_file` then leaves its temporary file beside the old output."""
+
+
+def _terminate_here(pid: int) -> Callable[[int, object], None]:
+    def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != pid:  # a forked child (a DataLoader worker) keeps the default: it dies at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated
+
+    return handler
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str, repo_free: tuple[str, ...] = ()) -> int:
     """Parses ``argv``, loads the params and runs the command's handler; bad input and faults of the machine or
-    of the MLflow store end with one line ``<prog> <command>: error: ...`` and exit code 1."""
+    of the MLflow store end with one line ``<prog> <command>: error: ...`` and exit code 1; SIGTERM (``kill``,
+    a scheduler's stop) ends it with one line and exit code 143 after the partial outputs are removed."""
     args = parser.parse_args(argv)
     command = args.command if args.command != "import" else f"import {args.source}"
     if args.command == "s3":
         command = f"s3 {args.action}"
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return _run(args, prog, command, repo_free)
+    previous = signal.signal(signal.SIGTERM, _terminate_here(os.getpid()))
+    try:
+        return _run(args, prog, command, repo_free)
+    finally:  # a caller in the same process (tests, a notebook) gets its own handling back
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, prog: str, command: str, repo_free: tuple[str, ...]) -> int:
     try:
         params_file = args.params
         if args.command in repo_free and args.params == str(DEFAULT_PARAMS) and not DEFAULT_PARAMS.is_file():
@@ -305,6 +335,9 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str, repo
     except KeyboardInterrupt:
         print(f"{prog} {command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog} {command}: terminated", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -229,3 +230,14 @@ def test_a_command_run_in_process_gives_the_callers_sigterm_handling_back(capsys
     before = signal.getsignal(signal.SIGTERM)
     assert main(["profile", "paper"]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_command_run_from_another_thread_runs_without_touching_signal_handlers(capsys):
+    # Python lets only the main thread set handlers: a caller's worker thread (a notebook, a scheduler) still gets
+    # the command run, with the process's own SIGTERM handling left as it is.
+    before, results = signal.getsignal(signal.SIGTERM), []
+    worker = threading.Thread(target=lambda: results.append(main(["profile", "paper"])))
+    worker.start()
+    worker.join(timeout=60)
+    assert results == [0] and signal.getsignal(signal.SIGTERM) is before
+    assert "classifier.epochs=" in capsys.readouterr().out

@@ -3,7 +3,8 @@
 Writes to ``reports/ablations/<scale>/``: ``table.md`` / ``table.csv`` / ``table.parquet`` (per variant,
 mean ± std over seeds), ``paired.md`` / ``paired.csv`` (each variant minus ``full``, or minus its
 ``paired`` reference, on the same seed), ``runs.parquet`` (one row per run), ``bars.png`` (pseudo-mask and
-segmenter mIoU per variant), ``mask_ratio.csv`` + ``mask_ratio.png`` (the mask-ratio sweep) and
+segmenter mIoU per variant), ``per_class.md`` / ``per_class.csv`` (pseudo-mask IoU of each class, per variant
+and per run), ``mask_ratio.csv`` + ``mask_ratio.png`` (the mask-ratio sweep) and
 ``grid.png`` (training images x variants' pseudo masks, then the per-class attention maps of ``full`` and
 ``no_masking`` side by side); logs all of it to the MLflow experiment ``wsss-ablations``.
 """
@@ -141,6 +142,48 @@ def paired_markdown(paired: pd.DataFrame) -> str:
             spread = "" if pd.isna(std) else f" ± {std:.3f}"
             cells.append(f"{mean:+.3f}{spread} ({row[f'{column}_higher']}/{row['seeds']})")
         lines.append(f"| {row['variant']} | {row['reference']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_iou(runs: pd.DataFrame, root: str | Path) -> pd.DataFrame:
+    """Pseudo-mask IoU of each class on the training split (the stage's convention), one row per run with masks:
+    where a variant's mIoU gap comes from (a class token that never became specific shows as one low class)."""
+    from wsss.lib.artifacts import read_ingested
+    from wsss.lib.dataset_format import read_mask_table
+    from wsss.lib.images import read_mask
+    from wsss.lib.metrics import ConfusionMatrix
+
+    rows = []
+    for _, run in runs[runs["pseudo_miou"].notna()].iterrows():
+        dataset = read_ingested(Path(run["dataset"]))
+        train = dataset.split("train")
+        masks = read_mask_table(
+            Path(root, run["scale"], run["variant"], f"seed{run['seed']}", "pseudo_masks", "train.parquet")
+        )
+        matrix = ConfusionMatrix(dataset.num_classes + 1)
+        for image_id, path in zip(train["id"], train["mask"], strict=True):
+            if isinstance(path, str):  # images without ground truth are not scored, as in the stage
+                matrix.update(read_mask(dataset.root / path), masks[image_id])
+        iou = matrix.compute()["iou"]
+        rows.append(
+            {
+                "variant": run["variant"],
+                "seed": run["seed"],
+                **dict(zip(["background", *dataset.classes], iou, strict=True)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def per_class_markdown(per_class: pd.DataFrame, order: Sequence[str] = ()) -> str:
+    """One row per variant: each class's IoU, mean over its seeds."""
+    classes = [c for c in per_class.columns if c not in ("variant", "seed")]
+    means = per_class.groupby("variant", sort=False)[classes].mean()
+    seeds = per_class.groupby("variant", sort=False)["seed"].nunique()
+    lines = ["| variant | seeds | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+    for variant in _in_order(list(means.index), order):
+        cells = " | ".join("–" if pd.isna(v) else f"{v:.3f}" for v in means.loc[variant])
+        lines.append(f"| {variant} | {seeds[variant]} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -305,6 +348,10 @@ def write_report(
     if not paired.empty:
         write("paired.md", paired_markdown(paired))
         write("paired.csv", paired.to_csv(index=False, float_format="%.6g"))
+    per_class = per_class_iou(runs, root)
+    if not per_class.empty:
+        write("per_class.md", per_class_markdown(per_class, list(summary["variant"])))
+        write("per_class.csv", per_class.to_csv(index=False, float_format="%.6g"))
     bar_chart(summary, out / "bars.png")
     files.append(out / "bars.png")
     sweep = mask_ratio_table(runs, config.mask_ratio_sweep)

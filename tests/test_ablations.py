@@ -280,6 +280,12 @@ def test_report_writes_table_charts_grid_and_an_mlflow_run(
     assert "| no_masking | full | 1 | " in (out / "paired.md").read_text()  # minus full on seed 0
     for name in ("bars.png", "mask_ratio.png", "grid.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # per-class IoU recomputed from the masks on disk: its mean is the stage's own mIoU, run by run
+    per_class = pd.read_csv(out / "per_class.csv")
+    runs = pd.read_parquet(out / "runs.parquet").dropna(subset=["pseudo_miou"]).set_index(["variant", "seed"])
+    recomputed = per_class.set_index(["variant", "seed"]).mean(axis=1)
+    assert recomputed.to_dict() == pytest.approx(runs["pseudo_miou"].to_dict())
+    assert "| full | 1 | " in (out / "per_class.md").read_text()
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("wsss-ablations").experiment_id])

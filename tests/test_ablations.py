@@ -21,7 +21,7 @@ from wsss.lib.config import ConfigError, Params, key_settings, load_params
 from wsss.lib.errors import WsssError
 from wsss.research import ablations, cli
 from wsss.research.ablations import plan, read_config, run_cell, run_grid
-from wsss.research.report import paired_differences, paired_markdown, write_report
+from wsss.research.report import collect, paired_differences, paired_markdown, per_class_iou, write_report
 
 GRID = {
     "seeds": [0],
@@ -292,6 +292,17 @@ def test_report_writes_table_charts_grid_and_an_mlflow_run(
     assert run.data.metrics["full.pseudo_miou_mean"] == pytest.approx(summary.loc[0, "pseudo_miou_mean"])
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"table.md", "table.parquet", "bars.png", "grid.png"} <= logged
+
+
+def test_per_class_iou_names_the_table_that_lacks_a_training_images_mask(finished_grid, tmp_path: Path):
+    _, _, root = finished_grid
+    copy = Path(shutil.copytree(root, tmp_path / "runs"))
+    table = copy / "tiny" / "no_masking" / "seed0" / "pseudo_masks" / "train.parquet"
+    masks = pd.read_parquet(table)
+    masks.iloc[1:].to_parquet(table, index=False)
+    with pytest.raises(WsssError) as err:
+        per_class_iou(collect(copy, "tiny"), copy)
+    assert str(err.value) == f"{table}: no pseudo mask for training image {masks['id'].iloc[0]!r}"
 
 
 def test_paired_differences_subtract_full_on_the_same_seed():

@@ -150,33 +150,17 @@ def per_class_iou(runs: pd.DataFrame, root: str | Path) -> pd.DataFrame:
     where a variant's mIoU gap comes from (a class token that never became specific shows as one low class)."""
     from wsss.lib.artifacts import read_ingested
     from wsss.lib.dataset_format import read_mask_table
-    from wsss.lib.images import decode_mask_png, read_mask
-    from wsss.lib.metrics import ConfusionMatrix
+    from wsss.tasks.evaluate import evaluate_masks
 
     rows = []
     for _, run in runs[runs["pseudo_miou"].notna()].iterrows():
-        dataset = read_ingested(Path(run["dataset"]))
-        train = dataset.split("train")
         table = Path(root, run["scale"], run["variant"], f"seed{run['seed']}", "pseudo_masks", "train.parquet")
-        masks = read_mask_table(table, encoded=True)  # decoded one at a time: a large split's masks stay on disk
-        matrix = ConfusionMatrix(dataset.num_classes + 1)
-        for image_id, path in zip(train["id"], train["mask"], strict=True):
-            if not isinstance(path, str):  # images without ground truth are not scored, as in the stage
-                continue
-            if image_id not in masks:
-                raise WsssError(f"{table}: no pseudo mask for training image {image_id!r}")
-            try:
-                matrix.update(read_mask(dataset.root / path), decode_mask_png(masks[image_id], f"{table} ({image_id})"))
-            except ValueError as err:  # another data set's masks: other shapes or class ids
-                raise WsssError(f"{table}: pseudo mask of {image_id!r} does not fit its ground truth: {err}") from None
-        iou = matrix.compute()["iou"]
-        rows.append(
-            {
-                "variant": run["variant"],
-                "seed": run["seed"],
-                **dict(zip(["background", *dataset.classes], iou, strict=True)),
-            }
-        )
+        dataset = read_ingested(Path(run["dataset"]))
+        try:  # PNG bytes, decoded one at a time: a large split's masks stay on disk
+            scores = evaluate_masks(dataset, "train", read_mask_table(table, encoded=True))
+        except (WsssError, ValueError) as err:  # a mask missing, or another data set's (shapes, class ids)
+            raise WsssError(f"{table}: {err}") from None
+        rows.append({"variant": run["variant"], "seed": run["seed"], **scores["iou"]})
     return pd.DataFrame(rows)
 
 

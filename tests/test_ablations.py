@@ -302,7 +302,7 @@ def test_per_class_iou_names_the_table_that_lacks_a_training_images_mask(finishe
     masks.iloc[1:].to_parquet(table, index=False)
     with pytest.raises(WsssError) as err:
         per_class_iou(collect(copy, "tiny"), copy)
-    assert str(err.value) == f"{table}: no pseudo mask for training image {masks['id'].iloc[0]!r}"
+    assert str(err.value) == f"{table}: no prediction for id {masks['id'].iloc[0]!r} of split 'train'"
 
 
 def test_paired_differences_subtract_full_on_the_same_seed():

@@ -153,14 +153,14 @@ def per_class_iou(runs: pd.DataFrame, root: str | Path) -> pd.DataFrame:
     from wsss.tasks.evaluate import evaluate_masks
 
     rows = []
-    for _, run in runs[runs["pseudo_miou"].notna()].iterrows():
-        table = Path(root, run["scale"], run["variant"], f"seed{run['seed']}", "pseudo_masks", "train.parquet")
+    for variant, run in runs[runs["pseudo_miou"].notna()].set_index("variant").iterrows():
+        table = _mask_table(root, run)
         dataset = read_ingested(Path(run["dataset"]))
         try:  # PNG bytes, decoded one at a time: a large split's masks stay on disk
             scores = evaluate_masks(dataset, "train", read_mask_table(table, encoded=True))
         except (WsssError, ValueError) as err:  # a mask missing, or another data set's (shapes, class ids)
             raise WsssError(f"{table}: {err}") from None
-        rows.append({"variant": run["variant"], "seed": run["seed"], **scores["iou"]})
+        rows.append({"variant": variant, "seed": run["seed"], **scores["iou"]})
     return pd.DataFrame(rows)
 
 
@@ -230,9 +230,14 @@ def mask_ratio_curve(table: pd.DataFrame, path: Path) -> None:
     _save_figure(fig, path)
 
 
-def _run_dir(root: Path, row: pd.Series) -> Path:
+def _run_dir(root: str | Path, row: pd.Series) -> Path:
     """A finished cell's folder (``<root>/<scale>/<variant>/seed<k>``) from its row (indexed by variant)."""
     return Path(root, row["scale"], row.name, f"seed{row['seed']}")
+
+
+def _mask_table(root: str | Path, row: pd.Series) -> Path:
+    """A finished cell's pseudo-mask table of the training split (the pseudo-mask stage's output)."""
+    return _run_dir(root, row) / "pseudo_masks" / "train.parquet"
 
 
 def qualitative_grid(
@@ -258,7 +263,7 @@ def qualitative_grid(
     images = [display_rgb(to_uint8(read_image(dataset.path(row.image)), dataset.bands)) for row in picked]
     columns: dict[str, list[np.ndarray]] = {"image": images, "ground truth": [colorize(gt) for gt in gts]}
     for variant, row in first.iterrows():
-        table = read_mask_table(_run_dir(root, row) / "pseudo_masks" / "train.parquet", encoded=True)
+        table = read_mask_table(_mask_table(root, row), encoded=True)
         columns[variant] = [colorize(decode_mask_png(table[p.id], f"pseudo mask of {p.id!r}")) for p in picked]
     captions: dict[str, list[str]] = {}  # the class of each map cell
     for variant in (v for v in MAP_VARIANTS if v in first.index):
